@@ -1,0 +1,38 @@
+"""Text conditioning for the UNet, the way diffusers' SD and SDXL pipelines build it."""
+
+from __future__ import annotations
+
+import torch
+
+from tinv.models import BaseModel
+
+
+def eos_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Index of the first end-of-text token in each row of ``ids`` ``(B, T)`` → ``(B,)``."""
+    return (ids == eos_id).int().argmax(dim=-1)
+
+
+def encode_prompts(
+    model: BaseModel, ids: list[torch.Tensor], size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """Token ids per text encoder ``(B, T)`` → UNet ``encoder_hidden_states`` and added conditions.
+
+    SD 1/2: the last hidden state of the one encoder. SDXL: the penultimate hidden states of
+    both encoders side by side; the pooled embedding is the second encoder's final state at
+    the real end-of-text token, projected (never the largest token id, which new tokens
+    would hijack); time ids say "uncropped, ``size`` square".
+    """
+    if not model.is_sdxl:
+        return model.text_encoders[0](ids[0]).last_hidden_state, None  # (B, T, D)
+    hidden = []
+    for encoder, row in zip(model.text_encoders, ids):
+        out = encoder(row, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # (B, T, D_e)
+    encoder2, ids2 = model.text_encoders[1], ids[1]
+    final = out.last_hidden_state  # (B, T, D_2), after the final layer norm
+    rows = torch.arange(final.shape[0], device=final.device)
+    at_eos = final[rows, eos_positions(ids2, model.tokenizers[1].eos_token_id)]
+    pooled = encoder2.text_projection(at_eos)  # (B, P)
+    time_ids = torch.tensor([size, size, 0, 0, size, size], device=pooled.device, dtype=pooled.dtype)
+    added = {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}
+    return torch.cat(hidden, dim=-1), added  # (B, T, D_1 + D_2)

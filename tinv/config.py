@@ -1,0 +1,124 @@
+"""Typed configuration: one concept to learn, and the run-level training settings."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CONCEPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+PROPERTIES = ("object", "style")
+DEFAULT_INITIALIZER = {"object": "object", "style": "style"}
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """One concept to learn: a manifest row with its defaults resolved."""
+
+    concept_id: str
+    """Unique id; names the output folder. ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``."""
+    images: tuple[str, ...]
+    """Absolute image URIs (1..64)."""
+    placeholder_token: str = ""
+    """The new word; default ``<concept_id>``. Must not already be in the vocabulary."""
+    initializer_token: str = ""
+    """A single-token word whose embedding seeds every vector; default by property."""
+    learnable_property: str = "object"
+    """``object`` or ``style``: picks the prompt templates."""
+    num_vectors: int = 1
+    """Vectors per token; diffusers names them ``<t>``, ``<t>_1``, ``<t>_2``…"""
+    steps: int | None = None
+    """Optimisation steps; ``None`` takes the run's default."""
+    learning_rate: float | None = None
+    """AdamW learning rate; ``None`` takes the run's default."""
+    seed: int | None = None
+    """Seed of this concept's own random stream; ``None`` takes the run's seed."""
+    flip_p: float | None = None
+    """Probability of a horizontal flip per sample; ``None`` takes the run's default."""
+    eval_prompts: tuple[str, ...] = ()
+    """Evaluation prompts, ``{}`` standing for the token; empty means the property's default set."""
+
+    def __post_init__(self) -> None:
+        errors = self.problems()
+        if errors:
+            raise ValueError(f"concept {self.concept_id!r}: " + "; ".join(errors))
+        if not self.placeholder_token:
+            object.__setattr__(self, "placeholder_token", f"<{self.concept_id}>")
+        if not self.initializer_token:
+            object.__setattr__(self, "initializer_token", DEFAULT_INITIALIZER[self.learnable_property])
+
+    def problems(self) -> list[str]:
+        """Every schema problem of this spec (empty when valid)."""
+        out = []
+        if not isinstance(self.concept_id, str) or not CONCEPT_ID.fullmatch(self.concept_id):
+            out.append(f"concept_id must match {CONCEPT_ID.pattern}")
+        if not 1 <= len(self.images) <= 64:
+            out.append(f"images must hold 1..64 URIs, got {len(self.images)}")
+        if self.learnable_property not in PROPERTIES:
+            out.append(f"learnable_property must be one of {PROPERTIES}, got {self.learnable_property!r}")
+        if self.placeholder_token and (
+            len(self.placeholder_token.split()) != 1 or self.placeholder_token != self.placeholder_token.strip()
+        ):
+            out.append(f"placeholder_token must be one word without spaces, got {self.placeholder_token!r}")
+        if self.initializer_token and len(self.initializer_token.split()) != 1:
+            out.append(f"initializer_token must be one word, got {self.initializer_token!r}")
+        if not 1 <= self.num_vectors <= 64:
+            out.append(f"num_vectors must be in 1..64, got {self.num_vectors}")
+        if self.steps is not None and self.steps < 1:
+            out.append(f"steps must be >= 1, got {self.steps}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            out.append(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.flip_p is not None and not 0 <= self.flip_p <= 1:
+            out.append(f"flip_p must be in [0, 1], got {self.flip_p}")
+        if any("{}" not in p for p in self.eval_prompts):
+            out.append("every eval prompt must contain {} for the token")
+        return out
+
+    @property
+    def tokens(self) -> list[str]:
+        """The token strings diffusers creates for this concept: ``<t>``, ``<t>_1``, …"""
+        t = self.placeholder_token
+        return [t] + [f"{t}_{i}" for i in range(1, self.num_vectors)]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Run-level training settings; per-concept fields of :class:`ConceptSpec` override some."""
+
+    steps: int = 500
+    """Default optimisation steps per concept."""
+    learning_rate: float = 5e-3
+    """Default AdamW learning rate for the new vectors (not scaled by batch size)."""
+    batch_size: int = 4
+    """Samples per concept per step."""
+    concepts_per_batch: int = 4
+    """K: concept slots trained at once (continuous batching refills a slot when its concept ends)."""
+    max_vectors: int = 8
+    """Largest ``num_vectors`` a concept may ask for (slot capacity)."""
+    seed: int = 0
+    """Default per-concept seed."""
+    flip_p: float = 0.5
+    """Default probability of a horizontal flip per sample."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the new vectors."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    resolution: int | None = None
+    """Training resolution in pixels; ``None`` takes the UNet's native size."""
+    loss_scale: float = 1024.0
+    """Static loss scale used only when the frozen model runs in fp16 (per-slot overflow skip)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "steps >= 1": self.steps >= 1,
+            "learning_rate > 0": self.learning_rate > 0,
+            "batch_size >= 1": self.batch_size >= 1,
+            "concepts_per_batch >= 1": self.concepts_per_batch >= 1,
+            "max_vectors >= 1": self.max_vectors >= 1,
+            "0 <= flip_p <= 1": 0 <= self.flip_p <= 1,
+            "resolution is None or a multiple of 8": self.resolution is None or self.resolution % 8 == 0,
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError("TrainConfig: need " + ", ".join(failed))

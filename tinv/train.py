@@ -1,0 +1,265 @@
+"""Packed Textual Inversion (Gal et al. 2022, arXiv 2208.01618) with continuous batching.
+
+K concept slots train at once. Each step draws ``batch_size`` samples per active concept from
+that concept's own random stream, runs one batched text-encoder + UNet pass, and takes a
+per-concept mean loss; the sum of those losses gives every concept exactly its own gradient.
+Each slot has its own AdamW state and learning rate, so concepts never couple. A concept that
+reaches its step count is emitted and its slot is refilled with the next concept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinv.conditioning import encode_prompts
+from tinv.config import ConceptSpec, TrainConfig
+from tinv.images import ConceptDataError
+from tinv.models import BaseModel
+from tinv.prompts import TEMPLATES
+from tinv.slots import register_slot_tokens, slot_token_names, spliced
+
+
+@dataclass
+class ConceptData:
+    """A concept ready to train: its spec and decoded images ``(N, 3, H, W)`` in [-1, 1]."""
+
+    spec: ConceptSpec
+    images: torch.Tensor
+
+
+@dataclass
+class TrainedConcept:
+    """What training a concept produced (``vectors`` is None when ``error`` says why)."""
+
+    spec: ConceptSpec
+    vectors: list[torch.Tensor] | None
+    """Per text encoder, ``(num_vectors, dim)`` fp32 on CPU."""
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last tenth of the steps (NaN if none)."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+@dataclass
+class StepInfo:
+    """Passed to the progress callback after every step."""
+
+    step: int
+    losses: dict[str, float]
+    """concept_id → this step's loss, for the concepts in the batch."""
+
+
+@dataclass
+class _Slot:
+    spec: ConceptSpec
+    steps: int
+    flip_p: float
+    generator: torch.Generator
+    latents: tuple[torch.Tensor, torch.Tensor]
+    """Latent mean and std, ``(2N, C, h, w)``: the N images, then their flips."""
+    prompt_ids: list[torch.Tensor]
+    """Per text encoder, ``(n_templates, T)`` token ids of every template."""
+    losses: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+
+class PackedTrainer:
+    """Holds K slots of trainable vectors over one frozen :class:`BaseModel`."""
+
+    def __init__(self, model: BaseModel, cfg: TrainConfig) -> None:
+        self.model, self.cfg = model, cfg
+        self.names = slot_token_names(cfg.concepts_per_batch, cfg.max_vectors)
+        register_slot_tokens(model, self.names)
+        self.vectors = [
+            [nn.Parameter(torch.zeros(cfg.max_vectors, d, device=model.device)) for d in model.embedding_dims]
+            for _ in range(cfg.concepts_per_batch)
+        ]  # [slot][encoder] → (M, D) fp32
+        groups = [{"params": row, "lr": cfg.learning_rate} for row in self.vectors]
+        self.optimizer = torch.optim.AdamW(
+            groups, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
+        self.slots: list[_Slot | None] = [None] * cfg.concepts_per_batch
+        self.step_count = 0
+
+    # -- admission -------------------------------------------------------------------------
+    def admit(self, s: int, data: ConceptData) -> None:
+        """Put a concept into slot ``s``: check its tokens, cache latents, reset vectors and state."""
+        spec, cfg = data.spec, self.cfg
+        if spec.num_vectors > cfg.max_vectors:
+            raise ConceptDataError(spec.concept_id, f"num_vectors {spec.num_vectors} > max_vectors {cfg.max_vectors}")
+        if tuple(data.images.shape[-2:]) != (self.resolution, self.resolution):
+            raise ValueError(f"images are {tuple(data.images.shape[-2:])}, the trainer needs {self.resolution} px")
+        init = [self._initializer(spec, e) for e in range(len(self.model.tokenizers))]
+        latents = self._encode_latents(data.images)
+        templates = TEMPLATES[spec.learnable_property]
+        slot_word = " ".join(self.names[s][: spec.num_vectors])
+        prompts = [t.format(slot_word) for t in templates]
+        prompt_ids = [self._tokenize(tok, prompts) for tok in self.model.tokenizers]
+        with torch.no_grad():
+            for e, row in enumerate(init):
+                self.vectors[s][e].zero_()
+                self.vectors[s][e][: spec.num_vectors] = row
+        for p in self.vectors[s]:
+            self.optimizer.state.pop(p, None)
+        self.optimizer.param_groups[s]["lr"] = spec.learning_rate or cfg.learning_rate
+        generator = torch.Generator().manual_seed(cfg.seed if spec.seed is None else spec.seed)
+        flip_p = cfg.flip_p if spec.flip_p is None else spec.flip_p
+        self.slots[s] = _Slot(spec, spec.steps or cfg.steps, flip_p, generator, latents, prompt_ids)
+
+    def _initializer(self, spec: ConceptSpec, e: int) -> torch.Tensor:
+        tokenizer, encoder = self.model.tokenizers[e], self.model.text_encoders[e]
+        vocab = tokenizer.get_vocab()
+        clash = [t for t in spec.tokens if t in vocab]
+        if clash:
+            raise ConceptDataError(spec.concept_id, f"placeholder token {clash[0]!r} is already in the vocabulary")
+        ids = tokenizer.encode(spec.initializer_token, add_special_tokens=False)
+        if len(ids) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise ConceptDataError(
+                spec.concept_id,
+                f"initializer_token {spec.initializer_token!r} is {len(ids)} tokens {pieces}; use a one-token word",
+            )
+        return encoder.get_input_embeddings().weight[ids[0]].detach().float()  # (D,)
+
+    def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        return tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.model.device)
+
+    @torch.no_grad()
+    def _encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vae = self.model.vae
+        both = torch.cat([images, images.flip(-1)])  # (2N, 3, H, W)
+        means, stds = [], []
+        for chunk in both.split(8):
+            dist = vae.encode(chunk.to(self.model.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+        return torch.cat(means), torch.cat(stds)  # (2N, C, h, w) each
+
+    # -- one step --------------------------------------------------------------------------
+    @property
+    def resolution(self) -> int:
+        return self.cfg.resolution or self.model.resolution
+
+    def _draw(self, slot: _Slot, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
+        """``n`` samples from the slot's data, in a fixed order of draws from ``generator``."""
+        mean, std = slot.latents
+        n_images = mean.shape[0] // 2
+        image = torch.randint(n_images, (n,), generator=generator)
+        flip = torch.rand(n, generator=generator) < slot.flip_p
+        template = torch.randint(slot.prompt_ids[0].shape[0], (n,), generator=generator)
+        shape = (n, *mean.shape[1:])
+        eps = torch.randn(shape, generator=generator).to(mean.device)
+        noise = torch.randn(shape, generator=generator).to(mean.device)
+        t = torch.randint(self.model.scheduler.config.num_train_timesteps, (n,), generator=generator)
+        row = (image + flip.long() * n_images).to(mean.device)
+        latents = mean[row] + std[row] * eps  # (n, C, h, w): a fresh sample of q(z|x)
+        vae = self.model.vae.config
+        latents = (latents - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
+        ids = [p[template.to(p.device)] for p in slot.prompt_ids]
+        return latents, noise, t.to(mean.device), ids
+
+    def _losses(self, batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """Per-concept mean losses ``(K_active,)`` for a list of per-concept draws."""
+        latents, noise, t = (torch.cat([b[i] for b in batches]) for i in range(3))  # (B_total, ...)
+        ids = [torch.cat([b[3][e] for b in batches]) for e in range(len(self.model.text_encoders))]
+        scheduler = self.model.scheduler
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = noise if self.model.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+        hidden, added = encode_prompts(self.model, ids, self.resolution)
+        dtype = self.model.dtype
+        pred = self.model.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added).sample
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B_total,)
+        return per_sample.view(len(batches), -1).mean(dim=1)
+
+    def step(self) -> dict[int, float]:
+        """One optimisation step over every active slot; returns slot → loss."""
+        active = [s for s, slot in enumerate(self.slots) if slot is not None]
+        batches = [self._draw(self.slots[s], self.slots[s].generator, self.cfg.batch_size) for s in active]
+        fp16 = self.model.dtype == torch.float16
+        scale = self.cfg.loss_scale if fp16 else 1.0
+        with spliced(self.model, self.vectors):
+            losses = self._losses(batches)
+            (losses.sum() * scale).backward()
+        for s, row in enumerate(self.vectors):
+            for p in row:
+                if s not in active or p.grad is None:
+                    p.grad = None
+                elif fp16:
+                    p.grad.div_(scale)
+            if fp16 and any(p.grad is not None and not torch.isfinite(p.grad).all() for p in row):
+                for p in row:  # this slot overflowed: skip its step only
+                    p.grad = None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return dict(zip(active, losses.tolist()))
+
+    @torch.no_grad()
+    def fixed_loss(self, s: int, n: int = 16, seed: int = 1234) -> float:
+        """Loss of slot ``s``'s current vectors on a fixed draw (same noise, timesteps, images)."""
+        draw = self._draw(self.slots[s], torch.Generator().manual_seed(seed), n)
+        with spliced(self.model, self.vectors):
+            return self._losses([draw]).item()
+
+    def emit(self, s: int) -> TrainedConcept:
+        """Take the finished concept out of slot ``s``."""
+        slot = self.slots[s]
+        vectors = [row[: slot.spec.num_vectors].detach().cpu().clone() for row in self.vectors[s]]
+        self.slots[s] = None
+        return TrainedConcept(slot.spec, vectors, slot.losses, time.perf_counter() - slot.started)
+
+
+def train_concepts(
+    model: BaseModel,
+    concepts: Iterable[ConceptData | TrainedConcept],
+    cfg: TrainConfig,
+    callback: Callable[[StepInfo], None] | None = None,
+) -> Iterator[TrainedConcept]:
+    """Train every concept, K at a time, yielding each as it finishes (or fails).
+
+    ``concepts`` is pulled lazily, only when a slot frees up. An item that is already a
+    :class:`TrainedConcept` (a concept whose data failed upstream) is passed through. A
+    concept whose data is bad for this model (token clash, multi-token initializer) is
+    yielded with its error and the others go on.
+    """
+    trainer = PackedTrainer(model, cfg)
+    pending = iter(concepts)
+    exhausted = False
+    while True:
+        for s in range(len(trainer.slots)):
+            while trainer.slots[s] is None and not exhausted:
+                item = next(pending, None)
+                if item is None:
+                    exhausted = True
+                elif isinstance(item, TrainedConcept):
+                    yield item
+                else:
+                    try:
+                        trainer.admit(s, item)
+                    except ConceptDataError as e:
+                        yield TrainedConcept(item.spec, None, error=str(e))
+        active = [s for s, slot in enumerate(trainer.slots) if slot is not None]
+        if not active:
+            return
+        losses = trainer.step()
+        for s, loss in losses.items():
+            trainer.slots[s].losses.append(loss)
+        if callback:
+            callback(StepInfo(trainer.step_count, {trainer.slots[s].spec.concept_id: v for s, v in losses.items()}))
+        for s in active:
+            if len(trainer.slots[s].losses) >= trainer.slots[s].steps:
+                yield trainer.emit(s)
