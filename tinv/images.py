@@ -52,9 +52,7 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def decode_image(
-    data: bytes, size: int, *, concept_id: str, uri: str, max_pixels: int = MAX_PIXELS
-) -> torch.Tensor:
+def decode_image(data: bytes, size: int, *, concept_id: str, uri: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Bytes → ``(3, size, size)`` float tensor in [-1, 1], EXIF-upright, RGB."""
     try:
         with warnings.catch_warnings():

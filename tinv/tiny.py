@@ -54,9 +54,7 @@ def clip_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _text_encoder(
-    vocab_size: int, eos_id: int, hidden: int, projection: bool, seed: int
-) -> CLIPTextModel:
+def _text_encoder(vocab_size: int, eos_id: int, hidden: int, projection: bool, seed: int) -> CLIPTextModel:
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,

@@ -120,8 +120,8 @@ class PackedTrainer:
 
     def _initializer(self, spec: ConceptSpec, e: int) -> torch.Tensor:
         tokenizer, encoder = self.model.tokenizers[e], self.model.text_encoders[e]
-        vocab = tokenizer.get_vocab()
-        clash = [t for t in spec.tokens if t in vocab]
+        vocab = tokenizer.get_vocab()  # a word is in it as "word</w>"; it is one token either way
+        clash = [t for t in spec.tokens if t in vocab or len(tokenizer.encode(t, add_special_tokens=False)) == 1]
         if clash:
             raise ConceptDataError(spec.concept_id, f"placeholder token {clash[0]!r} is already in the vocabulary")
         ids = tokenizer.encode(spec.initializer_token, add_special_tokens=False)

@@ -1,0 +1,99 @@
+"""Model loading: local folder, file:// and remote URIs through one path; clear layout errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import shutil
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+
+from tinv import storage
+from tinv.models import ModelLayoutError, load_base_model
+
+
+def test_local_folder_and_file_uri_load_through_the_same_path(tiny_models):
+    plain = load_base_model(str(tiny_models["sd1"]))
+    uri = load_base_model(f"file://{tiny_models['sd1']}")
+    assert plain.local_dir == uri.local_dir == tiny_models["sd1"]
+    assert plain.fingerprint == uri.fingerprint
+    for a, b in zip(plain.unet.parameters(), uri.unet.parameters()):
+        assert torch.equal(a, b)
+    assert not plain.is_sdxl and plain.prediction_type == "epsilon" and plain.resolution == 32
+    assert plain.dtype == torch.float32 and plain.device.type == "cpu"  # fp32 by default on CPU
+
+
+def test_kinds_precision_and_prediction_type_come_from_the_folder(tiny_models):
+    sd2 = load_base_model(str(tiny_models["sd2"]), precision="fp16")
+    assert sd2.prediction_type == "v_prediction"
+    assert sd2.unet.dtype == torch.float16 and sd2.text_encoders[0].dtype == torch.float16
+    assert sd2.vae.dtype == torch.float32  # fp16 VAEs overflow: kept in fp32
+    xl = load_base_model(str(tiny_models["sdxl"]), precision="bf16")
+    assert xl.is_sdxl and len(xl.tokenizers) == 2 and xl.unet.dtype == torch.bfloat16
+    assert xl.fingerprint != sd2.fingerprint
+    with pytest.raises(ValueError, match="precision must be auto, fp32, bf16, fp16; got 'fp8'"):
+        load_base_model(str(tiny_models["sd1"]), precision="fp8")
+
+
+def test_unknown_layouts_name_what_is_missing(tiny_models, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["sd1"], broken)
+    shutil.rmtree(broken / "unet")
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ModelLayoutError, match="missing unet/, vae/"):
+        load_base_model(str(broken))
+    half_xl = tmp_path / "half_xl"
+    shutil.copytree(tiny_models["sdxl"], half_xl)
+    shutil.rmtree(half_xl / "text_encoder_2")
+    with pytest.raises(ModelLayoutError, match="only one of tokenizer_2/ and text_encoder_2/"):
+        load_base_model(str(half_xl))
+    with pytest.raises(ModelLayoutError, match="no model folder at"):
+        load_base_model(str(tmp_path / "nothing-here"))
+
+
+def test_xformers_asked_for_but_missing_is_a_clear_error(tiny_models, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a))
+    with pytest.raises(RuntimeError, match="'xformers' was asked for but xformers is not installed"):
+        load_base_model(str(tiny_models["sd1"]), attention="xformers")
+    with pytest.raises(ValueError, match="attention must be 'sdpa' or 'xformers'"):
+        load_base_model(str(tiny_models["sd1"]), attention="flash")
+
+
+def _copy_in_child(uri: str, cache: str, log: str, out: mp.Queue) -> None:
+    fs = fsspec.filesystem("memory")
+    original = type(fs).get
+
+    def logged_get(self, *args, **kwargs):
+        with open(log, "a") as f:
+            f.write("copy\n")
+        return original(self, *args, **kwargs)
+
+    type(fs).get = logged_get
+    out.put(str(storage.local_copy(uri, cache)))
+
+
+def test_remote_model_is_copied_once_per_node_even_when_processes_race(tiny_models, tmp_path):
+    mem = fsspec.filesystem("memory")
+    mem.put(str(tiny_models["sd1"]), "/models/sd1", recursive=True)
+    ctx = mp.get_context("fork")  # children inherit the in-memory filesystem
+    out: mp.Queue = ctx.Queue()
+    log = tmp_path / "copies.log"
+    procs = [
+        ctx.Process(target=_copy_in_child, args=("memory://models/sd1", str(tmp_path / "cache"), str(log), out))
+        for _ in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    paths = {out.get(timeout=5) for _ in procs}
+    assert len(paths) == 1 and log.read_text() == "copy\n"
+    local = Path(paths.pop())
+    assert not list(local.parent.glob("*.partial"))
+    model = load_base_model("memory://models/sd1", cache_dir=tmp_path / "cache")
+    assert model.local_dir == local
+    assert model.fingerprint == load_base_model(str(tiny_models["sd1"])).fingerprint
