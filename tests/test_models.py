@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tinv import storage
-from tinv.models import ModelLayoutError, load_base_model
+from tinv.models import ModelLayoutError, load_base_model, resolve_dtype
 
 
 def test_local_folder_and_file_uri_load_through_the_same_path(tiny_models):
@@ -24,6 +24,12 @@ def test_local_folder_and_file_uri_load_through_the_same_path(tiny_models):
         assert torch.equal(a, b)
     assert not plain.is_sdxl and plain.prediction_type == "epsilon" and plain.resolution == 32
     assert plain.dtype == torch.float32 and plain.device.type == "cpu"  # fp32 by default on CPU
+
+
+def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu():
+    assert resolve_dtype(torch.device("cuda"), "auto") == torch.bfloat16
+    assert resolve_dtype(torch.device("cpu"), "auto") == torch.float32
+    assert resolve_dtype(torch.device("cuda"), "fp16") == torch.float16
 
 
 def test_kinds_precision_and_prediction_type_come_from_the_folder(tiny_models):

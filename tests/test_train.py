@@ -102,3 +102,16 @@ def test_spec_and_config_validation_name_every_problem():
     assert spec("x", num_vectors=3).tokens == ["<x>", "<x>_1", "<x>_2"]
     with pytest.raises(ValueError, match="steps >= 1.*batch_size >= 1"):
         TrainConfig(steps=0, batch_size=0)
+
+
+def test_fp16_overflow_skips_only_the_slot_that_overflowed(tiny_models, images):
+    model = load_base_model(str(tiny_models["sd1"]), precision="fp16")
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=2, batch_size=1, learning_rate=0.1))
+    trainer.admit(0, ConceptData(spec("fine"), images))
+    trainer.admit(1, ConceptData(spec("overflows"), images))
+    trainer.vectors[1][0].register_hook(lambda g: g * float("inf"))
+    before = [row[0].detach().clone() for row in trainer.vectors]
+    trainer.step()
+    assert not torch.equal(trainer.vectors[0][0], before[0])  # slot 0 stepped
+    assert torch.equal(trainer.vectors[1][0], before[1])  # slot 1 skipped, nothing non-finite written
+    assert trainer.vectors[1][0] not in trainer.optimizer.state or not trainer.optimizer.state[trainer.vectors[1][0]]
