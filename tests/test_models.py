@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing as mp
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -103,3 +106,21 @@ def test_remote_model_is_copied_once_per_node_even_when_processes_race(tiny_mode
     model = load_base_model("memory://models/sd1", cache_dir=tmp_path / "cache")
     assert model.local_dir == local
     assert model.fingerprint == load_base_model(str(tiny_models["sd1"])).fingerprint
+
+
+def test_hub_id_loads_from_the_hub_cache_offline(tiny_models, tmp_path):
+    """A hub id goes through ``snapshot_download``; offline it is served from the hub's cache."""
+    snapshot = tmp_path / "hub" / "models--acme--tiny-sd" / "snapshots" / "abc123"
+    shutil.copytree(tiny_models["sd1"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    code = (
+        "from tinv.models import load_base_model, ModelLayoutError\n"
+        "m = load_base_model('acme/tiny-sd'); print(m.local_dir.name, m.fingerprint)\n"
+        "try: load_base_model('acme/absent')\n"
+        "except ModelLayoutError as e: print('refused:', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert f"abc123 {load_base_model(str(tiny_models['sd1'])).fingerprint}" in out
+    assert "refused: 'acme/absent' is not a local folder and could not be fetched from the hub" in out
