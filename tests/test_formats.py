@@ -37,7 +37,7 @@ def our_embeddings(model, spec, vectors) -> tuple[torch.Tensor, dict | None]:
             trainer.vectors[0][e][: len(v)] = v
     prompt = PROMPT.format(" ".join(trainer.names[0][: spec.num_vectors]))
     ids = [trainer._tokenize(tok, [prompt]) for tok in model.tokenizers]
-    with torch.no_grad(), spliced(model, trainer.vectors):
+    with torch.no_grad(), spliced(model, trainer.vectors, trainer.token_ids):
         return encode_prompts(model, ids, model.resolution)
 
 

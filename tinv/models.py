@@ -15,11 +15,13 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from tinv import storage
+from tinv.prompts import TEMPLATES
 
 SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SDXL_PARTS = (*SD_PARTS, "tokenizer_2", "text_encoder_2")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_CACHE = Path.home() / ".cache" / "tinv" / "models"
+TEMPLATES_FILE = "tinv_templates.json"
 
 
 class ModelLayoutError(ValueError):
@@ -47,6 +49,8 @@ class BaseModel:
     """Dtype of the frozen UNet and text encoders."""
     fingerprint: str
     """sha256 of the text encoders' configs and token-embedding weights."""
+    templates: dict[str, tuple[str, ...]]
+    """Training prompt templates per property: tinv's defaults, or the folder's ``tinv_templates.json``."""
 
     @property
     def is_sdxl(self) -> bool:
@@ -165,4 +169,17 @@ def load_base_model(
     for encoder in text_encoders:
         encoder.to(dtype)
     set_attention([unet, vae], attention)
-    return BaseModel(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, print_)
+    templates = read_templates(path)
+    return BaseModel(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, print_, templates)
+
+
+def read_templates(path: Path) -> dict[str, tuple[str, ...]]:
+    """Templates a model folder ships in ``tinv_templates.json`` (e.g. the toy world), else tinv's."""
+    file = path / TEMPLATES_FILE
+    if not file.exists():
+        return dict(TEMPLATES)
+    found = json.loads(file.read_text())
+    bad = [k for k in TEMPLATES if not found.get(k) or any("{}" not in t for t in found[k])]
+    if bad:
+        raise ModelLayoutError(f"{file}: needs non-empty template lists with {{}} for {', '.join(bad)}")
+    return {k: tuple(found[k]) for k in TEMPLATES}

@@ -22,7 +22,6 @@ from tinv.conditioning import encode_prompts
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.images import ConceptDataError
 from tinv.models import BaseModel
-from tinv.prompts import TEMPLATES
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 
 
@@ -81,7 +80,7 @@ class PackedTrainer:
     def __init__(self, model: BaseModel, cfg: TrainConfig) -> None:
         self.model, self.cfg = model, cfg
         self.names = slot_token_names(cfg.concepts_per_batch, cfg.max_vectors)
-        register_slot_tokens(model, self.names)
+        self.token_ids = register_slot_tokens(model, self.names)  # [encoder][slot][vector]
         self.vectors = [
             [nn.Parameter(torch.zeros(cfg.max_vectors, d, device=model.device)) for d in model.embedding_dims]
             for _ in range(cfg.concepts_per_batch)
@@ -103,7 +102,7 @@ class PackedTrainer:
             raise ValueError(f"images are {tuple(data.images.shape[-2:])}, the trainer needs {self.resolution} px")
         init = [self._initializer(spec, e) for e in range(len(self.model.tokenizers))]
         latents = self._encode_latents(data.images)
-        templates = TEMPLATES[spec.learnable_property]
+        templates = self.model.templates[spec.learnable_property]
         slot_word = " ".join(self.names[s][: spec.num_vectors])
         prompts = [t.format(slot_word) for t in templates]
         prompt_ids = [self._tokenize(tok, prompts) for tok in self.model.tokenizers]
@@ -191,7 +190,7 @@ class PackedTrainer:
         batches = [self._draw(self.slots[s], self.slots[s].generator, self.cfg.batch_size) for s in active]
         fp16 = self.model.dtype == torch.float16
         scale = self.cfg.loss_scale if fp16 else 1.0
-        with spliced(self.model, self.vectors):
+        with spliced(self.model, self.vectors, self.token_ids):
             losses = self._losses(batches)
             (losses.sum() * scale).backward()
         for s, row in enumerate(self.vectors):
@@ -212,7 +211,7 @@ class PackedTrainer:
     def fixed_loss(self, s: int, n: int = 16, seed: int = 1234) -> float:
         """Loss of slot ``s``'s current vectors on a fixed draw (same noise, timesteps, images)."""
         draw = self._draw(self.slots[s], torch.Generator().manual_seed(seed), n)
-        with spliced(self.model, self.vectors):
+        with spliced(self.model, self.vectors, self.token_ids):
             return self._losses([draw]).item()
 
     def emit(self, s: int) -> TrainedConcept:

@@ -1,0 +1,65 @@
+"""The toy world's hold-out: no training picture/caption pair contains a held-out concept."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from tinv.tiny import clip_tokenizer
+from tinv.toyworld.concepts import CONCEPTS
+from tinv.toyworld.world import (
+    COLOURS,
+    COMBINATIONS,
+    HELD_OUT_STYLES,
+    NAMED_COLOURS,
+    SHAPES,
+    UNNAMED_COLOURS,
+    WORDS,
+    Item,
+    render,
+    training_set,
+)
+
+
+def test_training_data_never_contains_a_held_out_concept():
+    images, captions, items = training_set(3000, seed=0)
+    assert images.shape == (3000, 32, 32, 3) and images.dtype == np.uint8
+    vocabulary = set(WORDS)
+    assert not vocabulary & {*UNNAMED_COLOURS, *HELD_OUT_STYLES}  # those have no words at all
+    for item, text in zip(items, captions):
+        words = text.split()
+        assert set(words) <= vocabulary, text
+        assert (item.colour, item.shape) not in COMBINATIONS  # never drawn together
+        named = [w for w in words if w in NAMED_COLOURS]
+        assert named in ([], [item.colour])  # a caption names the true colour or none
+        if item.colour in UNNAMED_COLOURS:
+            assert named == []
+        assert [w for w in words if w in SHAPES] in ([], [item.shape])
+
+
+def test_every_unnamed_attribute_and_style_appears_and_shape_words_draw_an_even_mix():
+    _, captions, items = training_set(3000, seed=1)
+    styles = Counter(it.style for it in items)
+    assert all(styles[s] > 100 for s in HELD_OUT_STYLES)
+    shape_only = Counter(it.colour for it, t in zip(items, captions) if t and not set(t.split()) & set(COLOURS))
+    share = {c: shape_only[c] / sum(shape_only.values()) for c in COLOURS}
+    # the bare shape word sees every colour about equally often: no unnamed colour dominates it
+    assert max(share.values()) < 0.15 and min(share.values()) > 0.05, share
+
+
+def test_every_word_of_the_world_is_one_token():
+    tok = clip_tokenizer(WORDS)
+    for w in WORDS:
+        assert len(tok.encode(w, add_special_tokens=False)) == 1, w
+
+
+def test_concepts_cover_three_kinds_and_their_pictures_show_them():
+    kinds = Counter(c.kind for c in CONCEPTS)
+    assert kinds == {"combination": 4, "unnamed": 4, "style": 4}
+    for c in CONCEPTS:
+        pics = c.pictures(6, seed=0)
+        assert len(pics) == 6 and pics[0].size == (32, 32)
+    rng = np.random.default_rng(0)
+    plain, outline = (np.asarray(render(Item("square", "red", s), rng), np.float32) for s in ("plain", "outline"))
+    assert (np.abs(plain - outline) > 60).any()  # styles really change the picture

@@ -1,0 +1,139 @@
+"""Samples of learned concepts, batched across concepts, with fixed seeds.
+
+Every concept's vectors sit in a slot of one spliced text encoder, so a generation batch can
+mix any concepts; no pipeline is rebuilt and no embedding is loaded per concept. The UNet,
+VAE and text encoders are the ones already loaded for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from PIL import Image
+from torch import nn
+
+from tinv.conditioning import encode_prompts
+from tinv.models import BaseModel
+from tinv.prompts import EVAL_PROMPTS
+from tinv.slots import register_slot_tokens, slot_token_names, spliced
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One image to draw: concept index, prompt with ``{}`` for the token, seed."""
+
+    concept: int
+    prompt: str
+    seed: int
+
+
+def pipeline(model: BaseModel):
+    """A diffusers pipeline over the loaded modules, with a multistep DPM-Solver++ scheduler."""
+    scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.config)
+    if model.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoders[0],
+            text_encoder_2=model.text_encoders[1],
+            tokenizer=model.tokenizers[0],
+            tokenizer_2=model.tokenizers[1],
+            unet=model.unet,
+            scheduler=scheduler,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoders[0],
+            tokenizer=model.tokenizers[0],
+            unet=model.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def default_prompts(learnable_property: str) -> tuple[str, ...]:
+    return EVAL_PROMPTS[learnable_property]
+
+
+@torch.no_grad()
+def sample(
+    model: BaseModel,
+    vectors: list[list[torch.Tensor]],
+    requests: list[SampleRequest],
+    *,
+    steps: int = 25,
+    guidance: float = 5.0,
+    batch_size: int = 16,
+    pipe=None,
+) -> np.ndarray:
+    """Draw each request: ``(N, H, W, 3)`` uint8. ``vectors[c][e]`` is concept c's ``(n, D_e)``.
+
+    An image depends only on its own prompt, vectors and seed: the initial noise comes from
+    its own ``torch.Generator(seed)``, whatever else shares the batch.
+    """
+    pipe = pipe or pipeline(model)
+    max_vectors = max(v.shape[0] for row in vectors for v in row)
+    names = slot_token_names(len(vectors), max_vectors)
+    ids = register_slot_tokens(model, names)
+    slots = [
+        [
+            nn.Parameter(torch.zeros(max_vectors, d, device=model.device), requires_grad=False)
+            for d in model.embedding_dims
+        ]
+        for _ in vectors
+    ]
+    for row, concept in zip(slots, vectors):
+        for p, v in zip(row, concept):
+            p.data[: len(v)] = v.to(p.device)
+    size = model.resolution
+    out = []
+    with spliced(model, slots, ids):
+        for i in range(0, len(requests), batch_size):
+            chunk = requests[i : i + batch_size]
+            texts = [r.prompt.format(" ".join(names[r.concept][: vectors[r.concept][0].shape[0]])) for r in chunk]
+            cond = _embed(model, texts, size)
+            uncond = _embed(model, [""] * len(chunk), size)
+            kwargs = {"prompt_embeds": cond[0], "negative_prompt_embeds": uncond[0]}
+            if model.is_sdxl:
+                kwargs |= {"pooled_prompt_embeds": cond[1], "negative_pooled_prompt_embeds": uncond[1]}
+            images = pipe(
+                **kwargs,
+                generator=[torch.Generator().manual_seed(r.seed) for r in chunk],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=size,
+                width=size,
+                output_type="np",
+            ).images  # (b, H, W, 3) in [0, 1]
+            out.append((images * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def _embed(model: BaseModel, texts: list[str], size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ids = [
+        tok(
+            texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(model.device)
+        for tok in model.tokenizers
+    ]
+    hidden, added = encode_prompts(model, ids, size)
+    return hidden.to(model.dtype), (added["text_embeds"] if added else None)
+
+
+def grid(images: np.ndarray, cols: int) -> Image.Image:
+    """Tile ``(N, H, W, 3)`` images into rows of ``cols``."""
+    n, h, w, _ = images.shape
+    rows = -(-n // cols)
+    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
+    return Image.fromarray(canvas)

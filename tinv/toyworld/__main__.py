@@ -1,0 +1,63 @@
+"""``python -m tinv.toyworld train --out DIR`` | ``python -m tinv.toyworld fidelity [--model DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tinv.config import TrainConfig
+from tinv.toyworld import MODEL_DIR, SCORER_FILE
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tinv.toyworld")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train the toy model and its scorer from a seed")
+    t.add_argument("--out", required=True, help="folder for the diffusers model")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None, help="UNet + text encoder steps")
+    f = sub.add_parser("fidelity", help="floor / best words / TI per held-out concept")
+    f.add_argument("--model", default=str(MODEL_DIR))
+    f.add_argument("--steps", type=int, default=200, help="TI steps per concept")
+    f.add_argument("--samples", type=int, default=32, help="samples per concept and prompt")
+    f.add_argument("--json", default=None, help="also write the table as JSON here")
+    args = p.parse_args(argv)
+    if args.command == "train":
+        train(args)
+    else:
+        fidelity(args)
+
+
+def train(args: argparse.Namespace) -> None:
+    from diffusers import AutoencoderKL
+
+    from tinv.toyworld.fit import FitConfig, train_model
+    from tinv.toyworld.scorer import evaluate_scorer, save_scorer, train_scorer
+
+    cfg = FitConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    start = time.perf_counter()
+    out = train_model(args.out, cfg)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    scorer = train_scorer(vae, seed=args.seed)
+    save_scorer(scorer, out / SCORER_FILE)
+    report = {"scorer_accuracy": asdict(evaluate_scorer(scorer, vae)), "seconds": time.perf_counter() - start}
+    (out / "toyworld_report.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+def fidelity(args: argparse.Namespace) -> None:
+    from tinv.toyworld.fidelity import fidelity_table, markdown
+    from tinv.toyworld.scorer import load_scorer
+
+    scorer = load_scorer(Path(args.model) / SCORER_FILE)
+    rows = fidelity_table(args.model, scorer, TrainConfig(steps=args.steps), samples=args.samples)
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()

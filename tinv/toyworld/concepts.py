@@ -1,0 +1,58 @@
+"""The toy world's held-out concepts, their training pictures and how a sample is judged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from tinv.toyworld.world import (
+    COMBINATIONS,
+    HELD_OUT_STYLES,
+    NAMED_COLOURS,
+    SHAPES,
+    UNNAMED_CONCEPTS,
+    Item,
+    render,
+)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept Textual Inversion should learn from pictures alone."""
+
+    name: str
+    kind: str
+    """``combination``, ``unnamed`` or ``style``."""
+    shape: str | None = None
+    colour: str | None = None
+    style: str = "plain"
+
+    @property
+    def learnable_property(self) -> str:
+        return "style" if self.kind == "style" else "object"
+
+    def items(self, n: int, rng: np.random.Generator) -> list[Item]:
+        """``n`` labelled pictures of the concept (styles: any named colour and shape)."""
+        if self.kind != "style":
+            return [Item(self.shape, self.colour) for _ in range(n)]
+        colours = list(NAMED_COLOURS)
+        return [Item(SHAPES[i % len(SHAPES)], colours[rng.integers(len(colours))], self.style) for i in range(n)]
+
+    def pictures(self, n: int, seed: int) -> list[Image.Image]:
+        rng = np.random.default_rng(seed)
+        return [render(it, rng) for it in self.items(n, rng)]
+
+    def hit(self, item: Item, shape: str | None = None) -> bool:
+        """Does a sample show the concept? Styles also need the shape the prompt named."""
+        if self.kind == "style":
+            return item.style == self.style and item.shape == shape
+        return item.shape == self.shape and item.colour == self.colour
+
+
+CONCEPTS: tuple[Concept, ...] = (
+    *(Concept(f"{c}-{s}", "combination", s, c) for c, s in COMBINATIONS),
+    *(Concept(f"{c}-{s}", "unnamed", s, c) for c, s in UNNAMED_CONCEPTS),
+    *(Concept(st, "style", style=st) for st in HELD_OUT_STYLES),
+)

@@ -1,0 +1,142 @@
+"""Fidelity of Textual Inversion on the toy world: floor, best words and TI, per concept.
+
+For each held-out concept, samples are drawn with fixed seeds and read by the scorer:
+- **floor**: a new token with a random vector (what an untrained word gives);
+- **best words**: the real words where they exist ("a red star"), otherwise the best prompt
+  the vocabulary can build (the shape word with each colour word, or alone);
+- **TI**: the token tinv learned from the concept's pictures at the given settings.
+Object concepts score a sample when shape and colour match; style concepts are prompted
+with every shape word and score a sample when both the style and that shape match.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tinv.config import ConceptSpec, TrainConfig
+from tinv.images import decode_image
+from tinv.models import BaseModel, load_base_model
+from tinv.samples import SampleRequest, sample
+from tinv.toyworld.concepts import CONCEPTS, Concept
+from tinv.toyworld.scorer import Scorer
+from tinv.toyworld.world import NAMED_COLOURS, SHAPES
+from tinv.train import ConceptData, train_concepts
+
+OBJECT_PROMPT = "a {}"
+STYLE_PROMPT = "a {shape} {}"
+
+
+@dataclass
+class Row:
+    concept: str
+    kind: str
+    floor: float
+    best_words: float
+    best_prompt: str
+    ti: float
+
+
+def token(concept: Concept) -> str:
+    return f"<{concept.name}>"
+
+
+def concept_data(concept: Concept, n_images: int, size: int, seed: int) -> ConceptData:
+    """The concept's pictures, through the same PNG decode path users' files take."""
+    tensors = []
+    for i, pic in enumerate(concept.pictures(n_images, seed)):
+        buf = io.BytesIO()
+        pic.save(buf, format="PNG")
+        tensors.append(decode_image(buf.getvalue(), size, concept_id=concept.name, uri=f"toyworld:{i}"))
+    spec = ConceptSpec(
+        concept.name,
+        tuple(f"toyworld:{i}" for i in range(n_images)),
+        placeholder_token=token(concept),
+        learnable_property=concept.learnable_property,
+        initializer_token=concept.shape or "picture",  # the coarse class word a user would give
+    )
+    return ConceptData(spec, torch.stack(tensors))
+
+
+def learn(model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig, n_images: int = 6, seed: int = 0):
+    """Train every concept (packed) and return ``name → vectors (n, D)``."""
+    data = [concept_data(c, n_images, model.resolution, seed + i) for i, c in enumerate(concepts)]
+    learned = {}
+    for t in train_concepts(model, data, cfg):
+        if t.error:
+            raise RuntimeError(t.error)
+        learned[t.spec.concept_id] = t.vectors[0]
+    return learned
+
+
+def prompts_for(concept: Concept, word: str, samples: int) -> list[tuple[str, str | None]]:
+    """(prompt, shape the prompt named) pairs: ``samples`` of them, over shape words for styles."""
+    if concept.kind != "style":
+        return [(OBJECT_PROMPT.format(word), None)] * samples
+    per = math.ceil(samples / len(SHAPES))
+    return [(STYLE_PROMPT.format(word, shape=s), s) for s in SHAPES for _ in range(per)]
+
+
+def word_prompts(concept: Concept) -> list[str]:
+    """Candidate prompts built from the vocabulary alone (best of them is 'best words')."""
+    if concept.kind == "combination":
+        return [f"{concept.colour} {concept.shape}"]
+    if concept.kind == "unnamed":
+        return [concept.shape, *(f"{c} {concept.shape}" for c in NAMED_COLOURS)]
+    return [""]  # a style has no word: the shape word alone
+
+
+def fidelity_table(
+    model_dir: str,
+    scorer: Scorer,
+    cfg: TrainConfig,
+    concepts: tuple[Concept, ...] = CONCEPTS,
+    samples: int = 32,
+    seed: int = 0,
+    **gen,
+) -> list[Row]:
+    """Floor, best words and TI for each concept, all drawn in one batched run with fixed seeds."""
+    model = load_base_model(model_dir)
+    learned = learn(model, concepts, cfg, seed=seed)
+    table = model.text_encoders[0].get_input_embeddings().weight.detach().float()
+    noise = torch.randn(1, table.shape[1], generator=torch.Generator().manual_seed(seed))
+    vectors = [[learned[c.name]] for c in concepts] + [[noise * table.std() + table.mean(0)]]
+    floor = len(concepts)  # the random token's slot
+    jobs: list[tuple[int, str, str, list[tuple[str, str | None]], int]] = []  # (concept, column, words, pairs, slot)
+    for i, c in enumerate(concepts):
+        jobs.append((i, "ti", "", prompts_for(c, "{}", samples), i))
+        jobs.append((i, "floor", "", prompts_for(c, "{}", samples), floor))
+        jobs += [(i, "words", w, prompts_for(c, w, samples), i) for w in word_prompts(c)]
+    requests = [SampleRequest(slot, p, seed + k) for _, _, _, pairs, slot in jobs for k, (p, _) in enumerate(pairs)]
+    images = sample(model, vectors, requests, **gen)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    items = iter(scorer.predict(x))
+    scores: dict[tuple[int, str, str], float] = {}
+    for i, column, words, pairs, _ in jobs:
+        scores[i, column, words] = float(np.mean([concepts[i].hit(next(items), shape) for _, shape in pairs]))
+    rows = []
+    for i, c in enumerate(concepts):
+        best = max(word_prompts(c), key=lambda w: scores[i, "words", w])
+        shown = OBJECT_PROMPT.format(best) if c.kind != "style" else STYLE_PROMPT.format("", shape="<shape>")
+        rows.append(
+            Row(c.name, c.kind, scores[i, "floor", ""], scores[i, "words", best], shown.strip(), scores[i, "ti", ""])
+        )
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| concept | kind | floor | best words (prompt) | TI |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r.concept} | {r.kind} | {r.floor:.2f} | {r.best_words:.2f} ({r.best_prompt!r}) | {r.ti:.2f} |"
+        )
+    for kind in ("combination", "unnamed", "style"):
+        sel = [r for r in rows if r.kind == kind]
+        if sel:
+            mean = [np.mean([getattr(r, f) for r in sel]) for f in ("floor", "best_words", "ti")]
+            lines.append(f"| **{kind} mean** | | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} |")
+    return "\n".join(lines)

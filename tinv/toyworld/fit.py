@@ -1,0 +1,159 @@
+"""Train the toy world's text-to-image model from a seed: VAE first, then UNet + text encoder.
+
+``python -m tinv.toyworld train --out DIR`` calls :func:`train_model`. The result is an
+ordinary diffusers folder (``StableDiffusionPipeline.save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from tqdm import tqdm
+
+from tinv.models import TEMPLATES_FILE
+from tinv.toyworld import nets
+from tinv.toyworld.world import STYLE_TEMPLATES, TEMPLATES, training_set
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How the toy model is trained."""
+
+    seed: int = 0
+    """Seeds the data, the weights and every draw."""
+    images: int = 30_000
+    """Training pictures generated once."""
+    vae_steps: int = 1_200
+    """VAE optimisation steps."""
+    vae_batch: int = 32
+    """Pictures per VAE step."""
+    steps: int = 6_000
+    """UNet + text encoder steps on cached latents."""
+    batch: int = 96
+    """Captioned latents per UNet step."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate (cosine decay after a 500-step warm-up)."""
+    ema: float = 0.999
+    """EMA decay of the saved weights."""
+    threads: int = 1
+    """torch threads (one is faster than two when anything else shares the 2 cores)."""
+
+
+def _batches(n: int, size: int, rng: np.random.Generator):
+    while True:
+        yield torch.from_numpy(rng.integers(n, size=size))
+
+
+def _schedule(step: int, total: int, warmup: int = 500) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(pixels: torch.Tensor, cfg: FitConfig, progress: Callable = tqdm) -> torch.nn.Module:
+    """Reconstruction (MSE) plus a small KL term, so latents stay sampled, not memorised."""
+    torch.manual_seed(cfg.seed)
+    vae = nets.vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed + 1)
+    batches = _batches(len(pixels), cfg.vae_batch, rng)
+    for step in progress(range(cfg.vae_steps), desc="vae"):
+        x = pixels[next(batches)]
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample()).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * dist.kl().mean()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _schedule(step, cfg.vae_steps, 200)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_all(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for chunk in pixels.split(512):
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(latents, stds, ids, scale: float, cfg: FitConfig, progress: Callable = tqdm):
+    """UNet + text encoder jointly on cached latents, epsilon loss, EMA weights returned."""
+    torch.manual_seed(cfg.seed + 2)
+    tok = nets.tokenizer()
+    unet, te = nets.unet(), nets.text_encoder(len(tok), tok.eos_token_id)
+    sched = nets.scheduler()
+    params = [*unet.parameters(), *te.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    batches = _batches(len(latents), cfg.batch, np.random.default_rng(cfg.seed + 4))
+    bar = progress(range(cfg.steps), desc="unet+text")
+    for step in bar:
+        idx = next(batches)
+        z = (latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=gen)) * scale  # (B, 4, 8, 8)
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        hidden = te(ids[idx]).last_hidden_state  # (B, T, 64)
+        pred = unet(sched.add_noise(z, noise, t), t, hidden).sample
+        loss = F.mse_loss(pred, noise)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _schedule(step, cfg.steps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for ema, live in ((ema_unet, unet), (ema_te, te)):
+                for e, p in zip(ema.parameters(), live.parameters()):
+                    e.lerp_(p, 1 - decay)
+        if step % 100 == 0 and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return ema_unet.eval(), ema_te.eval()
+
+
+def train_model(out: str | Path, cfg: FitConfig = FitConfig(), progress: Callable = tqdm) -> Path:
+    """Generate the data, train everything, save a diffusers folder at ``out``."""
+    torch.set_num_threads(cfg.threads)
+    images, captions, _ = training_set(cfg.images, cfg.seed)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 32, 32)
+    vae = train_vae(pixels, cfg, progress)
+    means, stds = encode_all(vae, pixels)
+    scale = float(1.0 / means.std())
+    vae.register_to_config(scaling_factor=scale)
+    tok = nets.tokenizer()
+    ids = tok(captions, padding="max_length", max_length=nets.MAX_TOKENS, truncation=True, return_tensors="pt")
+    unet, te = train_denoiser(means, stds, ids.input_ids, scale, cfg, progress)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=nets.scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = Path(out)
+    pipe.save_pretrained(out)
+    (out / "tinv_toyworld.json").write_text(json.dumps({"fit": asdict(cfg)}, indent=1))
+    write_templates(out)
+    return out
+
+
+def write_templates(out: Path) -> None:
+    """Ship the world's own prompt templates with the model (read by ``tinv.models``)."""
+    templates = {"object": TEMPLATES, "style": STYLE_TEMPLATES}
+    (out / TEMPLATES_FILE).write_text(json.dumps(templates, indent=1))
