@@ -1,26 +1,75 @@
-"""Shared fixtures: tiny diffusers models built from configs and saved to disk (no download)."""
+"""Shared fixtures: tiny saved models and images; a real local Ray cluster (fake GPUs); a moto S3 server."""
 
 from __future__ import annotations
 
-import os
+import shutil
+import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from jobtools import BIN, REPO, free_port, job_env
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-from tinv.tiny import save_tiny_model  # noqa: E402
+from tinv.tiny import save_tiny_model
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """kind → folder of a saved tiny model: ``sd1`` (epsilon), ``sd2`` (v-prediction), ``sdxl``."""
-    root = tmp_path_factory.mktemp("models")
-    return {kind: save_tiny_model(root / kind, kind) for kind in ("sd1", "sd2", "sdxl")}
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """kind → folder of a tiny random model saved with ``save_pretrained`` (sd1, sd2, sdxl)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {kind: save_tiny_model(root / kind, kind, seed=0) for kind in ("sd1", "sd2", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def images() -> torch.Tensor:
+    """Four 32 px training images ``(4, 3, 32, 32)`` in [-1, 1] (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the Ray cluster run last, together, so the cluster is up only while they run."""
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """`ray start --head --num-gpus 2` in its own session; stopped with `ray stop --force`."""
+    env = job_env()
+    port, dashboard = free_port(), free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--num-gpus", "2", "--num-cpus", "4", f"--port={port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+           "--disable-usage-stats"]
+    subprocess.run(["setsid", *cmd], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3-protocol server on a free loopback port (moto's server mode)."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 @pytest.fixture
-def images() -> torch.Tensor:
-    """Four random 32 px images in [-1, 1]: ``(4, 3, 32, 32)``."""
-    return torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+def demo_copy(tmp_path) -> Path:
+    """A copy of the shipped demo manifest and its images (relative URIs), in a temp folder."""
+    target = tmp_path / "manifests"
+    shutil.copytree(REPO / "manifests", target)
+    return target / "demo.parquet"

@@ -128,6 +128,7 @@ def tiny_pipeline(
         prediction_type=prediction,
         num_train_timesteps=1000,
         clip_sample=False,
+        steps_offset=1,
     )
     if kind != "sdxl":
         return StableDiffusionPipeline(

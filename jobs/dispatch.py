@@ -1,0 +1,185 @@
+"""Dynamic dispatch of concepts to trainer actors, surviving dead and hung actors.
+
+The driver keeps up to ``calls_in_flight`` calls queued on every actor, each of at most K
+concepts, so an actor's slots are refilled as soon as a concept finishes and a slow concept
+never holds the others back. When an actor dies (``RayActorError``: node lost, preempted,
+OOM-killed) or returns nothing for ``concept_timeout_s`` (hung), it is killed and replaced, and
+the concepts it held are re-queued, each at most ``max_attempts`` times in all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from jobs.actor import spec_to_dict
+from tinv.config import ConceptSpec
+
+log = logging.getLogger("tinv.dispatch")
+
+
+class InfrastructureError(RuntimeError):
+    """The cluster cannot run the job (actors keep dying, the model never loads)."""
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    num_actors: int
+    """Trainer actors kept alive (one per GPU on a GPU cluster)."""
+    concepts_per_call: int = 4
+    """Most concepts in one call (K, the actor's slot count)."""
+    calls_in_flight: int = 2
+    """Calls queued per actor, so its slots refill without waiting for the driver."""
+    max_attempts: int = 3
+    """Times a concept may be handed to an actor before it fails (dead actors, transient errors)."""
+    concept_timeout_s: float = 3600.0
+    """An actor that has work but returns nothing for this long is hung: it is killed and replaced."""
+    load_timeout_s: float = 1800.0
+    """Longest time an actor may take to start and load the model."""
+    max_replacements: int | None = None
+    """Actors replaced before giving up with :class:`InfrastructureError`; default 2 × num_actors × max_attempts."""
+
+
+@dataclass
+class Task:
+    spec: ConceptSpec
+    fingerprint: str
+    attempts: int = 0
+    last_error: str = ""
+
+    def item(self) -> dict[str, Any]:
+        return {"spec": spec_to_dict(self.spec), "fingerprint": self.fingerprint, "attempt": self.attempts}
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    info_ref: Any
+    started: float
+    info: dict[str, Any] | None = None
+    calls: dict[Any, list[Task]] = field(default_factory=dict)
+    last_progress: float = 0.0
+
+
+class Dispatcher:
+    """Owns the actors; ``run`` hands out tasks and reports each concept's result once."""
+
+    def __init__(self, make_actor: Callable[[], Any], cfg: DispatchConfig, on_result: Callable[[dict], None]) -> None:
+        self.make_actor, self.cfg, self.on_result = make_actor, cfg, on_result
+        self.max_replacements = cfg.max_replacements or 2 * cfg.num_actors * cfg.max_attempts
+        self.replaced = 0
+        self.actors = [self._spawn() for _ in range(cfg.num_actors)]
+        self.queue: deque[Task] = deque()
+
+    def _spawn(self) -> _Actor:
+        handle = self.make_actor()
+        return _Actor(handle, handle.info.remote(), time.monotonic())
+
+    def wait_ready(self) -> list[dict[str, Any]]:
+        """Block until every actor has loaded the model; return their infos (raises on failure)."""
+        try:
+            infos = ray.get([a.info_ref for a in self.actors], timeout=self.cfg.load_timeout_s)
+        except GetTimeoutError as e:
+            raise InfrastructureError(f"actors did not load the model within {self.cfg.load_timeout_s} s") from e
+        now = time.monotonic()
+        for actor, info in zip(self.actors, infos):
+            actor.info, actor.info_ref, actor.last_progress = info, None, now
+        return infos
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self, tasks: list[Task]) -> None:
+        self.queue.extend(tasks)
+        while self.queue or any(a.calls for a in self.actors):
+            for actor in list(self.actors):
+                self._feed(actor)
+            refs = [r for a in self.actors for r in [*a.calls, a.info_ref] if r is not None]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            if ready:
+                ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in ready:
+                self._collect(ref)
+            self._check_deadlines()
+
+    def _chunk(self) -> int:
+        share = math.ceil(len(self.queue) / (len(self.actors) * self.cfg.calls_in_flight))
+        return max(1, min(self.cfg.concepts_per_call, share))
+
+    def _feed(self, actor: _Actor) -> None:
+        while self.queue and len(actor.calls) < self.cfg.calls_in_flight:
+            chunk = [self.queue.popleft() for _ in range(min(self._chunk(), len(self.queue)))]
+            for task in chunk:
+                task.attempts += 1
+            if not actor.calls:
+                actor.last_progress = time.monotonic()
+            actor.calls[actor.handle.train.remote([t.item() for t in chunk])] = chunk
+
+    def _owner(self, ref: Any) -> _Actor | None:
+        return next((a for a in self.actors if ref in a.calls or ref == a.info_ref), None)
+
+    def _collect(self, ref: Any) -> None:
+        actor = self._owner(ref)
+        if actor is None:  # its actor was already replaced in this round
+            return
+        try:
+            value = ray.get(ref)
+        except (RayActorError, RayTaskError) as e:
+            self._replace(actor, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            return
+        if ref == actor.info_ref:
+            actor.info, actor.info_ref, actor.last_progress = value, None, time.monotonic()
+            return
+        tasks = actor.calls.pop(ref)
+        actor.last_progress = time.monotonic()
+        for task, result in zip(tasks, value):
+            if result.get("retryable"):
+                self._retry(task, result.get("error") or "transient error", result.get("worker"))
+            else:
+                self.on_result(result)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for actor in list(self.actors):
+            if actor.info is None and now - actor.started > self.cfg.load_timeout_s:
+                self._replace(actor, f"actor did not load the model within {self.cfg.load_timeout_s} s")
+            elif actor.info is not None and actor.calls and now - actor.last_progress > self.cfg.concept_timeout_s:
+                self._replace(actor, f"actor hung: nothing finished within {self.cfg.concept_timeout_s} s")
+
+    def _replace(self, actor: _Actor, reason: str) -> None:
+        worker = (actor.info or {}).get("worker", "?")
+        log.warning("replacing trainer actor %s: %s", worker, reason)
+        ray.kill(actor.handle, no_restart=True)
+        self.replaced += 1
+        held = [t for chunk in actor.calls.values() for t in chunk]
+        if self.replaced > self.max_replacements:
+            raise InfrastructureError(f"{self.replaced} actors lost (last: {reason}); giving up")
+        self.actors[self.actors.index(actor)] = self._spawn()
+        for task in reversed(held):
+            self._retry(task, f"worker {worker} lost: {reason}", worker)
+
+    def _retry(self, task: Task, reason: str, worker: str | None) -> None:
+        task.last_error = reason
+        if task.attempts < self.cfg.max_attempts:
+            log.warning("re-queueing %s (attempt %d failed: %s)", task.spec.concept_id, task.attempts, reason)
+            self.queue.appendleft(task)
+            return
+        self.on_result({
+            "concept_id": task.spec.concept_id, "token": task.spec.placeholder_token, "status": "failed",
+            "error": f"gave up after {task.attempts} attempts; last: {reason}", "attempts": task.attempts,
+            "worker": worker,
+        })
+
+    def pending(self) -> list[Task]:
+        """Tasks not finished (after an :class:`InfrastructureError`)."""
+        return [*self.queue, *(t for a in self.actors for chunk in a.calls.values() for t in chunk)]
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor.handle, no_restart=True)

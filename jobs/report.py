@@ -1,0 +1,125 @@
+"""Accounting for a training run: progress lines, Ray metrics, results.parquet and run.json."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+from importlib import metadata
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tinv import storage
+from tinv.config import ConceptSpec
+
+RESULT_COLUMNS = pa.schema([
+    ("concept_id", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("token", pa.string()),
+    ("embedding_uri", pa.string()),
+    ("steps", pa.int64()),
+    ("seconds", pa.float64()),
+    ("final_loss", pa.float64()),
+    ("attempts", pa.int64()),
+    ("worker", pa.string()),
+])
+PACKAGES = ("tinv", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "gcsfs", "xformers")
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """Counts finished concepts; prints a plain progress line per result (readable in ``ray job logs``)."""
+
+    def __init__(self, total: int, counters: dict[str, Any] | None = None, stream=sys.stderr) -> None:
+        self.total, self.done, self.failed = total, 0, 0
+        self.started, self.stream = time.monotonic(), stream
+        self.counters = counters or {}
+
+    def update(self, result: dict[str, Any]) -> None:
+        self.done += 1
+        failed = result.get("status") != "succeeded"
+        self.failed += failed
+        counter = self.counters.get("failed" if failed else "succeeded")
+        if counter is not None:
+            counter.inc()
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        width = 24
+        bar = "#" * (width * self.done // max(1, self.total))
+        note = f"FAILED {result['concept_id']}: {result.get('error')}" if failed else f"ok {result['concept_id']}"
+        print(
+            f"[tinv] [{bar:<{width}}] {self.done}/{self.total} done, {self.failed} failed | "
+            f"{rate * 60:.1f} concepts/min | elapsed {_fmt_s(elapsed)} | ETA "
+            f"{_fmt_s(eta) if eta != float('inf') else '?'} | {note}",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def skipped_row(record: dict[str, Any]) -> dict[str, Any]:
+    """A results row for a concept whose existing result.json matched."""
+    return {**record, "status": "skipped", "error": None}
+
+
+def result_rows(specs: list[ConceptSpec], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per manifest row, in manifest order; a concept with no result is failed ("not run")."""
+    rows = []
+    for spec in specs:
+        r = results.get(spec.concept_id) or {"status": "failed", "error": "not run: the job stopped before it"}
+        rows.append({
+            "concept_id": spec.concept_id,
+            "status": r["status"],
+            "error": r.get("error"),
+            "token": r.get("token") or spec.placeholder_token,
+            "embedding_uri": r.get("embedding_uri") if r["status"] != "failed" else None,
+            "steps": r.get("steps"),
+            "seconds": r.get("seconds"),
+            "final_loss": r.get("final_loss"),
+            "attempts": r.get("attempts", 0),
+            "worker": r.get("worker"),
+        })
+    return rows
+
+
+def write_results(output: str, rows: list[dict[str, Any]], storage_options: dict | None = None) -> str:
+    """``{output}/results.parquet``; returns its URI."""
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_COLUMNS), sink)
+    uri = storage.join(output, "results.parquet")
+    storage.write_bytes(uri, sink.getvalue(), storage_options)
+    return uri
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_run(output: str, run: dict[str, Any], storage_options: dict | None = None) -> str:
+    """``{output}/run.json``; returns its URI."""
+    uri = storage.join(output, "run.json")
+    run = {**run, "versions": versions()}
+    storage.write_bytes(uri, json.dumps(run, indent=2, sort_keys=True, default=str).encode(), storage_options)
+    return uri
+
+
+def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    out = {"total": len(rows), "succeeded": 0, "failed": 0, "skipped": 0}
+    for row in rows:
+        out[row["status"]] += 1
+    return out

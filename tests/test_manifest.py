@@ -1,0 +1,102 @@
+"""Manifest validation (pure pyarrow, no Ray): every bad row at once, unsafe ids refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from jobtools import REPO, job_env
+
+from tinv.config import ConceptSpec, TrainConfig
+from tinv.manifest import ManifestError, read_manifest, specs_from_table, write_manifest
+from tinv.outputs import concept_dir, config_fingerprint
+
+GOOD = {"concept_id": "good", "images": ["a.png"]}
+
+
+def problems_of(rows, schema=None) -> list[str]:
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    table = pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows], schema=schema)
+    with pytest.raises(ManifestError) as info:
+        specs_from_table(table, base_dir="/data")
+    return info.value.problems
+
+
+def test_good_manifest_resolves_relative_uris_and_defaults(tmp_path):
+    rows = [GOOD, {"concept_id": "b-2", "images": ["s3://bucket/x.png", "/abs/y.png"], "learnable_property": "style",
+                   "placeholder_token": "<bee>", "steps": 7, "learning_rate": 0.1, "num_vectors": 2}]
+    write_manifest(rows, str(tmp_path / "sub" / "m.parquet"))
+    specs = read_manifest(f"file://{tmp_path}/sub/m.parquet")
+    assert specs[0].images == (f"file://{tmp_path}/sub/a.png",)
+    assert specs[0].placeholder_token == "<good>" and specs[0].initializer_token == "object"
+    assert specs[1].images == ("s3://bucket/x.png", "/abs/y.png")
+    assert (specs[1].steps, specs[1].num_vectors, specs[1].tokens) == (7, 2, ["<bee>", "<bee>_1"])
+    assert read_manifest(str(tmp_path / "sub" / "m.parquet"))[0].images == (f"{tmp_path}/sub/a.png",)
+
+
+def test_every_bad_row_is_reported_at_once():
+    rows = [
+        GOOD,
+        {"concept_id": "good", "images": ["b.png"]},  # duplicate id
+        {"concept_id": "../../etc", "images": ["c.png"]},  # unsafe
+        {"concept_id": "a/b", "images": ["c.png"]},  # path separator
+        {"concept_id": "empty", "images": []},
+        {"concept_id": "prop", "images": ["d.png"], "learnable_property": "scene"},
+        {"concept_id": "two-words", "images": ["e.png"], "placeholder_token": "two words"},
+        {"concept_id": "same-token", "images": ["f.png"], "placeholder_token": "<good>"},
+        {"concept_id": None, "images": ["g.png"]},
+    ]
+    found = problems_of(rows)
+    expect = {1: "duplicates row 0", 2: "concept_id must match", 3: "concept_id must match", 4: "images must hold",
+              5: "learnable_property", 6: "placeholder_token must be one word", 7: "token '<good>' is also row 0",
+              8: "concept_id is missing"}
+    for row, text in expect.items():
+        assert any(p.startswith(f"row {row} ") and text in p for p in found), (row, text, found)
+    assert not any(p.startswith("row 0 ") for p in found)
+
+
+def test_wrong_column_types_and_unknown_columns_are_named():
+    schema = pa.schema([("concept_id", pa.int64()), ("images", pa.string()), ("steps", pa.string()),
+                        ("colour", pa.string())])
+    found = problems_of([{"concept_id": 1, "images": "x.png", "steps": "ten", "colour": "red"}], schema)
+    assert any("'concept_id' must be string" in p for p in found)
+    assert any("'images' must be list<string>" in p for p in found)
+    assert any("'steps' must be int" in p for p in found)
+    assert any("unknown column 'colour'" in p for p in found)
+    assert problems_of([{"images": ["x.png"]}]) == ["missing required column 'concept_id'"]
+
+
+def test_unsafe_concept_id_never_makes_an_output_path():
+    for bad in ("..", "../x", "a/b", "/abs", ".hidden", "a\\b", ""):
+        with pytest.raises(ValueError):
+            concept_dir("s3://bucket/out", bad)
+    assert concept_dir("s3://bucket/out/", "ok.1_x-2") == "s3://bucket/out/concepts/ok.1_x-2"
+
+
+def test_fingerprint_changes_with_what_changes_the_result():
+    spec = ConceptSpec("c", ("a.png",))
+    model = {"base_model_fingerprint": "m1", "resolution": 32, "dtype": "torch.float32"}
+    fp = config_fingerprint(spec, TrainConfig(), model)
+    assert fp == config_fingerprint(ConceptSpec("c", ("a.png",), eval_prompts=("a {}",)), TrainConfig(), model)
+    assert fp == config_fingerprint(spec, TrainConfig(concepts_per_batch=7), model)  # packed == solo
+    assert fp != config_fingerprint(spec, TrainConfig(steps=9), model)
+    assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), seed=3), TrainConfig(), model)
+    assert fp != config_fingerprint(spec, TrainConfig(), {**model, "base_model_fingerprint": "m2"})
+    # images under the manifest's folder count as written there: a moved manifest folder keeps its results
+    moved = [config_fingerprint(ConceptSpec("c", (f"{d}/img/a.png",)), TrainConfig(), model, manifest_dir=d)
+             for d in ("/tmp/ray/pkg_1", "s3://b/in")]
+    assert moved[0] == moved[1] != config_fingerprint(ConceptSpec("c", ("/x/img/b.png",)), TrainConfig(), model, "/x")
+
+
+def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path):
+    manifest = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"concept_id": "../up", "images": ["x.png"]}, GOOD, GOOD]), manifest)
+    cmd = [sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--output", str(tmp_path / "out"),
+           "--ray-address", "127.0.0.1:1"]  # nothing listens there: validation must come first
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "row 0" in proc.stderr and "row 2" in proc.stderr and "duplicates row 1" in proc.stderr
+    assert not (tmp_path / "out").exists()

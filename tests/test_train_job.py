@@ -1,0 +1,166 @@
+"""The Ray bulk training job on a real local cluster (2 fake GPUs): submit, resume, kill, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from jobtools import BIN, REPO, run_driver
+from safetensors.torch import load_file
+
+from tinv.demo import CONCEPTS, default_model
+from tinv.manifest import write_manifest
+from tinv.models import fingerprint
+
+FILES = {"learned_embeds.safetensors", "{cid}.a1111.safetensors", "result.json"}
+
+
+def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, ...] = ()) -> str:
+    """`ray job submit --working-dir REPO -- python -m jobs.train ARGS`; returns the CLI output."""
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git", "out", ".ruff_cache", *excludes]}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps(runtime_env), "--submission-id", submission_id,
+           "--", "python", "-m", "jobs.train", *args]
+    proc = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    return proc.stdout + proc.stderr
+
+
+def expected_files(ids) -> set[str]:
+    return {f"concepts/{cid}/{name.format(cid=cid)}" for cid in ids for name in FILES} | {"results.parquet", "run.json"}
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def results(out: Path) -> dict[str, dict]:
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(rows) == len({r["concept_id"] for r in rows}), "a concept appears twice in results.parquet"
+    return {r["concept_id"]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    log = submit(ray_cluster, f"tinv-demo-{os.getpid()}", "--output", str(out))
+    return out, log
+
+
+def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers(demo_run, tmp_path):
+    out, log = demo_run
+    assert "succeeded" in log, log[-4000:]
+    assert tree(out) == expected_files(CONCEPTS)
+    rows = results(out)
+    assert {r["status"] for r in rows.values()} == {"succeeded"} and all(r["attempts"] == 1 for r in rows.values())
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"total": 4, "succeeded": 4, "failed": 0, "skipped": 0} and run["exit_code"] == 0
+    assert run["versions"]["ray"] and run["base_model_fingerprint"]
+
+    model_dir = default_model(tmp_path / "cache")  # the embedded default model, rebuilt here: same seed
+    for cid in CONCEPTS:
+        result = json.loads((out / "concepts" / cid / "result.json").read_text())
+        assert result["base_model_fingerprint"] == run["base_model_fingerprint"]
+        assert result["steps"] == 30 and result["token"] == f"<{cid}>" and result["config_fingerprint"]
+        vector = load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"]
+        for name, kw in (("learned_embeds.safetensors", {}), (f"{cid}.a1111.safetensors", {"token": f"<{cid}>"})):
+            pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+            assert fingerprint([pipe.text_encoder]) == result["base_model_fingerprint"]
+            pipe.load_textual_inversion(str(out / "concepts" / cid / name), **kw)
+            new_id = pipe.tokenizer.convert_tokens_to_ids(f"<{cid}>")
+            assert new_id == len(pipe.tokenizer) - 1
+            ids = pipe.tokenizer(f"a photo of a <{cid}>").input_ids
+            assert ids[-2] == new_id
+            row = pipe.text_encoder.get_input_embeddings().weight[new_id]
+            torch.testing.assert_close(row, vector[0])
+
+
+def test_resubmitting_skips_finished_concepts_and_touches_none_of_their_files(demo_run, ray_cluster):
+    out, _ = demo_run
+    before = {p: ((out / p).stat().st_mtime_ns, (out / p).read_bytes()) for p in tree(out) if p.startswith("concepts/")}
+    first_manifest = json.loads((out / "run.json").read_text())["manifest"]
+    # a different working-dir package (one file left out) unpacks to another folder, as on a later night
+    log = submit(ray_cluster, f"tinv-demo-again-{os.getpid()}", "--output", str(out), excludes=("cluster.yaml",))
+    assert "succeeded" in log, log[-4000:]
+    assert json.loads((out / "run.json").read_text())["manifest"] != first_manifest
+    after = {p: ((out / p).stat().st_mtime_ns, (out / p).read_bytes()) for p in tree(out) if p.startswith("concepts/")}
+    assert after == before
+    assert {r["status"] for r in results(out).values()} == {"skipped"}
+    assert json.loads((out / "run.json").read_text())["counts"]["skipped"] == 4
+
+
+def many_concepts(tmp_path: Path, n: int) -> Path:
+    """``n`` concepts over copies of the demo images (relative URIs)."""
+    src = REPO / "manifests" / "demo"
+    shutil.copytree(src, tmp_path / "demo")
+    demo_ids = sorted(CONCEPTS)
+    rows = [{"concept_id": f"c{i:02d}", "images": [f"demo/{demo_ids[i % 4]}/{j}.png" for j in range(4)],
+             "initializer_token": "toy"} for i in range(n)]
+    write_manifest(rows, str(tmp_path / "many.parquet"))
+    return tmp_path / "many.parquet"
+
+
+def test_a_worker_killed_mid_run_loses_no_concept(ray_cluster, tmp_path):
+    manifest, out = many_concepts(tmp_path, 8), tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.train", "--ray-address", ray_cluster["address"], "--manifest", str(manifest),
+           "--output", str(out), "--steps", "80", "--batch-size", "2", "--concepts-per-actor", "2"]
+    driver = subprocess.Popen(cmd, cwd=REPO, env=ray_cluster["env"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("concepts/*/result.json")):
+        assert driver.poll() is None and time.monotonic() < deadline, "no concept finished"
+        time.sleep(0.05)
+    first = json.loads(next(out.glob("concepts/*/result.json")).read_text())
+    victim = int(first["worker"].rsplit(":", 1)[1])
+    os.kill(victim, signal.SIGKILL)  # the actor process that just finished a concept, with more in flight
+    log, _ = driver.communicate(timeout=240)
+    assert driver.returncode == 0, log[-4000:]
+
+    rows = results(out)
+    assert sorted(rows) == [f"c{i:02d}" for i in range(8)]
+    assert {r["status"] for r in rows.values()} == {"succeeded"}
+    retried = [r for r in rows.values() if r["attempts"] >= 2]
+    assert retried and all(r["worker"] != first["worker"] for r in retried)
+    assert json.loads((out / "run.json").read_text())["actors_replaced"] >= 1
+    for cid, row in rows.items():
+        files = {f for f in tree(out / "concepts" / cid) if ".tmp-" not in f}
+        assert files == {"learned_embeds.safetensors", f"{cid}.a1111.safetensors", "result.json"}
+        result = json.loads((out / "concepts" / cid / "result.json").read_text())
+        assert (result["attempts"], result["worker"]) == (row["attempts"], row["worker"])
+        assert load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"].shape[0] == 1
+
+
+def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
+    shutil.copytree(REPO / "manifests" / "demo", tmp_path / "demo")
+    (tmp_path / "broken.png").write_bytes(b"this is not an image")
+    good = [f"demo/red-ball/{j}.png" for j in range(4)]
+    rows = [
+        {"concept_id": "good-1", "images": good},
+        {"concept_id": "corrupt", "images": [*good[:2], "broken.png"]},
+        {"concept_id": "missing", "images": ["demo/red-ball/0.png", "nowhere/404.png"]},
+        {"concept_id": "clash", "images": good, "placeholder_token": "cat"},
+        {"concept_id": "good-2", "images": good, "learnable_property": "style", "initializer_token": "painting"},
+    ]
+    write_manifest(rows, str(tmp_path / "mixed.parquet"))
+    out = tmp_path / "out"
+    proc = run_driver(ray_cluster, "--manifest", str(tmp_path / "mixed.parquet"), "--output", str(out),
+                      "--steps", "10", "--batch-size", "2")
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    got = results(out)
+    assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded"]
+    assert "cannot decode image" in got["corrupt"]["error"] and "broken.png" in got["corrupt"]["error"]
+    assert "image not found" in got["missing"]["error"] and "nowhere/404.png" in got["missing"]["error"]
+    assert "'cat' is already in the vocabulary" in got["clash"]["error"]
+    assert all(got[c]["attempts"] == 1 and got[c]["embedding_uri"] is None for c in ("corrupt", "missing", "clash"))
+    assert tree(out) == expected_files(["good-1", "good-2"])
+    assert json.loads((out / "run.json").read_text())["counts"] == {
+        "total": 5, "succeeded": 2, "failed": 3, "skipped": 0}

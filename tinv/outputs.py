@@ -1,0 +1,147 @@
+"""Per-concept outputs: where they go, the config fingerprint, and ``result.json`` (written last).
+
+``{output}/concepts/{concept_id}/`` holds the embedding files and then ``result.json``; a concept
+is complete exactly when its ``result.json`` exists, and it is skipped on a re-run only when that
+file's fingerprint matches the concept's current config fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from typing import Any
+
+from tinv import storage
+from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig
+from tinv.formats import DIFFUSERS_NAME, embedding_files
+from tinv.train import TrainedConcept
+
+RESULT_NAME = "result.json"
+TRAIN_FIELDS = ("batch_size", "weight_decay", "adam_betas", "adam_eps")
+"""Run-level fields that change a concept's result besides those resolved into its spec.
+
+K (``concepts_per_batch``) and ``max_vectors`` do not: a packed concept equals a solo one.
+"""
+
+
+def concept_dir(output: str, concept_id: str) -> str:
+    """``{output}/concepts/{concept_id}``; refuses any id that could leave ``output``."""
+    if not isinstance(concept_id, str) or not CONCEPT_ID.fullmatch(concept_id):
+        raise ValueError(f"unsafe concept_id {concept_id!r}: must match {CONCEPT_ID.pattern}")
+    return storage.join(output, "concepts", concept_id)
+
+
+def resolved(spec: ConceptSpec, cfg: TrainConfig) -> dict[str, Any]:
+    """The spec with the run's defaults filled in (what training actually uses)."""
+    out = dataclasses.asdict(spec)
+    out["images"] = list(spec.images)
+    out["eval_prompts"] = list(spec.eval_prompts)
+    out["steps"] = spec.steps or cfg.steps
+    out["learning_rate"] = spec.learning_rate or cfg.learning_rate
+    out["seed"] = cfg.seed if spec.seed is None else spec.seed
+    out["flip_p"] = cfg.flip_p if spec.flip_p is None else spec.flip_p
+    return out
+
+
+def config_fingerprint(
+    spec: ConceptSpec, cfg: TrainConfig, model: dict[str, Any], manifest_dir: str | None = None
+) -> str:
+    """sha256 of the resolved spec (minus eval prompts), the result-changing run fields and the model.
+
+    ``model`` holds ``base_model_fingerprint``, ``resolution`` and ``dtype`` of the loaded model.
+    Image URIs (not their bytes) are part of the spec; those under ``manifest_dir`` count as written
+    in the manifest (relative), so a manifest folder that moves (a job's working dir) keeps its results.
+    """
+    spec_part = {k: v for k, v in resolved(spec, cfg).items() if k != "eval_prompts"}
+    if manifest_dir:
+        prefix = manifest_dir.rstrip("/") + "/"
+        spec_part["images"] = [u.removeprefix(prefix) for u in spec.images]
+    train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
+    if model.get("dtype") == "torch.float16":
+        train_part["loss_scale"] = cfg.loss_scale
+    model_part = {k: model[k] for k in ("base_model_fingerprint", "resolution", "dtype")}
+    blob = json.dumps({"spec": spec_part, "train": train_part, "model": model_part}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def loss_summary(losses: list[float]) -> dict[str, float | int]:
+    """First, last, min and final (mean of the last tenth) loss."""
+    if not losses:
+        return {"n": 0}
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "n": len(losses),
+        "first": losses[0],
+        "last": losses[-1],
+        "min": min(losses),
+        "final": sum(tail) / len(tail),
+    }
+
+
+def _finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def write_concept(
+    output: str,
+    trained: TrainedConcept,
+    *,
+    fingerprint: str,
+    model_info: dict[str, str],
+    worker: str,
+    attempts: int,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a succeeded concept's embedding files, then ``result.json``; return the result record."""
+    if trained.vectors is None:
+        raise ValueError(f"concept {trained.spec.concept_id!r} has no vectors: {trained.error}")
+    spec, folder = trained.spec, concept_dir(output, trained.spec.concept_id)
+    meta = {**model_info, "config_fingerprint": fingerprint}
+    files = embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, meta)
+    for name, data in files.items():
+        storage.write_bytes(storage.join(folder, name), data, storage_options)
+    record = {
+        "concept_id": spec.concept_id,
+        "token": spec.placeholder_token,
+        "tokens": spec.tokens,
+        "status": "succeeded",
+        "steps": len(trained.losses),
+        "seconds": round(trained.seconds, 3),
+        "final_loss": _finite(trained.final_loss),
+        "losses": loss_summary(trained.losses),
+        "config_fingerprint": fingerprint,
+        **model_info,
+        "worker": worker,
+        "attempts": attempts,
+        "files": sorted(files),
+        "embedding_uri": storage.join(folder, DIFFUSERS_NAME),
+    }
+    data = json.dumps(record, indent=2, sort_keys=True).encode()
+    storage.write_bytes(storage.join(folder, RESULT_NAME), data, storage_options)  # LAST: marks complete
+    return record
+
+
+def read_result(output: str, concept_id: str, storage_options: dict[str, Any] | None = None) -> dict | None:
+    """The concept's ``result.json``, or None when absent or unreadable (then it is redone)."""
+    uri = storage.join(concept_dir(output, concept_id), RESULT_NAME)
+    try:
+        record = json.loads(storage.read_bytes(uri, storage_options))
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def is_complete(record: dict | None, fingerprint: str) -> bool:
+    """True when a ``result.json`` record says succeeded under this exact config fingerprint."""
+    return bool(record) and record.get("status") == "succeeded" and record.get("config_fingerprint") == fingerprint
+
+
+def clear_result(output: str, concept_id: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Remove a stale ``result.json`` so the concept no longer looks complete while it is redone."""
+    fs, path = storage.filesystem(storage.join(concept_dir(output, concept_id), RESULT_NAME), storage_options)
+    try:
+        storage.retry(lambda: fs.rm_file(path))
+    except FileNotFoundError:
+        pass
