@@ -115,3 +115,36 @@ def test_fp16_overflow_skips_only_the_slot_that_overflowed(tiny_models, images):
     assert not torch.equal(trainer.vectors[0][0], before[0])  # slot 0 stepped
     assert torch.equal(trainer.vectors[1][0], before[1])  # slot 1 skipped, nothing non-finite written
     assert trainer.vectors[1][0] not in trainer.optimizer.state or not trainer.optimizer.state[trainer.vectors[1][0]]
+
+
+def test_latents_are_encoded_once_per_image_and_flip_not_per_step(tiny_models, images, monkeypatch):
+    model = load_base_model(str(tiny_models["sd1"]))
+    encoded: list[int] = []
+    real = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x, *a, **k: encoded.append(len(x)) or real(x, *a, **k))
+    cfg = TrainConfig(steps=6, concepts_per_batch=2, batch_size=2)
+    out = list(train_concepts(model, [ConceptData(spec("a"), images[:3]), ConceptData(spec("b"), images)], cfg))
+    assert [o.error for o in out] == [None, None]
+    assert sum(encoded) == 2 * 3 + 2 * 4  # every image and its flip, once, whatever the step count
+    assert all(row[0].dtype == torch.float32 for row in PackedTrainer(model, cfg).vectors)
+
+
+def test_sdxl_pools_at_the_real_end_of_text_token_even_with_a_legacy_config(tiny_models):
+    from tinv.conditioning import encode_prompts
+    from tinv.slots import spliced
+
+    model = load_base_model(str(tiny_models["sdxl"]))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1))
+    ids = [trainer._tokenize(tok, ["a photo of a <tinv-slot0-0>"]) for tok in model.tokenizers]
+    encoder = model.text_encoders[1]
+    for module in encoder.modules():  # the pre-2023 CLIP configs: transformers then pools at the largest id
+        if hasattr(module, "eos_token_id"):
+            module.eos_token_id = 2
+    with torch.no_grad(), spliced(model, trainer.vectors, trainer.token_ids):
+        _, added = encode_prompts(model, ids, 32)
+        final = encoder(ids[1]).last_hidden_state
+        hijacked = encoder(ids[1]).text_embeds  # pooled at the slot token (the largest id)
+    eos = (ids[1][0] == model.tokenizers[1].eos_token_id).nonzero()[0, 0]
+    expected = encoder.text_projection(final[0, eos])
+    torch.testing.assert_close(added["text_embeds"][0], expected)
+    assert not torch.allclose(hijacked[0], expected)
