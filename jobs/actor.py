@@ -24,6 +24,7 @@ from tinv import outputs
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.images import ConceptDataError, load_images
 from tinv.models import load_base_model
+from tinv.samples import SampleConfig, concept_sample_files
 from tinv.train import ConceptData, PackedTrainer, TrainedConcept, train_concepts
 
 
@@ -41,6 +42,8 @@ class WorkerSetup:
     attention: str = "sdpa"
     threads: int = 1
     """torch intra-op threads (the actor's CPU share)."""
+    samples: dict[str, Any] | None = None
+    """:class:`tinv.samples.SampleConfig` fields for each concept's evaluation samples."""
 
 
 def spec_to_dict(spec: ConceptSpec) -> dict[str, Any]:
@@ -133,10 +136,13 @@ class TrainerWorker:
         if trained.error is not None:
             return {**base, "status": "failed", "error": trained.error,
                     "retryable": trained.error.startswith("transient:")}
+        prompts = spec.eval_prompts or self.model.eval_prompts[spec.learnable_property]
+        samples = concept_sample_files(self.model, prompts, trained.vectors, SampleConfig(**(self.setup.samples or {})))
         try:
             record = outputs.write_concept(
                 self.setup.output, trained, fingerprint=item["fingerprint"], model_info=self.model.info,
-                worker=self.name, attempts=item["attempt"], storage_options=self.setup.storage_options,
+                worker=self.name, attempts=item["attempt"], extra_files=samples,
+                storage_options=self.setup.storage_options,
             )
         except OSError as e:  # storage failing after retries: the driver may try again
             return {**base, "status": "failed", "error": f"transient: could not write outputs: {e!r}",

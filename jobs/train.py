@@ -33,6 +33,7 @@ from jobs.report import Progress, counts, result_rows, skipped_row, write_result
 from tinv import outputs, storage
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.manifest import ManifestError, read_manifest
+from tinv.samples import SampleConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INFRA = 0, 1, 2, 3
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage-options", default=None, help="fsspec storage options as JSON (e.g. S3 endpoint)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
+    p.add_argument("--samples-per-prompt", type=int, default=2, help="evaluation images per prompt (0: none)")
+    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per evaluation image")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of evaluation images")
     p.add_argument("--ray-address", default=None, help="default: $RAY_ADDRESS, else start a local Ray instance")
     return p.parse_args(argv)
 
@@ -172,8 +176,9 @@ def run(args: argparse.Namespace, started: float) -> int:
     log.info("manifest %s: %d concepts valid; output %s", manifest, len(specs), output)
     # -- build ---------------------------------------------------------------------------
     connect(args.ray_address)
+    samples = SampleConfig(args.samples_per_prompt, args.sample_steps, args.guidance)
     setup_kw = dict(model=args.model, train=asdict(cfg), output=output, storage_options=so,
-                    precision=args.precision, attention=args.attention)
+                    precision=args.precision, attention=args.attention, samples=asdict(samples))
     try:
         make_actor, n_actors = actor_factory(args, setup_kw)
     except ValueError as e:

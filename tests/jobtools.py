@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from tinv.prompts import EVAL_PROMPTS
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -31,3 +34,28 @@ def run_driver(cluster: dict, *args: str, timeout: float = 240) -> subprocess.Co
     """`python -m jobs.train --ray-address CLUSTER ARGS...` as a subprocess, from the repo root."""
     cmd = [sys.executable, "-m", "jobs.train", "--ray-address", cluster["address"], *args]
     return subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+
+
+FILES = {"learned_embeds.safetensors", "{cid}.a1111.safetensors", "result.json", "grid.png"}
+
+
+def concept_files(cid: str, prop: str = "object") -> set[str]:
+    """One concept's exact files: embeddings, marker, grid, 2 seeds per default eval prompt."""
+    samples = {f"samples/{p:02d}_{s:02d}.png" for p in range(len(EVAL_PROMPTS[prop])) for s in range(2)}
+    return {name.format(cid=cid) for name in FILES} | samples
+
+
+def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, ...] = ()) -> str:
+    """`ray job submit --working-dir REPO -- python -m jobs.train ARGS`; returns the CLI output."""
+    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git", "out", ".ruff_cache", *excludes]}
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps(runtime_env), "--submission-id", submission_id,
+           "--", "python", "-m", "jobs.train", *args]
+    proc = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    return proc.stdout + proc.stderr
+
+
+def expected_files(props: dict[str, str]) -> set[str]:
+    """concept_id → property, to the exact file set of the run."""
+    files = {f"concepts/{c}/{name}" for c, prop in props.items() for name in concept_files(c, prop)}
+    return files | {"results.parquet", "run.json"}

@@ -8,7 +8,7 @@ import json
 import boto3
 import pyarrow.parquet as pq
 import s3fs
-from jobtools import REPO, run_driver
+from jobtools import REPO, expected_files, run_driver
 
 from tinv.demo import CONCEPTS
 
@@ -28,9 +28,7 @@ def test_s3_round_trip(ray_cluster, moto_endpoint):
 
     fs.invalidate_cache()
     files = {p.removeprefix("tinv-test/out/") for p in fs.find("tinv-test/out")}
-    names = ("learned_embeds.safetensors", "{cid}.a1111.safetensors", "result.json")
-    assert files == {f"concepts/{c}/{n.format(cid=c)}" for c in CONCEPTS for n in names} | {
-        "results.parquet", "run.json"}
+    assert files == expected_files({cid: prop for cid, (*_, prop) in CONCEPTS.items()})
     rows = pq.read_table(io.BytesIO(fs.cat_file("tinv-test/out/results.parquet"))).to_pylist()
     assert {r["status"] for r in rows} == {"succeeded"} and len(rows) == len(CONCEPTS)
     assert all(r["embedding_uri"].startswith("s3://tinv-test/out/concepts/") for r in rows)

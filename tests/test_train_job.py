@@ -15,28 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from jobtools import BIN, REPO, run_driver
+from jobtools import REPO, concept_files, expected_files, run_driver, submit
 from safetensors.torch import load_file
 
 from tinv.demo import CONCEPTS, default_model
 from tinv.manifest import write_manifest
 from tinv.models import fingerprint
-
-FILES = {"learned_embeds.safetensors", "{cid}.a1111.safetensors", "result.json"}
-
-
-def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, ...] = ()) -> str:
-    """`ray job submit --working-dir REPO -- python -m jobs.train ARGS`; returns the CLI output."""
-    runtime_env = {"env_vars": {"HF_HUB_OFFLINE": "1"}, "excludes": [".git", "out", ".ruff_cache", *excludes]}
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps(runtime_env), "--submission-id", submission_id,
-           "--", "python", "-m", "jobs.train", *args]
-    proc = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=300)
-    return proc.stdout + proc.stderr
-
-
-def expected_files(ids) -> set[str]:
-    return {f"concepts/{cid}/{name.format(cid=cid)}" for cid in ids for name in FILES} | {"results.parquet", "run.json"}
 
 
 def tree(root: Path) -> set[str]:
@@ -59,7 +43,7 @@ def demo_run(ray_cluster, tmp_path_factory):
 def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers(demo_run, tmp_path):
     out, log = demo_run
     assert "succeeded" in log, log[-4000:]
-    assert tree(out) == expected_files(CONCEPTS)
+    assert tree(out) == expected_files({cid: prop for cid, (*_, prop) in CONCEPTS.items()})
     rows = results(out)
     assert {r["status"] for r in rows.values()} == {"succeeded"} and all(r["attempts"] == 1 for r in rows.values())
     run = json.loads((out / "run.json").read_text())
@@ -133,7 +117,7 @@ def test_a_worker_killed_mid_run_loses_no_concept(ray_cluster, tmp_path):
     assert json.loads((out / "run.json").read_text())["actors_replaced"] >= 1
     for cid, row in rows.items():
         files = {f for f in tree(out / "concepts" / cid) if ".tmp-" not in f}
-        assert files == {"learned_embeds.safetensors", f"{cid}.a1111.safetensors", "result.json"}
+        assert files == concept_files(cid)
         result = json.loads((out / "concepts" / cid / "result.json").read_text())
         assert (result["attempts"], result["worker"]) == (row["attempts"], row["worker"])
         assert load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"].shape[0] == 1
@@ -161,6 +145,6 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     assert "image not found" in got["missing"]["error"] and "nowhere/404.png" in got["missing"]["error"]
     assert "'cat' is already in the vocabulary" in got["clash"]["error"]
     assert all(got[c]["attempts"] == 1 and got[c]["embedding_uri"] is None for c in ("corrupt", "missing", "clash"))
-    assert tree(out) == expected_files(["good-1", "good-2"])
+    assert tree(out) == expected_files({"good-1": "object", "good-2": "style"})
     assert json.loads((out / "run.json").read_text())["counts"] == {
         "total": 5, "succeeded": 2, "failed": 3, "skipped": 0}

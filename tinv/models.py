@@ -15,7 +15,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from tinv import storage
-from tinv.prompts import TEMPLATES
+from tinv.prompts import EVAL_PROMPTS, TEMPLATES
 
 SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SDXL_PARTS = (*SD_PARTS, "tokenizer_2", "text_encoder_2")
@@ -51,6 +51,8 @@ class BaseModel:
     """sha256 of the text encoders' configs and token-embedding weights."""
     templates: dict[str, tuple[str, ...]]
     """Training prompt templates per property: tinv's defaults, or the folder's ``tinv_templates.json``."""
+    eval_prompts: dict[str, tuple[str, ...]]
+    """Default evaluation prompts per property (``eval`` in ``tinv_templates.json``, else tinv's)."""
 
     @property
     def is_sdxl(self) -> bool:
@@ -169,17 +171,23 @@ def load_base_model(
     for encoder in text_encoders:
         encoder.to(dtype)
     set_attention([unet, vae], attention)
-    templates = read_templates(path)
-    return BaseModel(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, print_, templates)
+    templates, eval_prompts = read_templates(path)
+    return BaseModel(
+        uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, print_, templates, eval_prompts
+    )
 
 
-def read_templates(path: Path) -> dict[str, tuple[str, ...]]:
-    """Templates a model folder ships in ``tinv_templates.json`` (e.g. the toy world), else tinv's."""
+def read_templates(path: Path) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """Training templates and eval prompts a folder ships in ``tinv_templates.json``, else tinv's.
+
+    The file holds ``{"object": [...], "style": [...], "eval": {"object": [...], "style": [...]}}``.
+    """
     file = path / TEMPLATES_FILE
     if not file.exists():
-        return dict(TEMPLATES)
+        return dict(TEMPLATES), dict(EVAL_PROMPTS)
     found = json.loads(file.read_text())
-    bad = [k for k in TEMPLATES if not found.get(k) or any("{}" not in t for t in found[k])]
+    found_eval = found.get("eval", EVAL_PROMPTS)
+    bad = [k for k in TEMPLATES for g in (found, found_eval) if not g.get(k) or any("{}" not in t for t in g[k])]
     if bad:
-        raise ModelLayoutError(f"{file}: needs non-empty template lists with {{}} for {', '.join(bad)}")
-    return {k: tuple(found[k]) for k in TEMPLATES}
+        raise ModelLayoutError(f"{file}: needs non-empty template lists with {{}} for {', '.join(sorted(set(bad)))}")
+    return {k: tuple(found[k]) for k in TEMPLATES}, {k: tuple(found_eval[k]) for k in TEMPLATES}

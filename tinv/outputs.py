@@ -92,14 +92,15 @@ def write_concept(
     model_info: dict[str, str],
     worker: str,
     attempts: int,
+    extra_files: dict[str, bytes] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a succeeded concept's embedding files, then ``result.json``; return the result record."""
+    """Write a succeeded concept's embedding files and ``extra_files`` (samples), then ``result.json``."""
     if trained.vectors is None:
         raise ValueError(f"concept {trained.spec.concept_id!r} has no vectors: {trained.error}")
     spec, folder = trained.spec, concept_dir(output, trained.spec.concept_id)
     meta = {**model_info, "config_fingerprint": fingerprint}
-    files = embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, meta)
+    files = {**embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, meta), **(extra_files or {})}
     for name, data in files.items():
         storage.write_bytes(storage.join(folder, name), data, storage_options)
     record = {

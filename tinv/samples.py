@@ -7,6 +7,7 @@ VAE and text encoders are the ones already loaded for training.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,6 @@ from torch import nn
 
 from tinv.conditioning import encode_prompts
 from tinv.models import BaseModel
-from tinv.prompts import EVAL_PROMPTS
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 
 
@@ -57,10 +57,6 @@ def pipeline(model: BaseModel):
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def default_prompts(learnable_property: str) -> tuple[str, ...]:
-    return EVAL_PROMPTS[learnable_property]
 
 
 @torch.no_grad()
@@ -137,3 +133,35 @@ def grid(images: np.ndarray, cols: int) -> Image.Image:
         r, c = divmod(i, cols)
         canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = img
     return Image.fromarray(canvas)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """How each trained concept's evaluation samples are drawn."""
+
+    per_prompt: int = 2
+    """Images per evaluation prompt (seeds 0, 1, …); 0 draws none."""
+    steps: int = 25
+    """Denoising steps of the multistep DPM-Solver++."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale."""
+
+
+def concept_sample_files(
+    model: BaseModel, prompts: tuple[str, ...], vectors: list[torch.Tensor], cfg: SampleConfig
+) -> dict[str, bytes]:
+    """``samples/{prompt:02d}_{seed:02d}.png`` for every prompt and seed, and ``grid.png`` (a row per prompt)."""
+    if cfg.per_prompt <= 0:
+        return {}
+    requests = [SampleRequest(0, p, seed) for p in prompts for seed in range(cfg.per_prompt)]
+    images = sample(model, [vectors], requests, steps=cfg.steps, guidance=cfg.guidance)
+    names = [f"samples/{i:02d}_{seed:02d}.png" for i in range(len(prompts)) for seed in range(cfg.per_prompt)]
+    files = {name: png_bytes(Image.fromarray(img)) for name, img in zip(names, images)}
+    files["grid.png"] = png_bytes(grid(images, cfg.per_prompt))
+    return files
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
