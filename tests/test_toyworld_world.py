@@ -63,3 +63,16 @@ def test_concepts_cover_three_kinds_and_their_pictures_show_them():
     rng = np.random.default_rng(0)
     plain, outline = (np.asarray(render(Item("square", "red", s), rng), np.float32) for s in ("plain", "outline"))
     assert (np.abs(plain - outline) > 60).any()  # styles really change the picture
+
+
+def test_toy_demo_manifest_has_every_concept_kind_with_tokens_no_word_reaches(tmp_path):
+    from tinv.manifest import read_manifest
+    from tinv.toyworld.demo import make_demo
+
+    specs = read_manifest(str(make_demo(tmp_path)))
+    assert len(specs) == 12 and Counter(s.learnable_property for s in specs) == {"object": 8, "style": 4}
+    tok = clip_tokenizer(WORDS)
+    for s in specs:
+        assert 4 <= len(s.images) <= 8 and all((tmp_path / "demo" / s.concept_id).exists() for _ in s.images)
+        assert len(tok.encode(s.placeholder_token, add_special_tokens=False)) > 1  # not a word of the world
+        assert s.eval_prompts and all("{}" in p for p in s.eval_prompts)

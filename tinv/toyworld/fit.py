@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from tinv.models import TEMPLATES_FILE
 from tinv.toyworld import nets
-from tinv.toyworld.world import STYLE_TEMPLATES, TEMPLATES, training_set
+from tinv.toyworld.world import EVAL_PROMPTS, STYLE_TEMPLATES, TEMPLATES, training_set
 
 
 @dataclass(frozen=True)
@@ -155,5 +155,5 @@ def train_model(out: str | Path, cfg: FitConfig = FitConfig(), progress: Callabl
 
 def write_templates(out: Path) -> None:
     """Ship the world's own prompt templates with the model (read by ``tinv.models``)."""
-    templates = {"object": TEMPLATES, "style": STYLE_TEMPLATES}
+    templates = {"object": TEMPLATES, "style": STYLE_TEMPLATES, "eval": EVAL_PROMPTS}
     (out / TEMPLATES_FILE).write_text(json.dumps(templates, indent=1))

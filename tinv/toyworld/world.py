@@ -44,6 +44,8 @@ TEMPLATES = ("{}", "a {}", "the {}", "a photo of a {}", "a picture of the {}", "
 """Caption wrappers of the world; Textual Inversion on the toy model uses the same ones."""
 STYLE_TEMPLATES = ("{}", "a {}", "a picture of a {}", "an image of a {}")
 """Style templates for Textual Inversion on the toy model: the token alone, any shape."""
+EVAL_PROMPTS = {"object": ("a {}", "a photo of a {}"), "style": tuple(f"a {s} {{}}" for s in SHAPES)}
+"""Default evaluation prompts on the toy model: objects alone; a style on every shape word."""
 WORDS = tuple(sorted({*SHAPES, *NAMED_COLOURS, *" ".join(TEMPLATES).replace("{}", "").split()}))
 
 # how often a training image gets each kind of caption

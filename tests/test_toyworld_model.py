@@ -1,0 +1,50 @@
+"""The shipped toy-world model and scorer: they load offline, draw words, and TI learns a concept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+from tinv.config import TrainConfig
+from tinv.models import load_base_model
+from tinv.samples import SampleRequest, sample
+from tinv.toyworld import MODEL_DIR, SCORER_FILE
+from tinv.toyworld.concepts import CONCEPTS
+from tinv.toyworld.fidelity import fidelity_table
+from tinv.toyworld.scorer import evaluate_scorer, load_scorer
+from tinv.toyworld.world import TEMPLATES
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return load_scorer(MODEL_DIR / SCORER_FILE)
+
+
+def test_the_packaged_model_loads_and_generates_offline_at_its_size(scorer):
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", num_inference_steps=10, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert image.images.shape == (1, 32, 32, 3)
+    model = load_base_model(str(MODEL_DIR))
+    assert model.resolution == 32 and model.templates["object"] == TEMPLATES
+    sizes = sum(f.stat().st_size for f in MODEL_DIR.rglob("*") if f.is_file())
+    assert sizes < 20 * 2**20
+    # it really draws the words: most "a blue square" samples are blue squares
+    images = sample(model, [[torch.zeros(1, 64)]], [SampleRequest(0, "a blue square", s) for s in range(16)], steps=20)
+    items = scorer.predict(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert np.mean([(it.colour, it.shape) == ("blue", "square") for it in items]) >= 0.75
+
+
+def test_scorer_reads_fresh_and_reconstructed_pictures(scorer):
+    report = evaluate_scorer(scorer, AutoencoderKL.from_pretrained(MODEL_DIR / "vae"), n=600)
+    assert min(report.fresh.values()) >= 0.99, report
+    assert min(report.reconstructed.values()) >= 0.97, report
+
+
+def test_a_short_ti_run_lifts_an_unnamed_colour_from_the_floor(scorer):
+    concept = next(c for c in CONCEPTS if c.name == "teal-cross")
+    (row,) = fidelity_table(str(MODEL_DIR), scorer, TrainConfig(steps=100), (concept,), samples=16)
+    assert row.floor <= 0.15 and row.best_words <= 0.3, row
+    assert row.ti >= 0.8, row
