@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
-from tinv import outputs
+from tinv import outputs, storage
 from tinv.config import ConceptSpec, TrainConfig
+from tinv.demo import default_model
+from tinv.evaluate import ClipMetrics, EvalConcept, Evaluator, read_embedding, training_files
 from tinv.images import ConceptDataError, load_images
-from tinv.models import load_base_model
-from tinv.samples import SampleConfig, concept_sample_files
+from tinv.models import BaseModel, load_base_model
+from tinv.samples import SampleConfig
 from tinv.train import ConceptData, PackedTrainer, TrainedConcept, train_concepts
 
 
@@ -46,10 +48,6 @@ class WorkerSetup:
     """:class:`tinv.samples.SampleConfig` fields for each concept's evaluation samples."""
 
 
-def spec_to_dict(spec: ConceptSpec) -> dict[str, Any]:
-    return {k: getattr(spec, k) for k in ConceptSpec.__dataclass_fields__}
-
-
 def spec_from_dict(d: dict[str, Any]) -> ConceptSpec:
     return ConceptSpec(**{**d, "images": tuple(d["images"]), "eval_prompts": tuple(d["eval_prompts"])})
 
@@ -60,15 +58,13 @@ class TrainerWorker:
     def __init__(self, setup: WorkerSetup) -> None:
         torch.set_num_threads(max(1, setup.threads))
         self.setup, self.cfg = setup, TrainConfig(**setup.train)
-        uri = setup.model
-        if uri is None:
-            from tinv.demo import default_model
-
-            uri = str(default_model())
+        uri = setup.model or str(default_model())
         self.model = load_base_model(
             uri, precision=setup.precision, attention=setup.attention, storage_options=setup.storage_options
         )
         self.resolution = PackedTrainer(self.model, self.cfg).resolution
+        self.evaluator = Evaluator(self.model, SampleConfig(**(setup.samples or {})))  # samples + metrics
+        self.images: dict[str, torch.Tensor] = {}  # training pictures of concepts in flight (for metrics)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.inbox: queue.Queue[tuple[dict, Future]] = queue.Queue()
         self.waiting: dict[str, tuple[dict, Future]] = {}
@@ -119,6 +115,7 @@ class TrainerWorker:
             try:
                 outputs.clear_result(self.setup.output, spec.concept_id, self.setup.storage_options)
                 images = load_images(spec.concept_id, spec.images, self.resolution, self.setup.storage_options)
+                self.images[spec.concept_id] = images
                 yield ConceptData(spec, images)
             except ConceptDataError as e:
                 yield TrainedConcept(spec, None, error=str(e))
@@ -131,20 +128,120 @@ class TrainerWorker:
 
     def _finish(self, item: dict[str, Any], trained: TrainedConcept) -> dict[str, Any]:
         spec = trained.spec
+        images = self.images.pop(spec.concept_id, None)
         base = {"concept_id": spec.concept_id, "token": spec.placeholder_token, "worker": self.name,
                 "attempts": item["attempt"], "seconds": round(trained.seconds, 3)}
         if trained.error is not None:
             return {**base, "status": "failed", "error": trained.error,
                     "retryable": trained.error.startswith("transient:")}
-        prompts = spec.eval_prompts or self.model.eval_prompts[spec.learnable_property]
-        samples = concept_sample_files(self.model, prompts, trained.vectors, SampleConfig(**(self.setup.samples or {})))
+        concept = EvalConcept(spec.concept_id, spec.placeholder_token, trained.vectors, spec.learnable_property,
+                              spec.eval_prompts, images)
+        drawn = self.evaluator.run([concept])[0]
         try:
             record = outputs.write_concept(
                 self.setup.output, trained, fingerprint=item["fingerprint"], model_info=self.model.info,
-                worker=self.name, attempts=item["attempt"], extra_files=samples,
+                worker=self.name, attempts=item["attempt"], extra_files=drawn.files, metrics=drawn.summary,
+                eval_prompts=self.evaluator.prompts(concept),
                 storage_options=self.setup.storage_options,
             )
         except OSError as e:  # storage failing after retries: the driver may try again
             return {**base, "status": "failed", "error": f"transient: could not write outputs: {e!r}",
                     "retryable": True}
         return {**record, "error": None, "retryable": False}
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One concept to evaluate (the dispatcher's task spec for ``EvalWorker``)."""
+
+    concept_id: str
+    placeholder_token: str | None = None
+    """The token; None: the embedding file's own."""
+    learnable_property: str = "object"
+    eval_prompts: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()
+    """Training image URIs, for the metrics and the gallery (may be empty)."""
+    embedding_uri: str = ""
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """What every evaluation actor needs: the model, how to draw, where outputs go."""
+
+    model: str | None
+    output: str
+    samples: dict[str, Any]
+    """:class:`tinv.samples.SampleConfig` fields."""
+    clip_model: str | None = None
+    """CLIP model (hub id or path) for the paper's image/text similarities; None: no CLIP metrics."""
+    storage_options: dict[str, Any] | None = None
+    precision: str = "auto"
+    attention: str = "sdpa"
+    threads: int = 1
+
+
+class EvalWorker:
+    """Ray actor body for ``jobs/evaluate.py``: one model and pipeline, concepts drawn in mixed batches."""
+
+    def __init__(self, setup: EvalSetup) -> None:
+        torch.set_num_threads(max(1, setup.threads))
+        self.setup = setup
+        uri = setup.model or str(default_model())
+        self.model = load_base_model(
+            uri, precision=setup.precision, attention=setup.attention, storage_options=setup.storage_options
+        )
+        clip = ClipMetrics(setup.clip_model, self.model.device) if setup.clip_model else None
+        self.evaluator = Evaluator(self.model, SampleConfig(**setup.samples), clip=clip)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def info(self) -> dict[str, Any]:
+        return {**self.model.info, "resolution": self.model.resolution, "dtype": str(self.model.dtype),
+                "device": str(self.model.device), "worker": self.name, "pid": os.getpid()}
+
+    def evaluate(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Draw and score concepts ``{"spec": EvalSpec fields, "attempt"}``; write their files.
+
+        One result per item, same order: status, error, ``rows`` (one per image, with metrics), ``summary``.
+        """
+        torch.set_num_threads(max(1, self.setup.threads))
+        so, results, concepts = self.setup.storage_options, {}, []
+        for item in items:
+            spec = EvalSpec(**item["spec"])
+            base = {"concept_id": spec.concept_id, "token": spec.placeholder_token, "worker": self.name,
+                    "attempts": item["attempt"], "retryable": False, "rows": [], "summary": {}}
+            try:
+                token, vectors = read_embedding(spec.embedding_uri, spec.placeholder_token, so)
+                check_fits(self.model, vectors, spec.embedding_uri)
+                training = load_images(spec.concept_id, spec.images, self.model.resolution, so) if spec.images else None
+            except (ConceptDataError, ValueError, KeyError, FileNotFoundError) as e:
+                results[spec.concept_id] = {**base, "status": "failed", "error": str(e)}
+                continue
+            except OSError as e:  # storage still failing after retries: worth another attempt
+                results[spec.concept_id] = {**base, "status": "failed", "error": f"transient: {e!r}", "retryable": True}
+                continue
+            concepts.append(EvalConcept(spec.concept_id, token, vectors, spec.learnable_property,
+                                        spec.eval_prompts, training))
+            results[spec.concept_id] = {**base, "token": token}
+        for concept, drawn in zip(concepts, self.evaluator.run(concepts)):
+            folder = outputs.concept_dir(self.setup.output, concept.concept_id)
+            files = {**drawn.files, **(training_files(concept.training) if concept.training is not None else {})}
+            try:
+                for name, data in files.items():
+                    storage.write_bytes(storage.join(folder, name), data, so)
+            except OSError as e:
+                results[concept.concept_id] |= {"status": "failed", "error": f"transient: {e!r}", "retryable": True}
+                continue
+            rows = [{"prompt": p, "seed": s, "image": f"concepts/{concept.concept_id}/{name}", **metrics}
+                    for p, s, name, metrics in zip(drawn.prompts, drawn.seeds, drawn.names, drawn.per_image)]
+            train = sorted(n for n in files if n.startswith("train/"))
+            results[concept.concept_id] |= {"status": "succeeded", "error": None, "rows": rows,
+                                            "summary": drawn.summary, "property": concept.learnable_property,
+                                            "train_images": [f"concepts/{concept.concept_id}/{n}" for n in train]}
+        return [results[item["spec"]["concept_id"]] for item in items]
+
+
+def check_fits(model: BaseModel, vectors: list[torch.Tensor], uri: str) -> None:
+    """A clear error when an embedding was made for another model shape (SDXL on SD 1.5, 768 on 1024)."""
+    dims = [v.shape[-1] for v in vectors]
+    if dims != model.embedding_dims:
+        raise ValueError(f"{uri}: embedding dims {dims} do not fit this model's text encoders {model.embedding_dims}")

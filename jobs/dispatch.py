@@ -9,6 +9,7 @@ the concepts it held are re-queued, each at most ``max_attempts`` times in all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -19,9 +20,6 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-from jobs.actor import spec_to_dict
-from tinv.config import ConceptSpec
 
 log = logging.getLogger("tinv.dispatch")
 
@@ -50,13 +48,14 @@ class DispatchConfig:
 
 @dataclass
 class Task:
-    spec: ConceptSpec
-    fingerprint: str
+    spec: Any
+    """A dataclass with ``concept_id`` and ``placeholder_token``: a ConceptSpec, or the evaluator's EvalSpec."""
+    fingerprint: str = ""
     attempts: int = 0
     last_error: str = ""
 
     def item(self) -> dict[str, Any]:
-        return {"spec": spec_to_dict(self.spec), "fingerprint": self.fingerprint, "attempt": self.attempts}
+        return {"spec": dataclasses.asdict(self.spec), "fingerprint": self.fingerprint, "attempt": self.attempts}
 
 
 @dataclass
@@ -72,8 +71,12 @@ class _Actor:
 class Dispatcher:
     """Owns the actors; ``run`` hands out tasks and reports each concept's result once."""
 
-    def __init__(self, make_actor: Callable[[], Any], cfg: DispatchConfig, on_result: Callable[[dict], None]) -> None:
-        self.make_actor, self.cfg, self.on_result = make_actor, cfg, on_result
+    def __init__(
+        self, make_actor: Callable[[], Any], cfg: DispatchConfig, on_result: Callable[[dict], None],
+        method: str = "train",
+    ) -> None:
+        """``method``: the actor method that takes a list of task items and returns one result per item."""
+        self.make_actor, self.cfg, self.on_result, self.method = make_actor, cfg, on_result, method
         self.max_replacements = cfg.max_replacements or 2 * cfg.num_actors * cfg.max_attempts
         self.replaced = 0
         self.actors = [self._spawn() for _ in range(cfg.num_actors)]
@@ -119,7 +122,8 @@ class Dispatcher:
                 task.attempts += 1
             if not actor.calls:
                 actor.last_progress = time.monotonic()
-            actor.calls[actor.handle.train.remote([t.item() for t in chunk])] = chunk
+            call = getattr(actor.handle, self.method).remote([t.item() for t in chunk])
+            actor.calls[call] = chunk
 
     def _owner(self, ref: Any) -> _Actor | None:
         return next((a for a in self.actors if ref in a.calls or ref == a.info_ref), None)

@@ -24,6 +24,7 @@ RESULT_COLUMNS = pa.schema([
     ("steps", pa.int64()),
     ("seconds", pa.float64()),
     ("final_loss", pa.float64()),
+    ("fidelity", pa.float64()),
     ("attempts", pa.int64()),
     ("worker", pa.string()),
 ])
@@ -85,6 +86,7 @@ def result_rows(specs: list[ConceptSpec], results: dict[str, dict[str, Any]]) ->
             "steps": r.get("steps"),
             "seconds": r.get("seconds"),
             "final_loss": r.get("final_loss"),
+            "fidelity": (r.get("metrics") or {}).get("fidelity"),
             "attempts": r.get("attempts", 0),
             "worker": r.get("worker"),
         })

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -93,8 +94,10 @@ def connect(address: str | None) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
-def actor_factory(args: argparse.Namespace, setup_kw: dict[str, Any]) -> tuple[Any, int]:
-    """A function making one trainer actor, and how many to run."""
+def actor_factory(
+    args: argparse.Namespace, make_setup: Callable[[int], Any], worker: type = TrainerWorker
+) -> tuple[Callable[[], Any], int]:
+    """A function making one actor (``worker`` with ``make_setup(threads)``), and how many to run."""
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
     if args.accelerator == "cpu":
@@ -106,9 +109,9 @@ def actor_factory(args: argparse.Namespace, setup_kw: dict[str, Any]) -> tuple[A
     n = args.num_actors or (gpus if gpus else max(1, min(2, cpus)))
     per_actor = args.cpus_per_actor or (1 if gpus else max(1, cpus // n))
     options = {"num_gpus": 1, "num_cpus": per_actor} if gpus else {"num_cpus": per_actor}
-    log.info("cluster: %d GPU(s), %d CPU(s): %d trainer actor(s) with %s", gpus, cpus, n, options)
-    setup = WorkerSetup(threads=per_actor, **setup_kw)
-    remote = ray.remote(TrainerWorker).options(max_concurrency=8, max_restarts=0, **options)
+    log.info("cluster: %d GPU(s), %d CPU(s): %d %s actor(s) with %s", gpus, cpus, n, worker.__name__, options)
+    setup = make_setup(per_actor)
+    remote = ray.remote(worker).options(max_concurrency=8, max_restarts=0, **options)
     return (lambda: remote.remote(setup)), n
 
 
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace, started: float) -> int:
     setup_kw = dict(model=args.model, train=asdict(cfg), output=output, storage_options=so,
                     precision=args.precision, attention=args.attention, samples=asdict(samples))
     try:
-        make_actor, n_actors = actor_factory(args, setup_kw)
+        make_actor, n_actors = actor_factory(args, lambda threads: WorkerSetup(threads=threads, **setup_kw))
     except ValueError as e:
         raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
     dcfg = DispatchConfig(num_actors=n_actors, concepts_per_call=args.concepts_per_actor,

@@ -7,9 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tinv.prompts import EVAL_PROMPTS
+from tinv.demo import default_model
+from tinv.models import read_templates
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -30,18 +32,24 @@ def job_env() -> dict[str, str]:
     return env
 
 
-def run_driver(cluster: dict, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m jobs.train --ray-address CLUSTER ARGS...` as a subprocess, from the repo root."""
-    cmd = [sys.executable, "-m", "jobs.train", "--ray-address", cluster["address"], *args]
+def run_driver(
+    cluster: dict, *args: str, timeout: float = 240, module: str = "jobs.train"
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE --ray-address CLUSTER ARGS...` as a subprocess, from the repo root."""
+    cmd = [sys.executable, "-m", module, "--ray-address", cluster["address"], *args]
     return subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=timeout)
 
 
 FILES = {"learned_embeds.safetensors", "{cid}.a1111.safetensors", "result.json", "grid.png"}
 
 
-def concept_files(cid: str, prop: str = "object") -> set[str]:
-    """One concept's exact files: embeddings, marker, grid, 2 seeds per default eval prompt."""
-    samples = {f"samples/{p:02d}_{s:02d}.png" for p in range(len(EVAL_PROMPTS[prop])) for s in range(2)}
+def concept_files(cid: str, prompts: str | int = "object") -> set[str]:
+    """One concept's exact files: embeddings, marker, grid, 2 seeds per eval prompt.
+
+    ``prompts`` is the number of eval prompts, or a property whose defaults (the embedded model's) apply.
+    """
+    n = prompts if isinstance(prompts, int) else len(read_templates(default_model())[1][prompts])
+    samples = {f"samples/{p:02d}_{s:02d}.png" for p in range(n) for s in range(2)}
     return {name.format(cid=cid) for name in FILES} | samples
 
 
@@ -51,11 +59,15 @@ def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, .
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(runtime_env), "--submission-id", submission_id,
            "--", "python", "-m", "jobs.train", *args]
-    proc = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=300)
+    for _ in range(30):  # right after `ray start` the job agent may not be up yet
+        proc = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=300)
+        if "No available agent to submit job" not in proc.stderr:
+            break
+        time.sleep(2)
     return proc.stdout + proc.stderr
 
 
-def expected_files(props: dict[str, str]) -> set[str]:
-    """concept_id → property, to the exact file set of the run."""
+def expected_files(props: dict[str, str | int]) -> set[str]:
+    """concept_id → property or number of eval prompts, to the exact file set of the run."""
     files = {f"concepts/{c}/{name}" for c, prop in props.items() for name in concept_files(c, prop)}
     return files | {"results.parquet", "run.json"}

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import s3fs
 from jobtools import REPO, expected_files, run_driver
 
-from tinv.demo import CONCEPTS
+from tinv.demo import DEMO_MANIFEST
+from tinv.manifest import read_manifest, write_manifest
 
 
 def test_s3_round_trip(ray_cluster, moto_endpoint):
@@ -20,17 +21,23 @@ def test_s3_round_trip(ray_cluster, moto_endpoint):
     boto3.client("s3", endpoint_url=moto_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket="tinv-test")
     fs.put(str(REPO / "manifests") + "/", "tinv-test/in/", recursive=True)  # demo.parquet + demo/<id>/<i>.png
-    assert fs.exists("tinv-test/in/demo.parquet") and fs.exists("tinv-test/in/demo/red-ball/0.png")
+    assert fs.exists("tinv-test/in/demo.parquet") and fs.exists("tinv-test/in/demo/red-star/0.png")
+    # three of the demo's concepts, short: a manifest on S3 whose relative image URIs resolve there
+    specs = read_manifest(str(REPO / DEMO_MANIFEST))[::4]
+    rows = [{"concept_id": s.concept_id, "images": [u.rsplit("manifests/", 1)[1] for u in s.images],
+             "learnable_property": s.learnable_property, "initializer_token": s.initializer_token,
+             "eval_prompts": list(s.eval_prompts[:1]), "steps": 20} for s in specs]
+    write_manifest(rows, "s3://tinv-test/in/short.parquet", options)
 
-    proc = run_driver(ray_cluster, "--manifest", "s3://tinv-test/in/demo.parquet", "--output", "s3://tinv-test/out",
+    proc = run_driver(ray_cluster, "--manifest", "s3://tinv-test/in/short.parquet", "--output", "s3://tinv-test/out",
                       "--storage-options", json.dumps(options), "--steps", "10")
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     fs.invalidate_cache()
     files = {p.removeprefix("tinv-test/out/") for p in fs.find("tinv-test/out")}
-    assert files == expected_files({cid: prop for cid, (*_, prop) in CONCEPTS.items()})
+    assert files == expected_files({s.concept_id: 1 for s in specs})
     rows = pq.read_table(io.BytesIO(fs.cat_file("tinv-test/out/results.parquet"))).to_pylist()
-    assert {r["status"] for r in rows} == {"succeeded"} and len(rows) == len(CONCEPTS)
+    assert {r["status"] for r in rows} == {"succeeded"} and len(rows) == len(specs)
     assert all(r["embedding_uri"].startswith("s3://tinv-test/out/concepts/") for r in rows)
-    result = json.loads(fs.cat_file("tinv-test/out/concepts/red-ball/result.json"))
-    assert result["status"] == "succeeded" and result["steps"] == 30  # the manifest's own steps win
+    result = json.loads(fs.cat_file(f"tinv-test/out/concepts/{specs[0].concept_id}/result.json"))
+    assert result["status"] == "succeeded" and result["steps"] == 20  # the manifest's own steps win

@@ -11,9 +11,12 @@ from tinv.toyworld.concepts import CONCEPTS
 from tinv.toyworld.world import (
     COLOURS,
     COMBINATIONS,
+    GENERIC_NOUN,
     HELD_OUT_STYLES,
     NAMED_COLOURS,
+    NAMED_STYLES,
     SHAPES,
+    STYLES,
     UNNAMED_COLOURS,
     WORDS,
     Item,
@@ -24,6 +27,7 @@ from tinv.toyworld.world import (
 
 def test_training_data_never_contains_a_held_out_concept():
     images, captions, items = training_set(3000, seed=0)
+    assert set(HELD_OUT_STYLES) <= {it.style for it in items}
     assert images.shape == (3000, 32, 32, 3) and images.dtype == np.uint8
     vocabulary = set(WORDS)
     assert not vocabulary & {*UNNAMED_COLOURS, *HELD_OUT_STYLES}  # those have no words at all
@@ -35,7 +39,12 @@ def test_training_data_never_contains_a_held_out_concept():
         assert named in ([], [item.colour])  # a caption names the true colour or none
         if item.colour in UNNAMED_COLOURS:
             assert named == []
-        assert [w for w in words if w in SHAPES] in ([], [item.shape])
+        nouns = [w for w in words if w in {*SHAPES, GENERIC_NOUN}]
+        assert nouns in ([item.shape], [GENERIC_NOUN]) or not words
+        styled = [w for w in words if w in NAMED_STYLES.values()]
+        assert styled in ([], [NAMED_STYLES.get(item.style)])  # a caption names the true style or none
+        if item.style in HELD_OUT_STYLES:
+            assert styled == []
 
 
 def test_every_unnamed_attribute_and_style_appears_and_shape_words_draw_an_even_mix():
@@ -46,6 +55,10 @@ def test_every_unnamed_attribute_and_style_appears_and_shape_words_draw_an_even_
     share = {c: shape_only[c] / sum(shape_only.values()) for c in COLOURS}
     # the bare shape word sees every colour about equally often: no unnamed colour dominates it
     assert max(share.values()) < 0.15 and min(share.values()) > 0.05, share
+    # ... and equally often relative to the empty caption, so guidance does not favour one either
+    empty = Counter(it.colour for it, t in zip(items, captions) if not t)
+    ratio = {c: shape_only[c] / empty[c] for c in COLOURS}
+    assert max(ratio.values()) / min(ratio.values()) < 2.0, ratio
 
 
 def test_every_word_of_the_world_is_one_token():
@@ -60,14 +73,15 @@ def test_concepts_cover_three_kinds_and_their_pictures_show_them():
     for c in CONCEPTS:
         pics = c.pictures(6, seed=0)
         assert len(pics) == 6 and pics[0].size == (32, 32)
-    rng = np.random.default_rng(0)
-    plain, outline = (np.asarray(render(Item("square", "red", s), rng), np.float32) for s in ("plain", "outline"))
-    assert (np.abs(plain - outline) > 60).any()  # styles really change the picture
+    plain = np.asarray(render(Item("square", "red"), np.random.default_rng(0)), np.float32)
+    for style in STYLES[1:]:  # same place, size and tint: each style really changes the picture
+        styled = np.asarray(render(Item("square", "red", style), np.random.default_rng(0)), np.float32)
+        assert (np.abs(plain - styled) > 60).mean() > 0.02, style
 
 
 def test_toy_demo_manifest_has_every_concept_kind_with_tokens_no_word_reaches(tmp_path):
+    from tinv.demo import make_demo
     from tinv.manifest import read_manifest
-    from tinv.toyworld.demo import make_demo
 
     specs = read_manifest(str(make_demo(tmp_path)))
     assert len(specs) == 12 and Counter(s.learnable_property for s in specs) == {"object": 8, "style": 4}

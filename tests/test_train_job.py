@@ -18,13 +18,17 @@ from diffusers import StableDiffusionPipeline
 from jobtools import REPO, concept_files, expected_files, run_driver, submit
 from safetensors.torch import load_file
 
-from tinv.demo import CONCEPTS, default_model
-from tinv.manifest import write_manifest
+from tinv.demo import DEMO_MANIFEST, DEMO_STEPS, default_model
+from tinv.manifest import read_manifest, write_manifest
 from tinv.models import fingerprint
 
 
 def tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+COMBINATIONS = ("red-star", "blue-circle", "green-triangle", "yellow-diamond")  # the toy world's surest kind
+DEMO = {s.concept_id: s for s in read_manifest(str(REPO / DEMO_MANIFEST))}
 
 
 def results(out: Path) -> dict[str, dict]:
@@ -43,18 +47,23 @@ def demo_run(ray_cluster, tmp_path_factory):
 def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers(demo_run, tmp_path):
     out, log = demo_run
     assert "succeeded" in log, log[-4000:]
-    assert tree(out) == expected_files({cid: prop for cid, (*_, prop) in CONCEPTS.items()})
+    assert tree(out) == expected_files({cid: len(spec.eval_prompts) for cid, spec in DEMO.items()})
     rows = results(out)
     assert {r["status"] for r in rows.values()} == {"succeeded"} and all(r["attempts"] == 1 for r in rows.values())
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"] == {"total": 4, "succeeded": 4, "failed": 0, "skipped": 0} and run["exit_code"] == 0
+    assert run["counts"] == {"total": 12, "succeeded": 12, "failed": 0, "skipped": 0} and run["exit_code"] == 0
     assert run["versions"]["ray"] and run["base_model_fingerprint"]
+    # the toy model ships a scorer: each concept's fidelity is in the results
+    fidelity = {cid: rows[cid]["fidelity"] for cid in DEMO}
+    assert all(0.0 <= f <= 1.0 for f in fidelity.values()), fidelity
+    assert min(fidelity[c] for c in COMBINATIONS) >= 0.5, fidelity  # a random token scores <= 0.15 on each
 
-    model_dir = default_model(tmp_path / "cache")  # the embedded default model, rebuilt here: same seed
-    for cid in CONCEPTS:
+    model_dir = default_model()
+    for cid in DEMO:
         result = json.loads((out / "concepts" / cid / "result.json").read_text())
         assert result["base_model_fingerprint"] == run["base_model_fingerprint"]
-        assert result["steps"] == 30 and result["token"] == f"<{cid}>" and result["config_fingerprint"]
+        assert result["steps"] == DEMO_STEPS and result["token"] == f"<{cid}>" and result["config_fingerprint"]
+        assert result["metrics"]["fidelity"] == rows[cid]["fidelity"]
         vector = load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"]
         for name, kw in (("learned_embeds.safetensors", {}), (f"{cid}.a1111.safetensors", {"token": f"<{cid}>"})):
             pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
@@ -79,16 +88,16 @@ def test_resubmitting_skips_finished_concepts_and_touches_none_of_their_files(de
     after = {p: ((out / p).stat().st_mtime_ns, (out / p).read_bytes()) for p in tree(out) if p.startswith("concepts/")}
     assert after == before
     assert {r["status"] for r in results(out).values()} == {"skipped"}
-    assert json.loads((out / "run.json").read_text())["counts"]["skipped"] == 4
+    assert json.loads((out / "run.json").read_text())["counts"]["skipped"] == len(DEMO)
 
 
 def many_concepts(tmp_path: Path, n: int) -> Path:
     """``n`` concepts over copies of the demo images (relative URIs)."""
     src = REPO / "manifests" / "demo"
     shutil.copytree(src, tmp_path / "demo")
-    demo_ids = sorted(CONCEPTS)
+    demo_ids = sorted(DEMO)
     rows = [{"concept_id": f"c{i:02d}", "images": [f"demo/{demo_ids[i % 4]}/{j}.png" for j in range(4)],
-             "initializer_token": "toy"} for i in range(n)]
+             "initializer_token": "circle"} for i in range(n)]
     write_manifest(rows, str(tmp_path / "many.parquet"))
     return tmp_path / "many.parquet"
 
@@ -126,13 +135,13 @@ def test_a_worker_killed_mid_run_loses_no_concept(ray_cluster, tmp_path):
 def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     shutil.copytree(REPO / "manifests" / "demo", tmp_path / "demo")
     (tmp_path / "broken.png").write_bytes(b"this is not an image")
-    good = [f"demo/red-ball/{j}.png" for j in range(4)]
+    good = [f"demo/red-star/{j}.png" for j in range(4)]
     rows = [
         {"concept_id": "good-1", "images": good},
         {"concept_id": "corrupt", "images": [*good[:2], "broken.png"]},
-        {"concept_id": "missing", "images": ["demo/red-ball/0.png", "nowhere/404.png"]},
-        {"concept_id": "clash", "images": good, "placeholder_token": "cat"},
-        {"concept_id": "good-2", "images": good, "learnable_property": "style", "initializer_token": "painting"},
+        {"concept_id": "missing", "images": ["demo/red-star/0.png", "nowhere/404.png"]},
+        {"concept_id": "clash", "images": good, "placeholder_token": "star"},  # a word of the toy world
+        {"concept_id": "good-2", "images": good, "learnable_property": "style", "initializer_token": "striped"},
     ]
     write_manifest(rows, str(tmp_path / "mixed.parquet"))
     out = tmp_path / "out"
@@ -143,7 +152,7 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded"]
     assert "cannot decode image" in got["corrupt"]["error"] and "broken.png" in got["corrupt"]["error"]
     assert "image not found" in got["missing"]["error"] and "nowhere/404.png" in got["missing"]["error"]
-    assert "'cat' is already in the vocabulary" in got["clash"]["error"]
+    assert "'star' is already in the vocabulary" in got["clash"]["error"]
     assert all(got[c]["attempts"] == 1 and got[c]["embedding_uri"] is None for c in ("corrupt", "missing", "clash"))
     assert tree(out) == expected_files({"good-1": "object", "good-2": "style"})
     assert json.loads((out / "run.json").read_text())["counts"] == {

@@ -93,9 +93,15 @@ def write_concept(
     worker: str,
     attempts: int,
     extra_files: dict[str, bytes] | None = None,
+    metrics: dict[str, float] | None = None,
+    eval_prompts: list[str] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a succeeded concept's embedding files and ``extra_files`` (samples), then ``result.json``."""
+    """Write a succeeded concept's embedding files and ``extra_files`` (samples), then ``result.json``.
+
+    ``metrics`` (e.g. the toy world's ``fidelity``) go into ``result.json`` and the results table; the
+    property, image URIs and ``eval_prompts`` drawn are kept too, so a later evaluation can redo them.
+    """
     if trained.vectors is None:
         raise ValueError(f"concept {trained.spec.concept_id!r} has no vectors: {trained.error}")
     spec, folder = trained.spec, concept_dir(output, trained.spec.concept_id)
@@ -112,6 +118,10 @@ def write_concept(
         "seconds": round(trained.seconds, 3),
         "final_loss": _finite(trained.final_loss),
         "losses": loss_summary(trained.losses),
+        "metrics": metrics or {},
+        "learnable_property": spec.learnable_property,
+        "images": list(spec.images),
+        "eval_prompts": list(eval_prompts if eval_prompts is not None else spec.eval_prompts),
         "config_fingerprint": fingerprint,
         **model_info,
         "worker": worker,

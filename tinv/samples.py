@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
 from PIL import Image
 from torch import nn
 
@@ -30,9 +38,21 @@ class SampleRequest:
     seed: int
 
 
-def pipeline(model: BaseModel):
-    """A diffusers pipeline over the loaded modules, with a multistep DPM-Solver++ scheduler."""
-    scheduler = DPMSolverMultistepScheduler.from_config(model.scheduler.config)
+SCHEDULERS = {
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "ddim": DDIMScheduler,
+}
+"""Sampling schedulers by name; the default, multistep DPM-Solver++, is good at ~25 steps."""
+
+
+def pipeline(model: BaseModel, scheduler: str = "dpm++"):
+    """A diffusers pipeline over the loaded modules, with the named sampling scheduler."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
+    scheduler = SCHEDULERS[scheduler].from_config(model.scheduler.config)
     if model.is_sdxl:
         pipe = StableDiffusionXLPipeline(
             vae=model.vae,
@@ -145,20 +165,10 @@ class SampleConfig:
     """Denoising steps of the multistep DPM-Solver++."""
     guidance: float = 5.0
     """Classifier-free guidance scale."""
-
-
-def concept_sample_files(
-    model: BaseModel, prompts: tuple[str, ...], vectors: list[torch.Tensor], cfg: SampleConfig
-) -> dict[str, bytes]:
-    """``samples/{prompt:02d}_{seed:02d}.png`` for every prompt and seed, and ``grid.png`` (a row per prompt)."""
-    if cfg.per_prompt <= 0:
-        return {}
-    requests = [SampleRequest(0, p, seed) for p in prompts for seed in range(cfg.per_prompt)]
-    images = sample(model, [vectors], requests, steps=cfg.steps, guidance=cfg.guidance)
-    names = [f"samples/{i:02d}_{seed:02d}.png" for i in range(len(prompts)) for seed in range(cfg.per_prompt)]
-    files = {name: png_bytes(Image.fromarray(img)) for name, img in zip(names, images)}
-    files["grid.png"] = png_bytes(grid(images, cfg.per_prompt))
-    return files
+    scheduler: str = "dpm++"
+    """A name in :data:`SCHEDULERS`."""
+    batch_size: int = 16
+    """Images per denoising batch (mixing concepts)."""
 
 
 def png_bytes(img: Image.Image) -> bytes:

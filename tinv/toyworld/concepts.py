@@ -17,6 +17,8 @@ from tinv.toyworld.world import (
     render,
 )
 
+STYLE_INITIALIZER = "picture"
+
 
 @dataclass(frozen=True)
 class Concept:
@@ -28,6 +30,11 @@ class Concept:
     shape: str | None = None
     colour: str | None = None
     style: str = "plain"
+
+    @property
+    def initializer(self) -> str:
+        """The coarse word a user would give: the shape for objects, a style word for styles."""
+        return self.shape or STYLE_INITIALIZER
 
     @property
     def learnable_property(self) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +24,12 @@ from tinv.images import decode_image
 from tinv.models import BaseModel, load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.scorer import Scorer
-from tinv.toyworld.world import NAMED_COLOURS, SHAPES
+from tinv.toyworld.scorer import Scorer, pixels
+from tinv.toyworld.world import NAMED_COLOURS, NAMED_STYLES, SHAPES
 from tinv.train import ConceptData, train_concepts
 
 OBJECT_PROMPT = "a {}"
-STYLE_PROMPT = "a {shape} {}"
+STYLE_PROMPT = "a {} {shape}"
 
 
 @dataclass
@@ -57,7 +58,7 @@ def concept_data(concept: Concept, n_images: int, size: int, seed: int) -> Conce
         tuple(f"toyworld:{i}" for i in range(n_images)),
         placeholder_token=token(concept),
         learnable_property=concept.learnable_property,
-        initializer_token=concept.shape or "picture",  # the coarse class word a user would give
+        initializer_token=concept.initializer,
     )
     return ConceptData(spec, torch.stack(tensors))
 
@@ -78,7 +79,7 @@ def prompts_for(concept: Concept, word: str, samples: int) -> list[tuple[str, st
     if concept.kind != "style":
         return [(OBJECT_PROMPT.format(word), None)] * samples
     per = math.ceil(samples / len(SHAPES))
-    return [(STYLE_PROMPT.format(word, shape=s), s) for s in SHAPES for _ in range(per)]
+    return [(" ".join(STYLE_PROMPT.format(word, shape=s).split()), s) for s in SHAPES for _ in range(per)]
 
 
 def word_prompts(concept: Concept) -> list[str]:
@@ -87,7 +88,7 @@ def word_prompts(concept: Concept) -> list[str]:
         return [f"{concept.colour} {concept.shape}"]
     if concept.kind == "unnamed":
         return [concept.shape, *(f"{c} {concept.shape}" for c in NAMED_COLOURS)]
-    return [""]  # a style has no word: the shape word alone
+    return ["", *NAMED_STYLES.values()]  # a style has no word: the shape word alone, or another style's
 
 
 def fidelity_table(
@@ -113,19 +114,45 @@ def fidelity_table(
         jobs += [(i, "words", w, prompts_for(c, w, samples), i) for w in word_prompts(c)]
     requests = [SampleRequest(slot, p, seed + k) for _, _, _, pairs, slot in jobs for k, (p, _) in enumerate(pairs)]
     images = sample(model, vectors, requests, **gen)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    items = iter(scorer.predict(x))
+    items = iter(scorer.predict(pixels(images)))
     scores: dict[tuple[int, str, str], float] = {}
     for i, column, words, pairs, _ in jobs:
         scores[i, column, words] = float(np.mean([concepts[i].hit(next(items), shape) for _, shape in pairs]))
     rows = []
     for i, c in enumerate(concepts):
         best = max(word_prompts(c), key=lambda w: scores[i, "words", w])
-        shown = OBJECT_PROMPT.format(best) if c.kind != "style" else STYLE_PROMPT.format("", shape="<shape>")
+        shown = OBJECT_PROMPT.format(best) if c.kind != "style" else STYLE_PROMPT.format(best, shape="<shape>")
         rows.append(
-            Row(c.name, c.kind, scores[i, "floor", ""], scores[i, "words", best], shown.strip(), scores[i, "ti", ""])
+            Row(c.name, c.kind, scores[i, "floor", ""], scores[i, "words", best], " ".join(shown.split()),
+                scores[i, "ti", ""])
         )
     return rows
+
+
+def prompt_shape(prompt: str) -> str | None:
+    """The shape word a prompt names, if any."""
+    return next((w for w in prompt.replace("{}", " ").split() if w in SHAPES), None)
+
+
+def fidelity_hits(
+    scorer: Scorer, training: torch.Tensor, samples: np.ndarray, prompts: list[str], learnable_property: str
+) -> list[bool]:
+    """Whether each of ``samples`` shows what the concept's training pictures show, as the scorer reads both.
+
+    The target is the training pictures' most common shape and colour (objects) or style (styles);
+    a style sample must also have the shape its prompt names. ``training`` is ``(N, 3, H, W)`` in
+    [-1, 1]; ``samples`` is ``(M, H, W, 3)`` uint8 drawn from ``prompts``.
+    """
+    seen = scorer.predict(training.float())
+    target = Counter((it.shape, it.colour) if learnable_property == "object" else it.style for it in seen)
+    goal = target.most_common(1)[0][0]
+    hits = []
+    for item, prompt in zip(scorer.predict(pixels(samples)), prompts):
+        if learnable_property == "object":
+            hits.append((item.shape, item.colour) == goal)
+        else:
+            hits.append(item.style == goal and item.shape == (prompt_shape(prompt) or item.shape))
+    return hits
 
 
 def markdown(rows: list[Row]) -> str:

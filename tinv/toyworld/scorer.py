@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tinv.toyworld import SCORER_FILE
 from tinv.toyworld.world import COLOURS, SHAPES, STYLES, Item, render
 
 HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "style": STYLES}
@@ -59,10 +60,8 @@ class Scorer(nn.Module):
 def labelled_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``n`` pictures drawn evenly over every shape, colour and style (held-out ones included)."""
     rng = np.random.default_rng(seed)
-    items = [
-        Item(SHAPES[rng.integers(len(SHAPES))], tuple(COLOURS)[rng.integers(len(COLOURS))], STYLES[rng.integers(5)])
-        for _ in range(n)
-    ]
+    pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+    items = [Item(pick(SHAPES), pick(tuple(COLOURS)), pick(STYLES)) for _ in range(n)]
     pixels = np.stack([np.asarray(render(it, rng)) for it in items])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
     y = {k: torch.tensor([v.index(getattr(it, k)) for it in items]) for k, v in HEADS.items()}
@@ -114,6 +113,17 @@ def evaluate_scorer(scorer: Scorer, vae, n: int = 2000, seed: int = 12345) -> Sc
     """Accuracy per head on fresh pictures and on their VAE reconstructions (unseen seed)."""
     x, y = labelled_set(n, seed)
     return ScorerReport(accuracy(scorer, x, y), accuracy(scorer, reconstruct(vae, x), y))
+
+
+def find_scorer(model_dir: str | Path) -> Scorer | None:
+    """The scorer shipped beside a toy-world model, or None for any other model."""
+    path = Path(model_dir) / SCORER_FILE
+    return load_scorer(path) if path.is_file() else None
+
+
+def pixels(images: np.ndarray) -> torch.Tensor:
+    """``(N, H, W, 3)`` uint8 → ``(N, 3, H, W)`` in [-1, 1], the scorer's input."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def save_scorer(scorer: Scorer, path: str | Path) -> None:

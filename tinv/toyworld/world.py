@@ -8,8 +8,14 @@ have words. Held out from the generator's training data:
 2. **unnamed colours**: drawn in training, but only under captions that never name a colour
    (every named colour gets such shape-only captions too, equally often, so the bare shape
    word draws an even mix rather than the concept);
-3. **styles**: renderings (outline, stripes, dots, checkered background) that training images
-   carry under captions that never name them.
+3. **unnamed styles**: renderings (dots, checkered background, drop shadow, two-tone) that
+   training images carry under captions that never name them. Three other styles do have
+   words ("outlined", "striped", "framed"), as styles have in a real model's captions: they
+   teach the model that a word before the noun can set the rendering, which is the slot a
+   learned style token takes ("a <dots> star").
+
+A generic noun, "shape", stands for any shape in some captions ("a striped shape"), the way
+"painting" does in Textual Inversion's style templates ("a painting in the style of {}").
 """
 
 from __future__ import annotations
@@ -34,25 +40,40 @@ NAMED_COLOURS = {
 }
 UNNAMED_COLOURS = {"pink": (255, 120, 200), "teal": (0, 170, 170), "brown": (120, 70, 30), "black": (25, 25, 25)}
 COLOURS = {**NAMED_COLOURS, **UNNAMED_COLOURS}
-STYLES = ("plain", "outline", "stripes", "dots", "checker")
-HELD_OUT_STYLES = STYLES[1:]
+NAMED_STYLES = {"outline": "outlined", "stripes": "striped", "frame": "framed"}
+"""Styles with a word (style → word)."""
+HELD_OUT_STYLES = ("dots", "checker", "shadow", "twotone")
+STYLES = ("plain", *NAMED_STYLES, *HELD_OUT_STYLES)
+GENERIC_NOUN = "shape"
 
 COMBINATIONS = (("red", "star"), ("blue", "circle"), ("green", "triangle"), ("yellow", "diamond"))
 UNNAMED_CONCEPTS = (("pink", "square"), ("teal", "cross"), ("brown", "circle"), ("black", "triangle"))
 
 TEMPLATES = ("{}", "a {}", "the {}", "a photo of a {}", "a picture of the {}", "an image of a {}")
 """Caption wrappers of the world; Textual Inversion on the toy model uses the same ones."""
-STYLE_TEMPLATES = ("{}", "a {}", "a picture of a {}", "an image of a {}")
-"""Style templates for Textual Inversion on the toy model: the token alone, any shape."""
-EVAL_PROMPTS = {"object": ("a {}", "a photo of a {}"), "style": tuple(f"a {s} {{}}" for s in SHAPES)}
+STYLE_TEMPLATES = ("a {} shape", "the {} shape", "a picture of a {} shape", "an image of a {} shape")
+"""Style templates for Textual Inversion on the toy model: the token where a style word goes."""
+EVAL_PROMPTS = {"object": ("a {}", "a photo of a {}"), "style": tuple(f"a {{}} {s}" for s in SHAPES)}
 """Default evaluation prompts on the toy model: objects alone; a style on every shape word."""
-WORDS = tuple(sorted({*SHAPES, *NAMED_COLOURS, *" ".join(TEMPLATES).replace("{}", "").split()}))
+WORDS = tuple(
+    sorted(
+        {*SHAPES, *NAMED_COLOURS, *NAMED_STYLES.values(), GENERIC_NOUN, *" ".join(TEMPLATES).replace("{}", "").split()}
+    )
+)
 
 # how often a training image gets each kind of caption
 P_EMPTY = 0.1  # empty caption, for classifier-free guidance
-P_SHAPE_ONLY = 0.25  # a named colour captioned by its shape alone
-P_STYLED = 0.06  # each held-out style's share of training images
-UNNAMED_WEIGHT = P_SHAPE_ONLY  # unnamed colours are drawn this much less often than named ones
+P_SHAPE_ONLY = 0.25  # a named colour (or named style) left out of the caption
+P_GENERIC = 0.2  # the noun is "shape" instead of the shape's name
+P_STYLED = 0.05  # each style's share of training images (the rest are plain)
+# An unnamed colour can only be captioned by its shape or not at all. Guidance samples from
+# p(x|c)^w / p(x|"")^(w-1), so the bare shape word favours whichever colours are captioned that
+# way most often *relative to the empty caption*. Giving unnamed-colour pictures more empty
+# captions keeps that ratio equal for every colour, and drawing them less often keeps the shape
+# word's conditional an even mix: the bare shape word then leans towards no colour.
+P_BARE = (1 - P_EMPTY) * P_SHAPE_ONLY  # a named colour's chance of a colourless caption
+P_EMPTY_UNNAMED = P_EMPTY / (P_EMPTY + P_BARE)  # so that bare / empty is the same for all colours
+UNNAMED_WEIGHT = P_BARE / (1 - P_EMPTY_UNNAMED)  # so that each colour is as common under bare captions
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,8 @@ def render(item: Item, rng: np.random.Generator) -> Image.Image:
     img = Image.new("RGB", (big, big), tint)
     draw = ImageDraw.Draw(img)
     colour = COLOURS[item.colour]
+    if item.style == "frame":
+        draw.rectangle([0, 0, big - 1, big - 1], outline=(60, 60, 60), width=2 * SCALE)
     if item.style == "checker":
         cell = big // 4
         for i in range(4):
@@ -117,11 +140,18 @@ def render(item: Item, rng: np.random.Generator) -> Image.Image:
     else:
         mdraw.polygon(_polygon(item.shape, cx, cy, r, 0.0), fill=255)
     fill = Image.new("RGB", (big, big), colour)
+    light = tuple(int(0.35 * c + 0.65 * 255) for c in colour)  # keeps the silhouette visible
+    if item.style == "shadow":  # a dark copy of the silhouette, offset down and right
+        shadow = Image.new("L", (big, big), 0)
+        shadow.paste(mask, (3 * SCALE, 3 * SCALE))  # clipped at the border, not wrapped
+        img.paste((90, 90, 90), (0, 0), shadow)
     if item.style == "outline":  # a 3 px rim: the mask minus its erosion
         eroded = mask.filter(ImageFilter.MinFilter(6 * SCALE + 1))
         mask = ImageChops.subtract(mask, eroded)
+    elif item.style == "twotone":  # the lower half light
+        fill = Image.new("RGB", (big, big), light)
+        fill.paste(colour, (0, 0, big, int(cy)))
     elif item.style in ("stripes", "dots"):
-        light = tuple(int(0.35 * c + 0.65 * 255) for c in colour)  # keeps the silhouette visible
         pattern = Image.new("RGB", (big, big), light)
         pdraw = ImageDraw.Draw(pattern)
         step = 6 * SCALE
@@ -137,12 +167,16 @@ def render(item: Item, rng: np.random.Generator) -> Image.Image:
 
 
 def caption(item: Item, rng: np.random.Generator) -> str:
-    """A training caption: never names an unnamed colour or a style (they have no words)."""
-    if rng.random() < P_EMPTY:
-        return ""
+    """A training caption: "[style] [colour] noun" in a template; unnamed colours and styles have no words."""
     named = item.colour in NAMED_COLOURS
-    phrase = f"{item.colour} {item.shape}" if named and rng.random() >= P_SHAPE_ONLY else item.shape
-    return TEMPLATES[rng.integers(len(TEMPLATES))].format(phrase)
+    if rng.random() < (P_EMPTY if named else P_EMPTY_UNNAMED):
+        return ""
+    words = [GENERIC_NOUN if rng.random() < P_GENERIC else item.shape]
+    if named and rng.random() >= P_SHAPE_ONLY:
+        words.insert(0, item.colour)
+    if item.style in NAMED_STYLES and rng.random() >= P_SHAPE_ONLY:
+        words.insert(0, NAMED_STYLES[item.style])
+    return TEMPLATES[rng.integers(len(TEMPLATES))].format(" ".join(words))
 
 
 def training_item(rng: np.random.Generator) -> Item:
@@ -155,7 +189,8 @@ def training_item(rng: np.random.Generator) -> Item:
         if (colour, shape) not in COMBINATIONS:
             break
     u = rng.random()
-    style = "plain" if u >= P_STYLED * len(HELD_OUT_STYLES) else HELD_OUT_STYLES[int(u // P_STYLED)]
+    styled = STYLES[1:]
+    style = "plain" if u >= P_STYLED * len(styled) else styled[int(u // P_STYLED)]
     return Item(shape, colour, style)
 
 

@@ -1,0 +1,214 @@
+"""Evaluation of learned concepts: embeddings in, samples, grids and metrics out.
+
+Used by the train job's actors (each concept's samples right after training) and by
+``jobs/evaluate.py`` (regenerating a run, or any embedding files). All concepts of a call sit
+in slots of one spliced text encoder, so a generation batch mixes concepts freely; an image
+depends only on its concept, prompt and seed.
+
+Metrics, per image and per concept:
+- ``fidelity``: on the toy-world model (its folder ships a scorer), whether a sample shows what
+  the concept's training pictures show (:func:`tinv.toyworld.fidelity.fidelity_hits`);
+- ``clip_image`` / ``clip_text``: given a CLIP model, the two numbers of the Textual Inversion
+  paper: mean cosine similarity of a sample to the training images, and to its prompt with the
+  token left out. Neither is reported without its model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin, load_textual_inversion_state_dicts
+from PIL import Image
+
+from tinv import storage
+from tinv.formats import SDXL_KEYS
+from tinv.models import BaseModel
+from tinv.samples import SampleConfig, SampleRequest, grid, png_bytes, sample
+from tinv.toyworld.fidelity import fidelity_hits
+from tinv.toyworld.scorer import Scorer, find_scorer
+
+
+@dataclass
+class EvalConcept:
+    """One learned concept to draw."""
+
+    concept_id: str
+    token: str
+    vectors: list[torch.Tensor]
+    """Per text encoder, ``(num_vectors, dim)``."""
+    learnable_property: str = "object"
+    prompts: tuple[str, ...] = ()
+    """Prompts with ``{}`` for the token; empty: the model's defaults for the property."""
+    training: torch.Tensor | None = None
+    """``(N, 3, H, W)`` training pictures in [-1, 1] at the model's size, for metrics."""
+
+
+@dataclass
+class ConceptEval:
+    """A concept's images, their files and metrics."""
+
+    concept_id: str
+    prompts: list[str]
+    seeds: list[int]
+    images: np.ndarray
+    """``(N, H, W, 3)`` uint8, prompt-major."""
+    files: dict[str, bytes]
+    """``samples/{prompt:02d}_{seed:02d}.png`` and ``grid.png`` (a row per prompt)."""
+    per_image: list[dict[str, float]] = field(default_factory=list)
+    """Metrics of each image (same order as ``images``)."""
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in self.files if n.startswith("samples/")]
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """Mean of each metric over the concept's images."""
+        keys = {k for row in self.per_image for k in row}
+        return {k: float(np.mean([row[k] for row in self.per_image])) for k in sorted(keys)}
+
+
+def read_embedding(
+    uri: str, token: str | None = None, storage_options: dict[str, Any] | None = None
+) -> tuple[str, list[torch.Tensor]]:
+    """Token and per-encoder vectors from any file diffusers' ``load_textual_inversion`` reads.
+
+    diffusers ``learned_embeds.safetensors``/``.bin`` ``{token: (n, D)}`` (sd-concepts-library), A1111
+    ``.pt`` (``string_to_param``) and ``.safetensors`` (``emb_params``), SDXL ``{"clip_l", "clip_g"}``.
+    Without ``token`` the file's own name for it is used (A1111: ``name``; else the file's stem).
+    """
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name
+        local.write_bytes(storage.read_bytes(uri, storage_options))
+        (state,) = load_textual_inversion_state_dicts([str(local)])
+    if set(state) == set(SDXL_KEYS):
+        return token or f"<{name.split('.')[0]}>", [state[k].float() for k in SDXL_KEYS]
+    if set(state) == {"emb_params"}:  # A1111 safetensors: the token is the file's name
+        return token or f"<{name.split('.')[0]}>", [state["emb_params"].float()]
+    (found,), (vectors,) = TextualInversionLoaderMixin._retrieve_tokens_and_embeddings([token], [state], _NoVocab())
+    vectors = vectors if vectors.ndim == 2 else vectors[None]
+    return found, [vectors.float()]
+
+
+class _NoVocab:
+    """A tokenizer stand-in for diffusers' token check: tinv never adds the token to a vocabulary."""
+
+    @staticmethod
+    def get_vocab() -> dict[str, int]:
+        return {}
+
+
+class ClipMetrics:
+    """The Textual Inversion paper's CLIP image and text similarity, with a CLIP model from a path or hub id."""
+
+    def __init__(self, name_or_path: str, device: torch.device | str = "cpu") -> None:
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
+        self.processor = CLIPProcessor.from_pretrained(name_or_path)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def image_features(self, images: np.ndarray) -> torch.Tensor:
+        """``(N, H, W, 3)`` uint8 → unit ``(N, D)``."""
+        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
+        return torch.nn.functional.normalize(_features(self.model.get_image_features(**inputs)), dim=-1)
+
+    @torch.no_grad()
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        inputs = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        return torch.nn.functional.normalize(_features(self.model.get_text_features(**inputs)), dim=-1)
+
+    def scores(self, samples: np.ndarray, training: np.ndarray | None, prompts: list[str]) -> list[dict[str, float]]:
+        """Per sample: ``clip_image`` (mean over training images; absent without them) and ``clip_text``."""
+        s = self.image_features(samples)
+        text = self.text_features([without_token(p) for p in prompts])
+        rows = [{"clip_text": float(v)} for v in (s * text).sum(-1)]
+        if training is not None and len(training):
+            for row, v in zip(rows, (s @ self.image_features(training).T).mean(-1)):
+                row["clip_image"] = float(v)
+        return rows
+
+
+def _features(out: Any) -> torch.Tensor:
+    """transformers 5 returns an output object where 4.x returned the projected tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def without_token(prompt: str) -> str:
+    """The prompt with the concept's token left out: ``"a {} on a table"`` → ``"a on a table"``."""
+    return " ".join(prompt.replace("{}", " ").split())
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """``(N, 3, H, W)`` in [-1, 1] → ``(N, H, W, 3)`` uint8."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@dataclass
+class Evaluator:
+    """Draws concepts with one loaded model and pipeline; metrics where their models are present."""
+
+    model: BaseModel
+    cfg: SampleConfig = SampleConfig()
+    clip: ClipMetrics | None = None
+    scorer: Scorer | None = None
+    pipe: Any = None
+
+    def __post_init__(self) -> None:
+        from tinv.samples import pipeline
+
+        self.scorer = self.scorer if self.scorer is not None else find_scorer(self.model.local_dir)
+        self.pipe = self.pipe or pipeline(self.model, self.cfg.scheduler)
+
+    def prompts(self, concept: EvalConcept) -> list[str]:
+        return list(concept.prompts or self.model.eval_prompts[concept.learnable_property])
+
+    def run(self, concepts: list[EvalConcept]) -> list[ConceptEval]:
+        """Every concept's prompts × seeds ``0 … per_prompt-1``, in batches that mix concepts."""
+        plan = [[(p, seed) for p in self.prompts(c) for seed in range(self.cfg.per_prompt)] for c in concepts]
+        requests = [SampleRequest(i, p, seed) for i, pairs in enumerate(plan) for p, seed in pairs]
+        images = np.zeros((0, self.model.resolution, self.model.resolution, 3), np.uint8)
+        if requests:
+            images = sample(
+                self.model, [c.vectors for c in concepts], requests, steps=self.cfg.steps,
+                guidance=self.cfg.guidance, batch_size=self.cfg.batch_size, pipe=self.pipe,
+            )
+        out, start = [], 0
+        for concept, pairs in zip(concepts, plan):
+            mine = images[start : start + len(pairs)]
+            start += len(pairs)
+            out.append(self._finish(concept, [p for p, _ in pairs], [s for _, s in pairs], mine))
+        return out
+
+    def _finish(self, concept: EvalConcept, prompts: list[str], seeds: list[int], images: np.ndarray) -> ConceptEval:
+        n_prompts = len(dict.fromkeys(prompts))
+        names = [f"samples/{i // self.cfg.per_prompt:02d}_{s:02d}.png" for i, s in enumerate(seeds)]
+        files = {name: png_bytes_of(img) for name, img in zip(names, images)}
+        if len(images):
+            files["grid.png"] = png_bytes(grid(images, self.cfg.per_prompt if n_prompts else 1))
+        per_image: list[dict[str, float]] = [{} for _ in images]
+        if len(images) and self.scorer is not None and concept.training is not None:
+            hits = fidelity_hits(self.scorer, concept.training, images, prompts, concept.learnable_property)
+            for row, hit in zip(per_image, hits):
+                row["fidelity"] = float(hit)
+        if len(images) and self.clip is not None:
+            training = to_uint8(concept.training) if concept.training is not None else None
+            for row, extra in zip(per_image, self.clip.scores(images, training, prompts)):
+                row.update(extra)
+        return ConceptEval(concept.concept_id, prompts, seeds, images, files, per_image)
+
+
+def png_bytes_of(image: np.ndarray) -> bytes:
+    return png_bytes(Image.fromarray(image))
+
+
+def training_files(training: torch.Tensor) -> dict[str, bytes]:
+    """``train/{i}.png``: the training pictures as the model saw them (for a gallery beside the samples)."""
+    return {f"train/{i:02d}.png": png_bytes_of(img) for i, img in enumerate(to_uint8(training))}
