@@ -48,6 +48,21 @@ class WorkerSetup:
     """:class:`tinv.samples.SampleConfig` fields for each concept's evaluation samples."""
 
 
+def load_model(setup: WorkerSetup | EvalSetup) -> BaseModel:
+    """The actor's base model (the embedded toy model when none is named), with the setup's threads."""
+    torch.set_num_threads(max(1, setup.threads))
+    return load_base_model(
+        setup.model or str(default_model()), precision=setup.precision, attention=setup.attention,
+        storage_options=setup.storage_options,
+    )
+
+
+def worker_info(model: BaseModel, resolution: int, name: str) -> dict[str, Any]:
+    """Identity of a loaded model and of the worker holding it (what ``info()`` returns)."""
+    return {**model.info, "resolution": resolution, "dtype": str(model.dtype), "device": str(model.device),
+            "worker": name, "pid": os.getpid()}
+
+
 def spec_from_dict(d: dict[str, Any]) -> ConceptSpec:
     return ConceptSpec(**{**d, "images": tuple(d["images"]), "eval_prompts": tuple(d["eval_prompts"])})
 
@@ -56,12 +71,8 @@ class TrainerWorker:
     """Ray actor body (wrapped with ``ray.remote`` by the driver)."""
 
     def __init__(self, setup: WorkerSetup) -> None:
-        torch.set_num_threads(max(1, setup.threads))
         self.setup, self.cfg = setup, TrainConfig(**setup.train)
-        uri = setup.model or str(default_model())
-        self.model = load_base_model(
-            uri, precision=setup.precision, attention=setup.attention, storage_options=setup.storage_options
-        )
+        self.model = load_model(setup)
         self.resolution = PackedTrainer(self.model, self.cfg).resolution
         self.evaluator = Evaluator(self.model, SampleConfig(**(setup.samples or {})))  # samples + metrics
         self.images: dict[str, torch.Tensor] = {}  # training pictures of concepts in flight (for metrics)
@@ -72,14 +83,7 @@ class TrainerWorker:
 
     def info(self) -> dict[str, Any]:
         """Identity of the loaded model and of this worker."""
-        return {
-            **self.model.info,
-            "resolution": self.resolution,
-            "dtype": str(self.model.dtype),
-            "device": str(self.model.device),
-            "worker": self.name,
-            "pid": os.getpid(),
-        }
+        return worker_info(self.model, self.resolution, self.name)
 
     def train(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Train concepts ``{"spec", "fingerprint", "attempt"}``; one result dict per item, same order."""
@@ -184,19 +188,14 @@ class EvalWorker:
     """Ray actor body for ``jobs/evaluate.py``: one model and pipeline, concepts drawn in mixed batches."""
 
     def __init__(self, setup: EvalSetup) -> None:
-        torch.set_num_threads(max(1, setup.threads))
         self.setup = setup
-        uri = setup.model or str(default_model())
-        self.model = load_base_model(
-            uri, precision=setup.precision, attention=setup.attention, storage_options=setup.storage_options
-        )
+        self.model = load_model(setup)
         clip = ClipMetrics(setup.clip_model, self.model.device) if setup.clip_model else None
         self.evaluator = Evaluator(self.model, SampleConfig(**setup.samples), clip=clip)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict[str, Any]:
-        return {**self.model.info, "resolution": self.model.resolution, "dtype": str(self.model.dtype),
-                "device": str(self.model.device), "worker": self.name, "pid": os.getpid()}
+        return worker_info(self.model, self.model.resolution, self.name)
 
     def evaluate(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Draw and score concepts ``{"spec": EvalSpec fields, "attempt"}``; write their files.

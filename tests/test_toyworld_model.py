@@ -13,7 +13,7 @@ from tinv.samples import SampleRequest, sample
 from tinv.toyworld import MODEL_DIR, SCORER_FILE
 from tinv.toyworld.concepts import CONCEPTS
 from tinv.toyworld.fidelity import fidelity_table
-from tinv.toyworld.scorer import evaluate_scorer, load_scorer
+from tinv.toyworld.scorer import evaluate_scorer, load_scorer, pixels
 from tinv.toyworld.world import TEMPLATES
 
 
@@ -33,7 +33,7 @@ def test_the_packaged_model_loads_and_generates_offline_at_its_size(scorer):
     assert sizes < 20 * 2**20
     # it really draws the words: most "a blue square" samples are blue squares
     images = sample(model, [[torch.zeros(1, 64)]], [SampleRequest(0, "a blue square", s) for s in range(16)], steps=20)
-    items = scorer.predict(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    items = scorer.predict(pixels(images))
     assert np.mean([(it.colour, it.shape) == ("blue", "square") for it in items]) >= 0.75
 
 

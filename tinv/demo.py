@@ -13,8 +13,8 @@ from tinv.manifest import write_manifest
 from tinv.samples import png_bytes
 from tinv.toyworld import MODEL_DIR
 from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.fidelity import OBJECT_PROMPT, STYLE_PROMPT, token
-from tinv.toyworld.world import SHAPES
+from tinv.toyworld.fidelity import token
+from tinv.toyworld.world import EVAL_PROMPTS, OBJECT_PROMPT
 
 DEMO_MANIFEST = "manifests/demo.parquet"
 DEMO_STEPS = 150
@@ -28,9 +28,7 @@ def default_model() -> Path:
 
 def eval_prompts(concept: Concept) -> list[str]:
     """Objects alone; styles applied to every shape word."""
-    if concept.kind == "style":
-        return [STYLE_PROMPT.format("{}", shape=s) for s in SHAPES]
-    return [OBJECT_PROMPT]
+    return list(EVAL_PROMPTS["style"]) if concept.kind == "style" else [OBJECT_PROMPT]
 
 
 def demo_rows(folder: str | Path, n_images: int = DEMO_IMAGES, seed: int = 0) -> list[dict]:

@@ -28,7 +28,7 @@ from PIL import Image
 from tinv import storage
 from tinv.formats import SDXL_KEYS
 from tinv.models import BaseModel
-from tinv.samples import SampleConfig, SampleRequest, grid, png_bytes, sample
+from tinv.samples import SampleConfig, SampleRequest, grid, pipeline, png_bytes, sample
 from tinv.toyworld.fidelity import fidelity_hits
 from tinv.toyworld.scorer import Scorer, find_scorer
 
@@ -162,8 +162,6 @@ class Evaluator:
     pipe: Any = None
 
     def __post_init__(self) -> None:
-        from tinv.samples import pipeline
-
         self.scorer = self.scorer if self.scorer is not None else find_scorer(self.model.local_dir)
         self.pipe = self.pipe or pipeline(self.model, self.cfg.scheduler)
 
@@ -188,11 +186,10 @@ class Evaluator:
         return out
 
     def _finish(self, concept: EvalConcept, prompts: list[str], seeds: list[int], images: np.ndarray) -> ConceptEval:
-        n_prompts = len(dict.fromkeys(prompts))
         names = [f"samples/{i // self.cfg.per_prompt:02d}_{s:02d}.png" for i, s in enumerate(seeds)]
         files = {name: png_bytes_of(img) for name, img in zip(names, images)}
         if len(images):
-            files["grid.png"] = png_bytes(grid(images, self.cfg.per_prompt if n_prompts else 1))
+            files["grid.png"] = png_bytes(grid(images, self.cfg.per_prompt))
         per_image: list[dict[str, float]] = [{} for _ in images]
         if len(images) and self.scorer is not None and concept.training is not None:
             hits = fidelity_hits(self.scorer, concept.training, images, prompts, concept.learnable_property)

@@ -25,11 +25,8 @@ from tinv.models import BaseModel, load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.toyworld.concepts import CONCEPTS, Concept
 from tinv.toyworld.scorer import Scorer, pixels
-from tinv.toyworld.world import NAMED_COLOURS, NAMED_STYLES, SHAPES
+from tinv.toyworld.world import NAMED_COLOURS, NAMED_STYLES, OBJECT_PROMPT, SHAPES, STYLE_PROMPT
 from tinv.train import ConceptData, train_concepts
-
-OBJECT_PROMPT = "a {}"
-STYLE_PROMPT = "a {} {shape}"
 
 
 @dataclass

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from tinv.models import TEMPLATES_FILE
 from tinv.toyworld import nets
+from tinv.toyworld.scorer import pixels
 from tinv.toyworld.world import EVAL_PROMPTS, STYLE_TEMPLATES, TEMPLATES, training_set
 
 
@@ -128,9 +129,9 @@ def train_model(out: str | Path, cfg: FitConfig = FitConfig(), progress: Callabl
     """Generate the data, train everything, save a diffusers folder at ``out``."""
     torch.set_num_threads(cfg.threads)
     images, captions, _ = training_set(cfg.images, cfg.seed)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, 32, 32)
-    vae = train_vae(pixels, cfg, progress)
-    means, stds = encode_all(vae, pixels)
+    x = pixels(images)  # (N, 3, 32, 32)
+    vae = train_vae(x, cfg, progress)
+    means, stds = encode_all(vae, x)
     scale = float(1.0 / means.std())
     vae.register_to_config(scaling_factor=scale)
     tok = nets.tokenizer()

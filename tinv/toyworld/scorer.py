@@ -60,10 +60,12 @@ class Scorer(nn.Module):
 def labelled_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``n`` pictures drawn evenly over every shape, colour and style (held-out ones included)."""
     rng = np.random.default_rng(seed)
-    pick = lambda options: options[rng.integers(len(options))]  # noqa: E731
+
+    def pick(options: tuple[str, ...]) -> str:
+        return options[rng.integers(len(options))]
+
     items = [Item(pick(SHAPES), pick(tuple(COLOURS)), pick(STYLES)) for _ in range(n)]
-    pixels = np.stack([np.asarray(render(it, rng)) for it in items])
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = pixels(np.stack([np.asarray(render(it, rng)) for it in items]))
     y = {k: torch.tensor([v.index(getattr(it, k)) for it in items]) for k, v in HEADS.items()}
     return x, y
 

@@ -53,7 +53,13 @@ TEMPLATES = ("{}", "a {}", "the {}", "a photo of a {}", "a picture of the {}", "
 """Caption wrappers of the world; Textual Inversion on the toy model uses the same ones."""
 STYLE_TEMPLATES = ("a {} shape", "the {} shape", "a picture of a {} shape", "an image of a {} shape")
 """Style templates for Textual Inversion on the toy model: the token where a style word goes."""
-EVAL_PROMPTS = {"object": ("a {}", "a photo of a {}"), "style": tuple(f"a {{}} {s}" for s in SHAPES)}
+OBJECT_PROMPT = "a {}"
+STYLE_PROMPT = "a {} {shape}"
+"""A style token where a style word goes, before the shape it is applied to."""
+EVAL_PROMPTS = {
+    "object": (OBJECT_PROMPT, "a photo of a {}"),
+    "style": tuple(STYLE_PROMPT.format("{}", shape=s) for s in SHAPES),
+}
 """Default evaluation prompts on the toy model: objects alone; a style on every shape word."""
 WORDS = tuple(
     sorted(
