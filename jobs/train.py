@@ -47,13 +47,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manifest", default=None, help=f"Parquet manifest URI (default: the demo, {DEMO_MANIFEST})")
     p.add_argument("--output", default="out/demo", help="output folder URI (default: ./out/demo)")
     p.add_argument("--model", default=None, help="base model: hub id, folder or fsspec URI (default: embedded)")
-    p.add_argument("--steps", type=int, default=500, help="default steps per concept (manifest may override)")
-    p.add_argument("--learning-rate", type=float, default=5e-3)
-    p.add_argument("--batch-size", type=int, default=4, help="samples per concept per step")
-    p.add_argument("--concepts-per-actor", type=int, default=4, help="K: concepts each actor trains at once")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps,
+                   help="default steps per concept (manifest may override)")
+    p.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="samples per concept per step")
+    p.add_argument("--concepts-per-actor", type=int, default=TrainConfig.concepts_per_batch,
+                   help="K: concepts each actor trains at once")
     p.add_argument("--max-vectors", type=int, default=8, help="largest num_vectors a concept may ask for")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=None, help="training size in px (default: the model's)")
+    p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=TrainConfig.early_stop,
+                   help="stop a concept once its fixed-batch loss flattens (DVAR; --dvar-* tune it)")
+    p.add_argument("--dvar-window", type=int, default=TrainConfig.dvar_window, help="DVAR window in steps")
+    p.add_argument("--dvar-threshold", type=float, default=TrainConfig.dvar_threshold)
     p.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cpu"],
                    help="auto: GPU actors if the cluster has GPUs now, else CPU actors; say gpu on an "
                         "autoscaling cluster that starts without GPU nodes (with --num-actors)")
@@ -81,7 +87,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
         concepts_per_batch=args.concepts_per_actor, max_vectors=args.max_vectors, seed=args.seed,
-        resolution=args.resolution,
+        resolution=args.resolution, early_stop=args.early_stop, dvar_window=args.dvar_window,
+        dvar_threshold=args.dvar_threshold,
     )
 
 

@@ -85,6 +85,11 @@ def test_fingerprint_changes_with_what_changes_the_result():
     assert fp != config_fingerprint(spec, TrainConfig(steps=9), model)
     assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), seed=3), TrainConfig(), model)
     assert fp != config_fingerprint(spec, TrainConfig(), {**model, "base_model_fingerprint": "m2"})
+    # early stopping changes where a concept ends; its settings count only while it is on
+    assert fp != config_fingerprint(spec, TrainConfig(dvar_threshold=0.1), model)
+    off = config_fingerprint(spec, TrainConfig(early_stop=False), model)
+    assert off != fp
+    assert off == config_fingerprint(spec, TrainConfig(early_stop=False, dvar_window=50), model)
     # images under the manifest's folder count as written there: a moved manifest folder keeps its results
     moved = [config_fingerprint(ConceptSpec("c", (f"{d}/img/a.png",)), TrainConfig(), model, manifest_dir=d)
              for d in ("/tmp/ray/pkg_1", "s3://b/in")]

@@ -148,3 +148,32 @@ def test_sdxl_pools_at_the_real_end_of_text_token_even_with_a_legacy_config(tiny
     expected = encoder.text_projection(final[0, eos])
     torch.testing.assert_close(added["text_embeds"][0], expected)
     assert not torch.allclose(hijacked[0], expected)
+
+
+def test_early_stopping_emits_a_concept_once_its_fixed_batch_loss_flattens(tiny_models, images):
+    model = load_base_model(str(tiny_models["sd1"]))
+    dvar = dict(steps=400, batch_size=2, learning_rate=5e-2, dvar_window=20, dvar_every=2, dvar_samples=4)
+    early = next(train_concepts(model, [ConceptData(spec("a"), images)], TrainConfig(early_stop=True, **dvar)))
+    assert early.error is None
+    # it trained at least two windows of history, and stopped well before the schedule's end
+    assert 40 <= len(early.losses) < 400, len(early.losses)
+    longer = TrainConfig(**{**dvar, "steps": len(early.losses) + 5}, early_stop=False)
+    fixed = next(train_concepts(model, [ConceptData(spec("a"), images)], longer))
+    assert len(fixed.losses) == len(early.losses) + 5  # without it, the schedule runs to the end
+    # the fixed-batch check draws from its own generator: the training stream is the same either way
+    assert fixed.losses[: len(early.losses)] == pytest.approx(early.losses, rel=1e-5)
+
+
+def test_early_stopping_settings_are_checked():
+    with pytest.raises(ValueError, match="dvar_window >= 2 \\* dvar_every"):
+        TrainConfig(early_stop=True, dvar_window=4, dvar_every=5)
+
+
+def test_early_stopping_costs_nothing_on_a_schedule_too_short_to_use_it(tiny_models, images):
+    model = load_base_model(str(tiny_models["sd1"]))
+    trainer = PackedTrainer(model, TrainConfig(steps=40, concepts_per_batch=1, dvar_window=20, dvar_every=2))
+    trainer.admit(0, ConceptData(spec("a"), images))
+    for _ in range(40):
+        trainer.slots[0].losses.append(trainer.step()[0])
+        assert not trainer.flattened(0)
+    assert trainer.slots[0].fixed == []  # no fixed-batch pass was spent

@@ -108,6 +108,19 @@ class TrainConfig:
     """Training resolution in pixels; ``None`` takes the UNet's native size."""
     loss_scale: float = 1024.0
     """Static loss scale used only when the frozen model runs in fp16 (per-slot overflow skip)."""
+    early_stop: bool = True
+    """Stop a concept before ``steps`` once its loss on a fixed batch flattens (DVAR, Voronov et al. 2023).
+
+    On by default because on the toy world it kept mean fidelity within 0.003 of the fixed
+    500-step schedule with 31% fewer samples (``python -m jobs.benchmark``, section schedule)."""
+    dvar_window: int = 100
+    """DVAR: stop when the variance of the last ``dvar_window`` steps' fixed-batch losses ..."""
+    dvar_threshold: float = 0.15
+    """... is below this fraction of the variance of all of them."""
+    dvar_every: int = 5
+    """DVAR: steps between fixed-batch evaluations."""
+    dvar_samples: int = 8
+    """DVAR: size of the fixed batch (images, flips, templates, noise and timesteps drawn once)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -118,6 +131,10 @@ class TrainConfig:
             "max_vectors >= 1": self.max_vectors >= 1,
             "0 <= flip_p <= 1": 0 <= self.flip_p <= 1,
             "resolution is None or a multiple of 8": self.resolution is None or self.resolution % 8 == 0,
+            "dvar_every >= 1": self.dvar_every >= 1,
+            "dvar_window >= 2 * dvar_every": self.dvar_window >= 2 * self.dvar_every,
+            "0 < dvar_threshold < 1": 0 < self.dvar_threshold < 1,
+            "dvar_samples >= 1": self.dvar_samples >= 1,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:

@@ -24,6 +24,7 @@ TRAIN_FIELDS = ("batch_size", "weight_decay", "adam_betas", "adam_eps")
 
 K (``concepts_per_batch``) and ``max_vectors`` do not: a packed concept equals a solo one.
 """
+DVAR_FIELDS = ("early_stop", "dvar_window", "dvar_threshold", "dvar_every", "dvar_samples")
 
 
 def concept_dir(output: str, concept_id: str) -> str:
@@ -61,6 +62,8 @@ def config_fingerprint(
     train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
     if model.get("dtype") == "torch.float16":
         train_part["loss_scale"] = cfg.loss_scale
+    if cfg.early_stop:  # only then: fingerprints of runs without early stopping stay as they were
+        train_part |= {k: getattr(cfg, k) for k in DVAR_FIELDS}
     model_part = {k: model[k] for k in ("base_model_fingerprint", "resolution", "dtype")}
     blob = json.dumps({"spec": spec_part, "train": train_part, "model": model_part}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -71,6 +71,8 @@ class _Slot:
     prompt_ids: list[torch.Tensor]
     """Per text encoder, ``(n_templates, T)`` token ids of every template."""
     losses: list[float] = field(default_factory=list)
+    fixed: list[float] = field(default_factory=list)
+    """Fixed-batch losses every ``dvar_every`` steps (early stopping only)."""
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -214,6 +216,24 @@ class PackedTrainer:
         with spliced(self.model, self.vectors, self.token_ids):
             return self._losses([draw]).item()
 
+    def flattened(self, s: int) -> bool:
+        """DVAR: after this step, has slot ``s``'s fixed-batch loss stopped moving?
+
+        Every ``dvar_every`` steps the loss on a fixed batch is recorded; the concept is done when
+        the variance of the last ``dvar_window`` steps' values falls below ``dvar_threshold`` of
+        the variance of all values so far (Voronov et al. 2023, arXiv 2302.04841), never before
+        two windows of history.
+        """
+        cfg, slot = self.cfg, self.slots[s]
+        if slot.steps <= 2 * cfg.dvar_window or len(slot.losses) % cfg.dvar_every:
+            return False  # too short a schedule to stop early (e.g. the demo's 150 steps): no cost
+        slot.fixed.append(self.fixed_loss(s, n=cfg.dvar_samples))
+        recent = cfg.dvar_window // cfg.dvar_every
+        if len(slot.fixed) < 2 * recent:
+            return False
+        history = torch.tensor(slot.fixed)
+        return bool(history[-recent:].var() < cfg.dvar_threshold * history.var())
+
     def emit(self, s: int) -> TrainedConcept:
         """Take the finished concept out of slot ``s``."""
         slot = self.slots[s]
@@ -229,6 +249,9 @@ def train_concepts(
     callback: Callable[[StepInfo], None] | None = None,
 ) -> Iterator[TrainedConcept]:
     """Train every concept, K at a time, yielding each as it finishes (or fails).
+
+    A concept finishes after its steps, or earlier when ``cfg.early_stop`` and DVAR says its
+    loss has flattened (:meth:`PackedTrainer.flattened`).
 
     ``concepts`` is pulled lazily, only when a slot frees up. An item that is already a
     :class:`TrainedConcept` (a concept whose data failed upstream) is passed through. A
@@ -260,5 +283,6 @@ def train_concepts(
         if callback:
             callback(StepInfo(trainer.step_count, {trainer.slots[s].spec.concept_id: v for s, v in losses.items()}))
         for s in active:
-            if len(trainer.slots[s].losses) >= trainer.slots[s].steps:
+            slot = trainer.slots[s]
+            if len(slot.losses) >= slot.steps or (cfg.early_stop and trainer.flattened(s)):
                 yield trainer.emit(s)
