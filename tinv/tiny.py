@@ -32,8 +32,12 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 BASE_WORDS = ("object", "style", "toy", "cat", "dog", "painting", "red", "blue", "cube", "ball")
 
 
-def clip_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over bytes plus merges that make each of ``words`` one token."""
+def clip_tokenizer(words: Iterable[str], size: int | None = None) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer over bytes plus merges that make each of ``words`` one token.
+
+    ``size`` pads the vocabulary with unused pieces to that many tokens (e.g. CLIP's 49,408, so
+    a text encoder of the real shape has exactly one embedding row per token).
+    """
     symbols = list(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
     for piece in symbols + [s + "</w>" for s in symbols]:
@@ -49,6 +53,8 @@ def clip_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
                 merges.append((left, right))
                 vocab[merged] = len(vocab)
             left = merged
+    for i in range(len(vocab), (size or 0) - 2):
+        vocab[f"<unused{i}>"] = i
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

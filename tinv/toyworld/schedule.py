@@ -1,0 +1,113 @@
+"""Fidelity against image-samples seen, on the toy world's held-out concepts.
+
+Every concept of a schedule trains in one packed trainer; its vectors are copied at each
+checkpoint (and, with DVAR watching, at the step where early stopping would have emitted it),
+then every copy is drawn and scored in one batched run with fixed seeds. A concept's target is
+0.9 of the words' score where words reach it (combinations), 0.9 where none does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from tinv.config import TrainConfig
+from tinv.models import BaseModel
+from tinv.samples import SampleRequest, sample
+from tinv.toyworld.concepts import CONCEPTS, Concept
+from tinv.toyworld.fidelity import concept_data, prompts_for
+from tinv.toyworld.scorer import Scorer, pixels
+from tinv.train import PackedTrainer
+
+
+@dataclass
+class Curve:
+    """One concept under one schedule."""
+
+    concept: str
+    kind: str
+    schedule: str
+    target: float
+    steps: list[int] = field(default_factory=list)
+    fidelity: list[float] = field(default_factory=list)
+    stopped_at: int | None = None
+    """DVAR's stop step (None: it never fired within the schedule)."""
+    fidelity_at_stop: float | None = None
+    samples_per_step: int = 4
+
+    @property
+    def samples_to_target(self) -> int | None:
+        """Image-samples seen at the first checkpoint at or over the target (None: never)."""
+        hit = next((s for s, f in zip(self.steps, self.fidelity) if f >= self.target), None)
+        return None if hit is None else hit * self.samples_per_step
+
+
+def snapshots(
+    model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig, checkpoints: list[int], dvar: bool,
+    n_images: int = 6, seed: int = 0,
+) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, tuple[int, torch.Tensor]]]:
+    """Vectors ``(concept, step) → (n, D)`` at each checkpoint, and ``concept → (stop step, vectors)`` for DVAR."""
+    cfg = replace(cfg, concepts_per_batch=len(concepts), early_stop=dvar)
+    trainer = PackedTrainer(model, cfg)
+    for i, c in enumerate(concepts):
+        trainer.admit(i, concept_data(c, n_images, model.resolution, seed + i))
+    copies, stops = {}, {}
+    for step in range(1, max(checkpoints) + 1):
+        for s, loss in trainer.step().items():
+            trainer.slots[s].losses.append(loss)
+        for s in range(len(concepts)):
+            vec = trainer.vectors[s][0][: trainer.slots[s].spec.num_vectors]
+            if step in checkpoints:
+                copies[s, step] = vec.detach().clone()
+            if dvar and s not in stops and trainer.flattened(s):
+                stops[s] = (step, vec.detach().clone())
+    return copies, stops
+
+
+def score(
+    model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
+    samples: int, seed: int = 0, **gen,
+) -> list[float]:
+    """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run."""
+    slots, requests, judged = [], [], []
+    for i, v in vectors:
+        word = "{}" if isinstance(v, torch.Tensor) else v
+        if isinstance(v, torch.Tensor):
+            slots.append([v])
+        pairs = prompts_for(concepts[i], word, samples)
+        slot = len(slots) - 1 if isinstance(v, torch.Tensor) else 0
+        requests += [SampleRequest(slot, p, seed + k) for k, (p, _) in enumerate(pairs)]
+        judged.append((i, [shape for _, shape in pairs]))
+    if not slots:  # words only: sample() still wants one slot to splice
+        slots.append([torch.zeros(1, model.embedding_dims[0])])
+    images = sample(model, slots, requests, **gen)
+    items = iter(scorer.predict(pixels(images)))
+    return [float(np.mean([concepts[i].hit(next(items), shape) for shape in shapes])) for i, shapes in judged]
+
+
+def schedule_curves(
+    model: BaseModel, scorer: Scorer, schedules: dict[str, tuple[TrainConfig, list[int], bool]],
+    concepts: tuple[Concept, ...] = CONCEPTS, samples: int = 32, seed: int = 0, **gen,
+) -> list[Curve]:
+    """Fidelity at each checkpoint of each schedule ``name → (config, checkpoints, watch with DVAR)``."""
+    words = [(i, f"{c.colour} {c.shape}") for i, c in enumerate(concepts) if c.kind == "combination"]
+    targets = [0.9] * len(concepts)
+    for (i, _), s in zip(words, score(model, scorer, concepts, words, samples, seed, **gen)):
+        targets[i] = 0.9 * s
+    curves = []
+    for name, (cfg, checkpoints, dvar) in schedules.items():
+        copies, stops = snapshots(model, concepts, cfg, checkpoints, dvar, seed=seed)
+        keys = sorted(copies) + [(i, "stop") for i in sorted(stops)]
+        todo = [(i, copies[i, s] if s != "stop" else stops[i][1]) for i, s in keys]
+        found = dict(zip(keys, score(model, scorer, concepts, todo, samples, seed, **gen)))
+        for i, c in enumerate(concepts):
+            curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=cfg.batch_size)
+            curve.steps = sorted(s for j, s in copies if j == i)
+            curve.fidelity = [found[i, s] for s in curve.steps]
+            if i in stops:
+                curve.stopped_at, curve.fidelity_at_stop = stops[i][0], found[i, "stop"]
+            curves.append(curve)
+    return curves
+
