@@ -593,8 +593,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="training resolution of the SD 1.5-shaped model (512 too)")
     p.add_argument("--reps", type=int, default=3, help="timed steps per variant (interleaved)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="SD 1.5 variants to time, comma-separated")
-    p.add_argument("--sections", default="matmul,train,toy,generate,schedule,driver,projection")
-    p.add_argument("--driver-concepts", default="1000,10000")
+    p.add_argument("--sections", default="toy,generate,train,schedule,driver,projection",
+                   help="comma-separated; matmul is always measured")
+    p.add_argument("--driver-concepts", default="1000,10000", help="concept counts for the driver section")
     p.add_argument("--tinv-steps", type=int, default=TrainConfig().steps, help="tinv's steps per concept")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
