@@ -88,6 +88,27 @@ def word_prompts(concept: Concept) -> list[str]:
     return ["", *NAMED_STYLES.values()]  # a style has no word: the shape word alone, or another style's
 
 
+def score(
+    model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
+    samples: int, seed: int = 0, **gen,
+) -> list[float]:
+    """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run."""
+    slots, requests, judged = [], [], []
+    for i, v in vectors:
+        word = "{}" if isinstance(v, torch.Tensor) else v
+        if isinstance(v, torch.Tensor):
+            slots.append([v])
+        pairs = prompts_for(concepts[i], word, samples)
+        slot = len(slots) - 1 if isinstance(v, torch.Tensor) else 0
+        requests += [SampleRequest(slot, p, seed + k) for k, (p, _) in enumerate(pairs)]
+        judged.append((i, [shape for _, shape in pairs]))
+    if not slots:  # words only: sample() still wants one slot to splice
+        slots.append([torch.zeros(1, model.embedding_dims[0])])
+    images = sample(model, slots, requests, **gen)
+    items = iter(scorer.predict(pixels(images)))
+    return [float(np.mean([concepts[i].hit(next(items), shape) for shape in shapes])) for i, shapes in judged]
+
+
 def fidelity_table(
     model_dir: str,
     scorer: Scorer,
@@ -102,19 +123,13 @@ def fidelity_table(
     learned = learn(model, concepts, cfg, seed=seed)
     table = model.text_encoders[0].get_input_embeddings().weight.detach().float()
     noise = torch.randn(1, table.shape[1], generator=torch.Generator().manual_seed(seed))
-    vectors = [[learned[c.name]] for c in concepts] + [[noise * table.std() + table.mean(0)]]
-    floor = len(concepts)  # the random token's slot
-    jobs: list[tuple[int, str, str, list[tuple[str, str | None]], int]] = []  # (concept, column, words, pairs, slot)
+    floor = noise * table.std() + table.mean(0)  # a random new token
+    columns: list[tuple[int, str, str]] = []  # (concept, column, words)
+    todo: list[tuple[int, torch.Tensor | str]] = []
     for i, c in enumerate(concepts):
-        jobs.append((i, "ti", "", prompts_for(c, "{}", samples), i))
-        jobs.append((i, "floor", "", prompts_for(c, "{}", samples), floor))
-        jobs += [(i, "words", w, prompts_for(c, w, samples), i) for w in word_prompts(c)]
-    requests = [SampleRequest(slot, p, seed + k) for _, _, _, pairs, slot in jobs for k, (p, _) in enumerate(pairs)]
-    images = sample(model, vectors, requests, **gen)
-    items = iter(scorer.predict(pixels(images)))
-    scores: dict[tuple[int, str, str], float] = {}
-    for i, column, words, pairs, _ in jobs:
-        scores[i, column, words] = float(np.mean([concepts[i].hit(next(items), shape) for _, shape in pairs]))
+        columns += [(i, "ti", ""), (i, "floor", ""), *((i, "words", w) for w in word_prompts(c))]
+        todo += [(i, learned[c.name]), (i, floor), *((i, w) for w in word_prompts(c))]
+    scores = dict(zip(columns, score(model, scorer, concepts, todo, samples, seed, **gen)))
     rows = []
     for i, c in enumerate(concepts):
         best = max(word_prompts(c), key=lambda w: scores[i, "words", w])

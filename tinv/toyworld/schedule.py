@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
 from tinv.config import TrainConfig
 from tinv.models import BaseModel
-from tinv.samples import SampleRequest, sample
 from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.fidelity import concept_data, prompts_for
-from tinv.toyworld.scorer import Scorer, pixels
+from tinv.toyworld.fidelity import concept_data, score, word_prompts
+from tinv.toyworld.scorer import Scorer
 from tinv.train import PackedTrainer
 
 
@@ -66,33 +64,12 @@ def snapshots(
     return copies, stops
 
 
-def score(
-    model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
-    samples: int, seed: int = 0, **gen,
-) -> list[float]:
-    """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run."""
-    slots, requests, judged = [], [], []
-    for i, v in vectors:
-        word = "{}" if isinstance(v, torch.Tensor) else v
-        if isinstance(v, torch.Tensor):
-            slots.append([v])
-        pairs = prompts_for(concepts[i], word, samples)
-        slot = len(slots) - 1 if isinstance(v, torch.Tensor) else 0
-        requests += [SampleRequest(slot, p, seed + k) for k, (p, _) in enumerate(pairs)]
-        judged.append((i, [shape for _, shape in pairs]))
-    if not slots:  # words only: sample() still wants one slot to splice
-        slots.append([torch.zeros(1, model.embedding_dims[0])])
-    images = sample(model, slots, requests, **gen)
-    items = iter(scorer.predict(pixels(images)))
-    return [float(np.mean([concepts[i].hit(next(items), shape) for shape in shapes])) for i, shapes in judged]
-
-
 def schedule_curves(
     model: BaseModel, scorer: Scorer, schedules: dict[str, tuple[TrainConfig, list[int], bool]],
     concepts: tuple[Concept, ...] = CONCEPTS, samples: int = 32, seed: int = 0, **gen,
 ) -> list[Curve]:
     """Fidelity at each checkpoint of each schedule ``name → (config, checkpoints, watch with DVAR)``."""
-    words = [(i, f"{c.colour} {c.shape}") for i, c in enumerate(concepts) if c.kind == "combination"]
+    words = [(i, word_prompts(c)[0]) for i, c in enumerate(concepts) if c.kind == "combination"]
     targets = [0.9] * len(concepts)
     for (i, _), s in zip(words, score(model, scorer, concepts, words, samples, seed, **gen)):
         targets[i] = 0.9 * s
