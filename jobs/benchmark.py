@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -34,9 +35,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -44,7 +46,7 @@ from tinv.config import ConceptSpec, TrainConfig
 from tinv.models import BaseModel, assemble, load_base_model
 from tinv.prompts import template_words
 from tinv.samples import SampleConfig, SampleRequest, pipeline, sample
-from tinv.tiny import BASE_WORDS, clip_tokenizer
+from tinv.tiny import BASE_WORDS, clip_tokenizer, sd_scheduler
 from tinv.train import ConceptData, PackedTrainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,10 +83,8 @@ def sd_shaped(text: dict, unet: dict, vae: dict, device: torch.device, dtype: to
     tokenizer = clip_tokenizer([*BASE_WORDS, *template_words()], size=text["vocab_size"])
     eos = tokenizer.eos_token_id
     encoder = CLIPTextModel(CLIPTextConfig(**text, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos))
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              num_train_timesteps=1000, clip_sample=False, steps_offset=1)
     return assemble("random:sd1.5-shaped", Path("/nonexistent"), [tokenizer], [encoder], UNet2DConditionModel(**unet),
-                    AutoencoderKL(**vae), scheduler, device, dtype)
+                    AutoencoderKL(**vae), sd_scheduler(), device, dtype)
 
 
 # -- measuring ---------------------------------------------------------------------------------
@@ -104,8 +104,7 @@ def sync(device: torch.device) -> None:
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return psutil.Process().memory_info().rss
 
 
 @contextmanager
@@ -227,7 +226,7 @@ def recipe_step(model: BaseModel, images: torch.Tensor, prompts: list[str], cach
                 latents = vae.encode(images[pick].to(model.device, vae.dtype)).latent_dist.sample()
             latents = latents * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        t = torch.randint(1000, (batch,), generator=generator).to(latents.device)
+        t = torch.randint(scheduler.config.num_train_timesteps, (batch,), generator=generator).to(latents.device)
         noisy = scheduler.add_noise(latents, noise, t)
         hidden = encoder(ids[torch.randint(len(ids), (batch,), generator=generator)])[0].to(dtype)
         pred = unet(noisy.to(dtype), t, hidden).sample
@@ -400,22 +399,15 @@ def generation(model: BaseModel, plain: BaseModel, concepts: int, steps: int, re
                        output_type="np")
             plain_pipe.unload_textual_inversion(token)
 
-    ways = {"batched": batched, "per_concept": per_concept_way}
-    times: dict[str, list[float]] = {k: [] for k in ways}
-    peaks: dict[str, float] = dict.fromkeys(ways, 0.0)
-    for fn in ways.values():
-        fn()  # warm-up
-    for _ in range(reps):
-        for name, fn in ways.items():
-            with peak_memory(model.device) as peak:
-                start = time.perf_counter()
-                fn()
-                sync(model.device)
-                times[name].append(time.perf_counter() - start)
-            peaks[name] = max(peaks[name], peak[0])
     n = len(requests)
-    out = {name: {"images_per_s": n / statistics.median(t), "seconds": statistics.median(t), "peak_mem_gb": peaks[name]}
-           for name, t in times.items()}
+    ways = [Variant("batched", "tinv.samples.sample, batches mixing concepts", batched, n, len(pairs)),
+            Variant("per_concept", "load_textual_inversion + a pipeline call per concept", per_concept_way, n,
+                    len(pairs))]
+    measure(ways, model.device, reps, count_flops=False)
+    out: dict[str, Any] = {}
+    for v in ways:
+        seconds = statistics.median(v.times)
+        out[v.name] = {"images_per_s": n / seconds, "seconds": seconds, "peak_mem_gb": v.peak_gb}
     out["speedup"] = out["batched"]["images_per_s"] / out["per_concept"]["images_per_s"]
     out["setup"] = {"concepts": concepts, "images_per_concept": len(pairs), **asdict(cfg),
                     "resolution": model.resolution}
@@ -439,7 +431,7 @@ def schedules(smoke: bool) -> dict[str, Any]:
     concepts, samples, gen = CONCEPTS, 32, {"steps": 25, "batch_size": 64}
     if smoke:
         plans = {"recipe": (replace(recipe, steps=4), [2, 4], False),
-                 "tinv": (replace(default, steps=4, dvar_window=2, dvar_every=1), [2, 4], True)}
+                 "tinv": (replace(default, steps=6, dvar_window=2, dvar_every=1), [3, 6], True)}
         concepts, samples, gen = CONCEPTS[:2], 2, {"steps": 2}
     curves = schedule_curves(model, find_scorer(default_model()), plans, concepts, samples, **gen)
     out: dict[str, Any] = {"samples_per_checkpoint": samples, "curves": [asdict(c) | {
@@ -500,7 +492,7 @@ def driver(counts: list[int], actors: int = 2) -> list[dict[str, Any]]:
                     results[r["concept_id"]] = r
                     progress.update(r)
 
-                names = iter(range(10**6))
+                names = itertools.count()
                 dispatcher = Dispatcher(lambda: remote.remote(f"noop{next(names)}"),
                                         DispatchConfig(num_actors=actors), on_result)
                 info = dispatcher.wait_ready()[0]
@@ -553,7 +545,7 @@ def flops_per_sample(unet_cfg: dict, text_cfgs: list[dict], latent: int, tokens:
     return float(counter.get_total_flops())
 
 
-SDXL_TEXT = [dict(SD15_TEXT, hidden_act="quick_gelu"),
+SDXL_TEXT = [SD15_TEXT,
              dict(SD15_TEXT, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                   num_attention_heads=20, hidden_act="gelu", projection_dim=1280)]
 

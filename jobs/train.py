@@ -53,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="samples per concept per step")
     p.add_argument("--concepts-per-actor", type=int, default=TrainConfig.concepts_per_batch,
                    help="K: concepts each actor trains at once")
-    p.add_argument("--max-vectors", type=int, default=8, help="largest num_vectors a concept may ask for")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-vectors", type=int, default=TrainConfig.max_vectors,
+                   help="largest num_vectors a concept may ask for")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--resolution", type=int, default=None, help="training size in px (default: the model's)")
     p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=TrainConfig.early_stop,
                    help="stop a concept once its fixed-batch loss flattens (DVAR; --dvar-* tune it)")
@@ -71,9 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage-options", default=None, help="fsspec storage options as JSON (e.g. S3 endpoint)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
-    p.add_argument("--samples-per-prompt", type=int, default=2, help="evaluation images per prompt (0: none)")
-    p.add_argument("--sample-steps", type=int, default=25, help="denoising steps per evaluation image")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance of evaluation images")
+    p.add_argument("--samples-per-prompt", type=int, default=SampleConfig.per_prompt,
+                   help="evaluation images per prompt (0: none)")
+    p.add_argument("--sample-steps", type=int, default=SampleConfig.steps, help="denoising steps per evaluation image")
+    p.add_argument("--guidance", type=float, default=SampleConfig.guidance,
+                   help="classifier-free guidance of evaluation images")
     p.add_argument("--ray-address", default=None, help="default: $RAY_ADDRESS, else start a local Ray instance")
     return p.parse_args(argv)
 

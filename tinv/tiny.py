@@ -118,6 +118,19 @@ def _unet(cross_dim: int, sdxl: bool, seed: int) -> UNet2DConditionModel:
     )
 
 
+def sd_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """Stable Diffusion's training noise schedule (scaled linear betas 0.00085..0.012, 1000 steps)."""
+    return DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        num_train_timesteps=1000,
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
 def tiny_pipeline(
     kind: str = "sd1", words: Iterable[str] = (), seed: int = 0
 ) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
@@ -126,16 +139,7 @@ def tiny_pipeline(
         raise ValueError(f"kind must be sd1, sd2 or sdxl, got {kind!r}")
     tokenizer = clip_tokenizer([*BASE_WORDS, *template_words(), *words])
     eos_id = tokenizer.eos_token_id
-    prediction = "v_prediction" if kind == "sd2" else "epsilon"
-    scheduler = DDPMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        prediction_type=prediction,
-        num_train_timesteps=1000,
-        clip_sample=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler("v_prediction" if kind == "sd2" else "epsilon")
     if kind != "sdxl":
         return StableDiffusionPipeline(
             vae=_vae(seed),
