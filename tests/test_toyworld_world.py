@@ -11,8 +11,11 @@ from tinv.toyworld.concepts import CONCEPTS
 from tinv.toyworld.world import (
     COLOURS,
     COMBINATIONS,
+    DESCRIBED,
+    DESCRIPTOR_WORD,
     GENERIC_NOUN,
     HELD_OUT_STYLES,
+    HOLE,
     NAMED_COLOURS,
     NAMED_STYLES,
     SHAPES,
@@ -20,7 +23,9 @@ from tinv.toyworld.world import (
     UNNAMED_COLOURS,
     WORDS,
     Item,
+    caption,
     render,
+    training_item,
     training_set,
 )
 
@@ -30,6 +35,8 @@ def test_training_data_never_contains_a_held_out_concept():
     assert set(HELD_OUT_STYLES) <= {it.style for it in items}
     assert images.shape == (3000, 32, 32, 3) and images.dtype == np.uint8
     vocabulary = set(WORDS)
+    canonical = np.array(list(COLOURS.values()), float)
+    assert 0.15 < np.mean([it.colour == DESCRIBED for it in items]) < 0.5
     assert not vocabulary & {*UNNAMED_COLOURS, *HELD_OUT_STYLES}  # those have no words at all
     for item, text in zip(items, captions):
         words = text.split()
@@ -39,6 +46,12 @@ def test_training_data_never_contains_a_held_out_concept():
         assert named in ([], [item.colour])  # a caption names the true colour or none
         if item.colour in UNNAMED_COLOURS:
             assert named == []
+        # a described colour: always (or an empty caption) carried by "colour", never near a canonical one
+        assert (DESCRIPTOR_WORD in words) == (item.colour == DESCRIBED and bool(words)), text
+        if item.colour == DESCRIBED:
+            assert np.linalg.norm(canonical - item.rgb, axis=1).min() >= HOLE
+        else:
+            assert item.rgb is None
         nouns = [w for w in words if w in {*SHAPES, GENERIC_NOUN}]
         assert nouns in ([item.shape], [GENERIC_NOUN]) or not words
         styled = [w for w in words if w in NAMED_STYLES.values()]
@@ -48,10 +61,15 @@ def test_training_data_never_contains_a_held_out_concept():
 
 
 def test_every_unnamed_attribute_and_style_appears_and_shape_words_draw_an_even_mix():
-    _, captions, items = training_set(3000, seed=1)
+    rng = np.random.default_rng(1)  # the training stream's labels and captions, without drawing 20 000 pictures
+    items = [training_item(rng) for _ in range(20_000)]
+    captions = [caption(it, rng) for it in items]
     styles = Counter(it.style for it in items)
     assert all(styles[s] > 100 for s in HELD_OUT_STYLES)
-    shape_only = Counter(it.colour for it, t in zip(items, captions) if t and not set(t.split()) & set(COLOURS))
+    shape_only = Counter(
+        it.colour for it, t in zip(items, captions) if t and not set(t.split()) & {*COLOURS, DESCRIPTOR_WORD}
+    )
+    assert DESCRIBED not in shape_only  # the bare shape word never draws a described colour
     share = {c: shape_only[c] / sum(shape_only.values()) for c in COLOURS}
     # the bare shape word sees every colour about equally often: no unnamed colour dominates it
     assert max(share.values()) < 0.15 and min(share.values()) > 0.05, share
@@ -90,3 +108,25 @@ def test_toy_demo_manifest_has_every_concept_kind_with_tokens_no_word_reaches(tm
         assert 4 <= len(s.images) <= 8 and all((tmp_path / "demo" / s.concept_id).exists() for _ in s.images)
         assert len(tok.encode(s.placeholder_token, add_special_tokens=False)) > 1  # not a word of the world
         assert s.eval_prompts and all("{}" in p for p in s.eval_prompts)
+
+
+def test_a_described_colour_reaches_the_text_encoder_only_at_its_word():
+    import torch
+
+    from tinv.toyworld import nets
+    from tinv.toyworld.fit import Description, described_rgb
+
+    tok = nets.tokenizer()
+    te = nets.text_encoder(len(tok), tok.eos_token_id)
+    marker = tok.encode(DESCRIPTOR_WORD, add_special_tokens=False)[0]
+    description = Description(te, marker)
+    ids = tok(["a colour star", "a red star"], padding="max_length", max_length=nets.MAX_TOKENS, return_tensors="pt")
+    items = [Item("star", DESCRIBED, rgb=(0, 90, 250)), Item("star", "red")]
+    description.rgb = described_rgb(items)
+    plain = te.get_input_embeddings().weight[ids.input_ids]
+    moved = te.get_input_embeddings()(ids.input_ids)
+    changed = (moved - plain).abs().sum(-1) > 0  # (2, T)
+    assert changed[0].tolist() == (ids.input_ids[0] == marker).tolist() and changed[0].sum() == 1
+    assert not changed[1].any()
+    description.rgb = described_rgb([Item("star", DESCRIBED, rgb=(250, 90, 0)), items[1]])
+    assert not torch.allclose(te.get_input_embeddings()(ids.input_ids)[0], moved[0])  # another colour, another input

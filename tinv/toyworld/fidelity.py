@@ -3,7 +3,7 @@
 For each held-out concept, samples are drawn with fixed seeds and read by the scorer:
 - **floor**: a new token with a random vector (what an untrained word gives);
 - **best words**: the real words where they exist ("a red star"), otherwise the best prompt
-  the vocabulary can build (the shape word with each colour word, or alone);
+  the vocabulary can build (the shape word alone, or with each colour word or "colour");
 - **TI**: the token tinv learned from the concept's pictures at the given settings.
 Object concepts score a sample when shape and colour match; style concepts are prompted
 with every shape word and score a sample when both the style and that shape match.
@@ -25,7 +25,7 @@ from tinv.models import BaseModel, load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.toyworld.concepts import CONCEPTS, Concept
 from tinv.toyworld.scorer import Scorer, pixels
-from tinv.toyworld.world import NAMED_COLOURS, NAMED_STYLES, OBJECT_PROMPT, SHAPES, STYLE_PROMPT
+from tinv.toyworld.world import DESCRIPTOR_WORD, NAMED_COLOURS, NAMED_STYLES, OBJECT_PROMPT, SHAPES, STYLE_PROMPT
 from tinv.train import ConceptData, train_concepts
 
 
@@ -84,7 +84,7 @@ def word_prompts(concept: Concept) -> list[str]:
     if concept.kind == "combination":
         return [f"{concept.colour} {concept.shape}"]
     if concept.kind == "unnamed":
-        return [concept.shape, *(f"{c} {concept.shape}" for c in NAMED_COLOURS)]
+        return [concept.shape, *(f"{c} {concept.shape}" for c in (*NAMED_COLOURS, DESCRIPTOR_WORD))]
     return ["", *NAMED_STYLES.values()]  # a style has no word: the shape word alone, or another style's
 
 

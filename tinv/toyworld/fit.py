@@ -21,7 +21,7 @@ from tqdm import tqdm
 from tinv.models import TEMPLATES_FILE
 from tinv.toyworld import nets
 from tinv.toyworld.scorer import pixels
-from tinv.toyworld.world import EVAL_PROMPTS, STYLE_TEMPLATES, TEMPLATES, training_set
+from tinv.toyworld.world import DESCRIPTOR_WORD, EVAL_PROMPTS, STYLE_TEMPLATES, TEMPLATES, Item, training_set
 
 
 @dataclass(frozen=True)
@@ -89,15 +89,39 @@ def encode_all(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat(means), torch.cat(stds)
 
 
-def train_denoiser(latents, stds, ids, scale: float, cfg: FitConfig, progress: Callable = tqdm):
+def described_rgb(items: list[Item]) -> torch.Tensor:
+    """``(N, 3)`` in [-1, 1]: each described picture's colour (zeros for the others)."""
+    return torch.tensor([it.rgb or (127.5,) * 3 for it in items]) / 127.5 - 1
+
+
+class Description:
+    """Adds a learned linear function of a described colour to the embedding of "colour".
+
+    A forward hook on the text encoder's token embedding, so the encoder itself stays a plain
+    ``CLIPTextModel`` (the function is used in training only and not saved).
+    """
+
+    def __init__(self, te: torch.nn.Module, marker: int) -> None:
+        self.linear = torch.nn.Linear(3, te.config.hidden_size)
+        self.marker = marker
+        self.rgb = torch.zeros(0, 3)
+        te.get_input_embeddings().register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out: torch.Tensor) -> torch.Tensor:
+        at = (args[0] == self.marker).unsqueeze(-1)  # (B, T, 1)
+        return out + at * self.linear(self.rgb).unsqueeze(1)
+
+
+def train_denoiser(latents, stds, ids, rgb, scale: float, cfg: FitConfig, progress: Callable = tqdm):
     """UNet + text encoder jointly on cached latents, epsilon loss, EMA weights returned."""
     torch.manual_seed(cfg.seed + 2)
     tok = nets.tokenizer()
     unet, te = nets.unet(), nets.text_encoder(len(tok), tok.eos_token_id)
     sched = nets.scheduler()
-    params = [*unet.parameters(), *te.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    description = Description(te, tok.encode(DESCRIPTOR_WORD, add_special_tokens=False)[0])
+    params = [*unet.parameters(), *te.parameters(), *description.linear.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     batches = _batches(len(latents), cfg.batch, np.random.default_rng(cfg.seed + 4))
     bar = progress(range(cfg.steps), desc="unet+text")
@@ -106,6 +130,7 @@ def train_denoiser(latents, stds, ids, scale: float, cfg: FitConfig, progress: C
         z = (latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=gen)) * scale  # (B, 4, 8, 8)
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        description.rgb = rgb[idx]
         hidden = te(ids[idx]).last_hidden_state  # (B, T, 64)
         pred = unet(sched.add_noise(z, noise, t), t, hidden).sample
         loss = F.mse_loss(pred, noise)
@@ -128,7 +153,7 @@ def train_denoiser(latents, stds, ids, scale: float, cfg: FitConfig, progress: C
 def train_model(out: str | Path, cfg: FitConfig = FitConfig(), progress: Callable = tqdm) -> Path:
     """Generate the data, train everything, save a diffusers folder at ``out``."""
     torch.set_num_threads(cfg.threads)
-    images, captions, _ = training_set(cfg.images, cfg.seed)
+    images, captions, items = training_set(cfg.images, cfg.seed)
     x = pixels(images)  # (N, 3, 32, 32)
     vae = train_vae(x, cfg, progress)
     means, stds = encode_all(vae, x)
@@ -136,7 +161,7 @@ def train_model(out: str | Path, cfg: FitConfig = FitConfig(), progress: Callabl
     vae.register_to_config(scaling_factor=scale)
     tok = nets.tokenizer()
     ids = tok(captions, padding="max_length", max_length=nets.MAX_TOKENS, truncation=True, return_tensors="pt")
-    unet, te = train_denoiser(means, stds, ids.input_ids, scale, cfg, progress)
+    unet, te = train_denoiser(means, stds, ids.input_ids, described_rgb(items), scale, cfg, progress)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=te,

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinv.toyworld import SCORER_FILE
-from tinv.toyworld.world import COLOURS, SHAPES, STYLES, Item, render
+from tinv.toyworld.world import COLOURS, DESCRIBED, SHAPES, STYLES, Item, described_rgb, render
 
-HEADS = {"shape": SHAPES, "colour": tuple(COLOURS), "style": STYLES}
+HEADS = {"shape": SHAPES, "colour": (*COLOURS, DESCRIBED), "style": STYLES}
+"""A described colour (one at least ``HOLE`` from every canonical colour) reads as ``other``."""
 
 
 class Scorer(nn.Module):
@@ -54,17 +55,21 @@ class Scorer(nn.Module):
         """Labels of each picture."""
         logits = self.eval()(x)
         picks = {k: logits[k].argmax(-1).tolist() for k in HEADS}
-        return [Item(SHAPES[s], tuple(COLOURS)[c], STYLES[t]) for s, c, t in zip(*picks.values())]
+        return [Item(SHAPES[s], HEADS["colour"][c], STYLES[t]) for s, c, t in zip(*picks.values())]
 
 
 def labelled_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``n`` pictures drawn evenly over every shape, colour and style (held-out ones included)."""
+    """``n`` pictures drawn evenly over every shape, colour (and ``other``) and style (held-out ones included)."""
     rng = np.random.default_rng(seed)
 
     def pick(options: tuple[str, ...]) -> str:
         return options[rng.integers(len(options))]
 
-    items = [Item(pick(SHAPES), pick(tuple(COLOURS)), pick(STYLES)) for _ in range(n)]
+    def item() -> Item:
+        colour = pick(HEADS["colour"])
+        return Item(pick(SHAPES), colour, pick(STYLES), described_rgb(rng) if colour == DESCRIBED else None)
+
+    items = [item() for _ in range(n)]
     x = pixels(np.stack([np.asarray(render(it, rng)) for it in items]))
     y = {k: torch.tensor([v.index(getattr(it, k)) for it in items]) for k, v in HEADS.items()}
     return x, y
@@ -88,7 +93,7 @@ def accuracy(scorer: Scorer, x: torch.Tensor, y: dict[str, torch.Tensor]) -> dic
     return {k: (logits[k].argmax(-1) == y[k]).float().mean().item() for k in HEADS}
 
 
-def train_scorer(vae, n: int = 24_000, epochs: int = 4, seed: int = 0) -> Scorer:
+def train_scorer(vae, n: int = 24_000, epochs: int = 8, seed: int = 0) -> Scorer:
     """Fit on ``n`` fresh pictures plus their VAE reconstructions."""
     torch.manual_seed(seed)
     x, y = labelled_set(n, seed)

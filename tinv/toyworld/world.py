@@ -16,6 +16,15 @@ have words. Held out from the generator's training data:
 
 A generic noun, "shape", stands for any shape in some captions ("a striped shape"), the way
 "painting" does in Textual Inversion's style templates ("a painting in the style of {}").
+
+**Described colours**: a real text encoder has words for countless shades, so a new shade lies
+*between* things it can already say. The toy world's stand-in: a share (:data:`P_DESCRIBED`) of the
+training pictures are drawn in a random colour from the RGB cube and captioned "a colour square", where the
+generator's training adds a learned linear function of that RGB value to the word "colour"'s
+embedding (``tinv.toyworld.fit``). No described colour lies within :data:`HOLE` of any of the ten
+canonical colours, and the scorer reads such colours as ``other``, so no description reaches an
+unnamed colour (or a held-out combination's colour): an unnamed colour sits in a hole of the
+described continuum, where Textual Inversion must find it.
 """
 
 from __future__ import annotations
@@ -40,6 +49,12 @@ NAMED_COLOURS = {
 }
 UNNAMED_COLOURS = {"pink": (255, 120, 200), "teal": (0, 170, 170), "brown": (120, 70, 30), "black": (25, 25, 25)}
 COLOURS = {**NAMED_COLOURS, **UNNAMED_COLOURS}
+DESCRIBED = "other"
+"""The colour label of a picture in a described colour (not one of :data:`COLOURS`)."""
+DESCRIPTOR_WORD = "colour"
+"""The caption word whose embedding carries a described colour."""
+HOLE = 45.0
+"""No described colour lies within this RGB distance of a canonical colour."""
 NAMED_STYLES = {"outline": "outlined", "stripes": "striped", "frame": "framed"}
 """Styles with a word (style → word)."""
 HELD_OUT_STYLES = ("dots", "checker", "shadow", "twotone")
@@ -63,7 +78,8 @@ EVAL_PROMPTS = {
 """Default evaluation prompts on the toy model: objects alone; a style on every shape word."""
 WORDS = tuple(
     sorted(
-        {*SHAPES, *NAMED_COLOURS, *NAMED_STYLES.values(), GENERIC_NOUN, *" ".join(TEMPLATES).replace("{}", "").split()}
+        {*SHAPES, *NAMED_COLOURS, *NAMED_STYLES.values(), GENERIC_NOUN, DESCRIPTOR_WORD}
+        | set(" ".join(TEMPLATES).replace("{}", "").split())
     )
 )
 
@@ -72,6 +88,7 @@ P_EMPTY = 0.1  # empty caption, for classifier-free guidance
 P_SHAPE_ONLY = 0.25  # a named colour (or named style) left out of the caption
 P_GENERIC = 0.2  # the noun is "shape" instead of the shape's name
 P_STYLED = 0.05  # each style's share of training images (the rest are plain)
+P_DESCRIBED = 0.4  # pictures in a described colour
 # An unnamed colour can only be captioned by its shape or not at all. Guidance samples from
 # p(x|c)^w / p(x|"")^(w-1), so the bare shape word favours whichever colours are captioned that
 # way most often *relative to the empty caption*. Giving unnamed-colour pictures more empty
@@ -89,6 +106,12 @@ class Item:
     shape: str
     colour: str
     style: str = "plain"
+    rgb: tuple[int, int, int] | None = None
+    """The exact colour of a ``DESCRIBED`` picture."""
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        return self.rgb if self.rgb is not None else COLOURS[self.colour]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -128,7 +151,7 @@ def render(item: Item, rng: np.random.Generator) -> Image.Image:
     tint = tuple(int(v) for v in rng.integers(200, 256, size=3))
     img = Image.new("RGB", (big, big), tint)
     draw = ImageDraw.Draw(img)
-    colour = COLOURS[item.colour]
+    colour = item.fill
     if item.style == "frame":
         draw.rectangle([0, 0, big - 1, big - 1], outline=(60, 60, 60), width=2 * SCALE)
     if item.style == "checker":
@@ -173,20 +196,37 @@ def render(item: Item, rng: np.random.Generator) -> Image.Image:
 
 
 def caption(item: Item, rng: np.random.Generator) -> str:
-    """A training caption: "[style] [colour] noun" in a template; unnamed colours and styles have no words."""
-    named = item.colour in NAMED_COLOURS
+    """A training caption: "[style] [colour] noun" in a template; unnamed colours and styles have no words.
+
+    A described colour's caption always carries :data:`DESCRIPTOR_WORD` (or is empty), so the bare
+    shape word keeps drawing the canonical colours' even mix.
+    """
+    named = item.colour in NAMED_COLOURS or item.colour == DESCRIBED
     if rng.random() < (P_EMPTY if named else P_EMPTY_UNNAMED):
         return ""
     words = [GENERIC_NOUN if rng.random() < P_GENERIC else item.shape]
-    if named and rng.random() >= P_SHAPE_ONLY:
+    if item.colour == DESCRIBED:
+        words.insert(0, DESCRIPTOR_WORD)
+    elif named and rng.random() >= P_SHAPE_ONLY:
         words.insert(0, item.colour)
     if item.style in NAMED_STYLES and rng.random() >= P_SHAPE_ONLY:
         words.insert(0, NAMED_STYLES[item.style])
     return TEMPLATES[rng.integers(len(TEMPLATES))].format(" ".join(words))
 
 
+def described_rgb(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random colour at least :data:`HOLE` from every canonical colour and visible on the light tints."""
+    canon = np.array(list(COLOURS.values()), float)
+    while True:
+        rgb = rng.integers(0, 256, size=3)
+        if np.linalg.norm(canon - rgb, axis=1).min() >= HOLE and rgb.min() < 170:
+            return tuple(int(v) for v in rgb)
+
+
 def training_item(rng: np.random.Generator) -> Item:
     """One labelled picture of the generator's training distribution (held-out pairs never)."""
+    if rng.random() < P_DESCRIBED:
+        return Item(SHAPES[rng.integers(len(SHAPES))], DESCRIBED, _style(rng), described_rgb(rng))
     colours = list(COLOURS)
     weights = np.array([1.0 if c in NAMED_COLOURS else UNNAMED_WEIGHT for c in colours])
     while True:
@@ -194,10 +234,13 @@ def training_item(rng: np.random.Generator) -> Item:
         shape = SHAPES[rng.integers(len(SHAPES))]
         if (colour, shape) not in COMBINATIONS:
             break
+    return Item(shape, colour, _style(rng))
+
+
+def _style(rng: np.random.Generator) -> str:
     u = rng.random()
     styled = STYLES[1:]
-    style = "plain" if u >= P_STYLED * len(styled) else styled[int(u // P_STYLED)]
-    return Item(shape, colour, style)
+    return "plain" if u >= P_STYLED * len(styled) else styled[int(u // P_STYLED)]
 
 
 def training_set(n: int, seed: int) -> tuple[np.ndarray, list[str], list[Item]]:
