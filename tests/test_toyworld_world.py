@@ -114,7 +114,7 @@ def test_a_described_colour_reaches_the_text_encoder_only_at_its_word():
     import torch
 
     from tinv.toyworld import nets
-    from tinv.toyworld.fit import Description, described_rgb
+    from tinv.toyworld.fit import Description, rgb_inputs
 
     tok = nets.tokenizer()
     te = nets.text_encoder(len(tok), tok.eos_token_id)
@@ -122,11 +122,11 @@ def test_a_described_colour_reaches_the_text_encoder_only_at_its_word():
     description = Description(te, marker)
     ids = tok(["a colour star", "a red star"], padding="max_length", max_length=nets.MAX_TOKENS, return_tensors="pt")
     items = [Item("star", DESCRIBED, rgb=(0, 90, 250)), Item("star", "red")]
-    description.rgb = described_rgb(items)
+    description.rgb = rgb_inputs(items)
     plain = te.get_input_embeddings().weight[ids.input_ids]
     moved = te.get_input_embeddings()(ids.input_ids)
     changed = (moved - plain).abs().sum(-1) > 0  # (2, T)
     assert changed[0].tolist() == (ids.input_ids[0] == marker).tolist() and changed[0].sum() == 1
     assert not changed[1].any()
-    description.rgb = described_rgb([Item("star", DESCRIBED, rgb=(250, 90, 0)), items[1]])
+    description.rgb = rgb_inputs([Item("star", DESCRIBED, rgb=(250, 90, 0)), items[1]])
     assert not torch.allclose(te.get_input_embeddings()(ids.input_ids)[0], moved[0])  # another colour, another input

@@ -163,10 +163,14 @@ def load_base_model(
     text_encoders = [cls.from_pretrained(path / f"text_encoder{s}") for cls, s in zip(encoder_classes, suffixes)]
     print_ = fingerprint(text_encoders)  # from the fp32 weights, whatever precision we run in
     unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # fp16 VAEs overflow
-    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype)
+    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype(dtype))
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
     return assemble(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, attention, print_)
+
+
+def vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype when the model runs in ``dtype``: fp32 under fp16 (fp16 VAEs overflow)."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def assemble(
@@ -189,12 +193,9 @@ def assemble(
     print_ = print_ or fingerprint(text_encoders)
     for module in [*text_encoders, unet, vae]:
         module.requires_grad_(False).eval().to(device)
-    for encoder in text_encoders:
-        encoder.to(dtype)
-    if unet.dtype != dtype:
-        unet.to(dtype)
-    if vae.dtype != dtype and dtype != torch.float16:  # fp16 VAEs overflow
-        vae.to(dtype)
+    for module in [*text_encoders, unet]:
+        module.to(dtype)
+    vae.to(vae_dtype(dtype))
     set_attention([unet, vae], attention)
     templates, eval_prompts = read_templates(path)
     return BaseModel(

@@ -89,7 +89,7 @@ def encode_all(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat(means), torch.cat(stds)
 
 
-def described_rgb(items: list[Item]) -> torch.Tensor:
+def rgb_inputs(items: list[Item]) -> torch.Tensor:
     """``(N, 3)`` in [-1, 1]: each described picture's colour (zeros for the others)."""
     return torch.tensor([it.rgb or (127.5,) * 3 for it in items]) / 127.5 - 1
 
@@ -161,7 +161,7 @@ def train_model(out: str | Path, cfg: FitConfig = FitConfig(), progress: Callabl
     vae.register_to_config(scaling_factor=scale)
     tok = nets.tokenizer()
     ids = tok(captions, padding="max_length", max_length=nets.MAX_TOKENS, truncation=True, return_tensors="pt")
-    unet, te = train_denoiser(means, stds, ids.input_ids, described_rgb(items), scale, cfg, progress)
+    unet, te = train_denoiser(means, stds, ids.input_ids, rgb_inputs(items), scale, cfg, progress)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=te,
