@@ -691,10 +691,42 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"Generation (toy model, {g['setup']}): batched {g['batched']['images_per_s']:.1f} images/s, "
                      f"per-concept {g['per_concept']['images_per_s']:.1f} images/s: {g['speedup']:.2f}×")
         lines.append("")
+    if "schedule" in result:
+        lines += [*schedule_table(result["schedule"]), ""]
     for d in result.get("driver", []):
         lines.append(f"Driver, {d['concepts']} concepts: {d['ms_per_concept']:.2f} ms/concept, RSS +"
                      f"{d['rss_growth_mb']:.0f} MB, results.parquet {d['results_parquet_mb']:.2f} MB")
     return "\n".join(lines)
+
+
+def schedule_table(schedule: dict[str, Any]) -> list[str]:
+    """The README's samples-to-target table: one row per concept, the recipe's curve beside tinv's."""
+    curves = {(c["concept"], c["schedule"]): c for c in schedule["curves"]}
+    recipe, tinv = schedule["recipe"], schedule["tinv"]
+
+    def reach(c: dict[str, Any]) -> str:
+        return f"{c['samples_to_target']:,}" if c["samples_to_target"] is not None else "not reached"
+
+    def stop(c: dict[str, Any]) -> tuple[str, float]:
+        if c["stopped_at"] is None:
+            return f"— (ran {c['steps'][-1] * c['samples_per_step']:,})", c["fidelity"][-1]
+        return f"{c['stopped_at'] * c['samples_per_step']:,}", c["fidelity_at_stop"]
+
+    lines = [f"| concept | kind | target | recipe: samples to target | recipe @ {recipe['samples_per_concept']:,} "
+             f"| tinv: samples to target | tinv @ {tinv['samples_per_concept']:,} | DVAR stop (samples) "
+             "| fidelity at stop |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(c["concept"] for c in schedule["curves"]):
+        r, t = curves[name, "recipe"], curves[name, "tinv"]
+        at, fid = stop(t)
+        lines.append(f"| {name} | {t['kind']} | {t['target']:.2f} | {reach(r)} | {r['fidelity'][-1]:.2f} "
+                     f"| {reach(t)} | {t['fidelity'][-1]:.2f} | {at} | {fid:.2f} |")
+    dvar = tinv.get("dvar", {})
+    lines.append(f"| **mean** | | | | {recipe['mean_fidelity'][-1]:.3f} | | {tinv['mean_fidelity'][-1]:.3f} "
+                 f"| {dvar.get('mean_samples', 0):,.0f} | {dvar.get('mean_fidelity_at_stop', 0):.3f} |")
+    for name, plan in (("tinv", tinv), ("recipe", recipe)):
+        pairs = ", ".join(f"{k}: {m:.2f}" for k, m in zip(plan["checkpoints"], plan["mean_fidelity"]))
+        lines.append(f"\nMean fidelity by step, {name}: {pairs}.")
+    return lines
 
 
 SECTION_KEYS = ("matmul", "train", "toy_train", "generate", "schedule", "driver", "projection")

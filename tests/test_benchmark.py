@@ -54,3 +54,12 @@ def test_flop_model_counts_on_the_meta_device():
     small = dict(benchmark.SMOKE_UNET)
     f8, f16 = (benchmark.flops_per_sample(small, [benchmark.SMOKE_TEXT], latent) for latent in (8, 16))
     assert 0 < f8 < f16  # a bigger latent costs more, and nothing was allocated for real
+
+
+def test_readme_schedule_table_is_the_recorded_run():
+    recorded = json.loads((REPO / "benchmarks" / "amd-epyc-2-threads.json").read_text())["schedule"]
+    rows = [line for line in benchmark.schedule_table(recorded) if line.startswith("| ")]
+    readme = (REPO / "README.md").read_text().splitlines()
+    assert len(rows) == 2 + len({c["concept"] for c in recorded["curves"]})  # header, one per concept, mean
+    missing = [row for row in rows if row not in readme]
+    assert not missing, missing  # README's table is rendered from the numbers the benchmark recorded
