@@ -725,7 +725,7 @@ def schedule_table(schedule: dict[str, Any]) -> list[str]:
                  f"| {dvar.get('mean_samples', 0):,.0f} | {dvar.get('mean_fidelity_at_stop', 0):.3f} |")
     for name, plan in (("tinv", tinv), ("recipe", recipe)):
         pairs = ", ".join(f"{k}: {m:.2f}" for k, m in zip(plan["checkpoints"], plan["mean_fidelity"]))
-        lines.append(f"\nMean fidelity by step, {name}: {pairs}.")
+        lines += ["", f"Mean fidelity by step, {name}: {pairs}."]
     return lines
 
 
