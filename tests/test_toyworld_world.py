@@ -9,6 +9,7 @@ import numpy as np
 from tinv.tiny import clip_tokenizer
 from tinv.toyworld.concepts import CONCEPTS
 from tinv.toyworld.world import (
+    CANONICAL_RGB,
     COLOURS,
     COMBINATIONS,
     DESCRIBED,
@@ -35,7 +36,6 @@ def test_training_data_never_contains_a_held_out_concept():
     assert set(HELD_OUT_STYLES) <= {it.style for it in items}
     assert images.shape == (3000, 32, 32, 3) and images.dtype == np.uint8
     vocabulary = set(WORDS)
-    canonical = np.array(list(COLOURS.values()), float)
     assert 0.15 < np.mean([it.colour == DESCRIBED for it in items]) < 0.5
     assert not vocabulary & {*UNNAMED_COLOURS, *HELD_OUT_STYLES}  # those have no words at all
     for item, text in zip(items, captions):
@@ -49,7 +49,7 @@ def test_training_data_never_contains_a_held_out_concept():
         # a described colour: always (or an empty caption) carried by "colour", never near a canonical one
         assert (DESCRIPTOR_WORD in words) == (item.colour == DESCRIBED and bool(words)), text
         if item.colour == DESCRIBED:
-            assert np.linalg.norm(canonical - item.rgb, axis=1).min() >= HOLE
+            assert np.linalg.norm(CANONICAL_RGB - item.rgb, axis=1).min() >= HOLE
         else:
             assert item.rgb is None
         nouns = [w for w in words if w in {*SHAPES, GENERIC_NOUN}]

@@ -49,6 +49,8 @@ NAMED_COLOURS = {
 }
 UNNAMED_COLOURS = {"pink": (255, 120, 200), "teal": (0, 170, 170), "brown": (120, 70, 30), "black": (25, 25, 25)}
 COLOURS = {**NAMED_COLOURS, **UNNAMED_COLOURS}
+CANONICAL_RGB = np.array(list(COLOURS.values()), float)
+"""``(10, 3)``: every canonical colour, in :data:`COLOURS` order."""
 DESCRIBED = "other"
 """The colour label of a picture in a described colour (not one of :data:`COLOURS`)."""
 DESCRIPTOR_WORD = "colour"
@@ -216,10 +218,9 @@ def caption(item: Item, rng: np.random.Generator) -> str:
 
 def described_rgb(rng: np.random.Generator) -> tuple[int, int, int]:
     """A random colour at least :data:`HOLE` from every canonical colour and visible on the light tints."""
-    canon = np.array(list(COLOURS.values()), float)
     while True:
         rgb = rng.integers(0, 256, size=3)
-        if np.linalg.norm(canon - rgb, axis=1).min() >= HOLE and rgb.min() < 170:
+        if np.linalg.norm(CANONICAL_RGB - rgb, axis=1).min() >= HOLE and rgb.min() < 170:
             return tuple(int(v) for v in rgb)
 
 
