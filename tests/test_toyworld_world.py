@@ -85,6 +85,14 @@ def test_every_word_of_the_world_is_one_token():
         assert len(tok.encode(w, add_special_tokens=False)) == 1, w
 
 
+def test_words_whose_merges_collide_are_still_one_token():
+    # "on" is merged before "toned"'s chain reaches it, and "ho" before "photo"'s: BPE would split both
+    words = ["a", "on", "one", "toned", "twotoned", "photo", "shadowed", "hot", "do", "shadow"]
+    tok = clip_tokenizer(words)
+    assert [w for w in words if len(tok.encode(w, add_special_tokens=False)) != 1] == []
+    assert tok.tokenize("a toned photo") == ["a</w>", "toned</w>", "photo</w>"]
+
+
 def test_concepts_cover_three_kinds_and_their_pictures_show_them():
     kinds = Counter(c.kind for c in CONCEPTS)
     assert kinds == {"combination": 4, "unnamed": 4, "style": 4}

@@ -53,11 +53,28 @@ def clip_tokenizer(words: Iterable[str], size: int | None = None) -> CLIPTokeniz
                 merges.append((left, right))
                 vocab[merged] = len(vocab)
             left = merged
+    # BPE applies the lowest-ranked merge first, so one word's merges can split another word's
+    # chain ("on" before "ton"): join such a word's pieces with merges ranked after all others,
+    # which only ever apply once no earlier merge does (words already whole stay whole)
+    while split := [pieces for pieces in _bpe(vocab, merges, sorted(set(words))) if len(pieces) > 1]:
+        for pieces in split:
+            left = pieces[0]
+            for right in pieces[1:]:
+                if (left, right) not in merges:
+                    merges.append((left, right))
+                    vocab.setdefault(left + right, len(vocab))
+                left += right
     for i in range(len(vocab), (size or 0) - 2):
         vocab[f"<unused{i}>"] = i
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], words: list[str]) -> list[list[str]]:
+    """The pieces CLIP's BPE makes of each of ``words`` with these merges."""
+    tok = CLIPTokenizer(vocab={**vocab, BOS: len(vocab), EOS: len(vocab) + 1}, merges=merges)
+    return [tok.tokenize(w) for w in words]
 
 
 def _text_encoder(vocab_size: int, eos_id: int, hidden: int, projection: bool, seed: int) -> CLIPTextModel:
