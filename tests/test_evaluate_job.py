@@ -28,7 +28,7 @@ def evaluate(cluster: dict, *args: str):
 def small_run(ray_cluster, tmp_path_factory) -> Path:
     """Three demo concepts (an object of each kind and a style), trained briefly."""
     root = tmp_path_factory.mktemp("eval-run")
-    specs = [s for s in read_manifest(str(REPO / DEMO_MANIFEST)) if s.concept_id in ("red-star", "teal-cross", "dots")]
+    specs = [s for s in read_manifest(str(REPO / DEMO_MANIFEST)) if s.concept_id in ("red-star", "teal-cross", "navy")]
     rows = [{"concept_id": s.concept_id, "images": list(s.images), "learnable_property": s.learnable_property,
              "initializer_token": s.initializer_token,
              "eval_prompts": list(s.eval_prompts[:2]) if s.learnable_property == "style" else ["a {}", "the {}"]}
@@ -64,7 +64,7 @@ def test_regenerating_a_run_is_deterministic_and_matches_the_train_jobs_samples(
     rows = pq.read_table(tmp_path / "a" / "eval.parquet").to_pylist()
     images = [r for r in rows if r["kind"] == "image"]
     concepts = {r["concept_id"]: r for r in rows if r["kind"] == "concept"}
-    assert len(images) == 12 and set(concepts) == {"red-star", "teal-cross", "dots"}
+    assert len(images) == 12 and set(concepts) == {"red-star", "teal-cross", "navy"}
     for cid, row in concepts.items():
         mine = [r["fidelity"] for r in images if r["concept_id"] == cid]
         assert row["status"] == "succeeded" and row["images"] == 4 and set(mine) <= {0.0, 1.0}
@@ -80,7 +80,7 @@ def test_the_gallery_shows_training_images_beside_samples_and_every_link_resolve
     links = re.findall(r"src='([^']+)'", page)
     assert len(links) == 3 * 4 + 3 * 6
     assert all(not link.startswith(("/", "http")) and (small_run / link).is_file() for link in links)
-    for cid in ("red-star", "teal-cross", "dots"):
+    for cid in ("red-star", "teal-cross", "navy"):
         assert f"id='{cid}'" in page and f"concepts/{cid}/train/00.png" in page and "fidelity" in page
 
 

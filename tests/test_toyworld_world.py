@@ -9,14 +9,19 @@ import numpy as np
 from tinv.tiny import clip_tokenizer
 from tinv.toyworld.concepts import CONCEPTS
 from tinv.toyworld.world import (
+    BACKDROP_RGB,
+    BACKDROP_WORD,
+    BACKDROPS,
     CANONICAL_RGB,
     COLOURS,
     COMBINATIONS,
+    CONTRAST,
     DESCRIBED,
     DESCRIPTOR_WORD,
     GENERIC_NOUN,
     HELD_OUT_STYLES,
     HOLE,
+    LIGHT,
     NAMED_COLOURS,
     NAMED_STYLES,
     SHAPES,
@@ -33,7 +38,7 @@ from tinv.toyworld.world import (
 
 def test_training_data_never_contains_a_held_out_concept():
     images, captions, items = training_set(3000, seed=0)
-    assert set(HELD_OUT_STYLES) <= {it.style for it in items}
+    assert set(HELD_OUT_STYLES) <= {it.backdrop for it in items}
     assert images.shape == (3000, 32, 32, 3) and images.dtype == np.uint8
     vocabulary = set(WORDS)
     assert 0.15 < np.mean([it.colour == DESCRIBED for it in items]) < 0.5
@@ -56,16 +61,25 @@ def test_training_data_never_contains_a_held_out_concept():
         assert nouns in ([item.shape], [GENERIC_NOUN]) or not words
         styled = [w for w in words if w in NAMED_STYLES.values()]
         assert styled in ([], [NAMED_STYLES.get(item.style)])  # a caption names the true style or none
-        if item.style in HELD_OUT_STYLES:
-            assert styled == []
+        # a described backdrop: always (or an empty caption) carried by "toned", never near an unnamed one;
+        # an unnamed backdrop (a held-out style) never has a word
+        assert (BACKDROP_WORD in words) == (item.backdrop == DESCRIBED and bool(words)), text
+        if item.backdrop == DESCRIBED:
+            assert np.linalg.norm(BACKDROP_RGB - item.backdrop_rgb, axis=1).min() >= HOLE
+        else:
+            assert item.backdrop_rgb is None
+        if item.backdrop != LIGHT:  # a dark backdrop: a plain shape that stands out on it
+            assert item.style == "plain" and np.linalg.norm(np.subtract(item.fill, item.ground)) >= CONTRAST
 
 
 def test_every_unnamed_attribute_and_style_appears_and_shape_words_draw_an_even_mix():
     rng = np.random.default_rng(1)  # the training stream's labels and captions, without drawing 20 000 pictures
     items = [training_item(rng) for _ in range(20_000)]
     captions = [caption(it, rng) for it in items]
+    backdrops = Counter(it.backdrop for it in items)
+    assert all(backdrops[s] > 100 for s in HELD_OUT_STYLES)
     styles = Counter(it.style for it in items)
-    assert all(styles[s] > 100 for s in HELD_OUT_STYLES)
+    assert all(styles[s] > 100 for s in STYLES)
     shape_only = Counter(
         it.colour for it, t in zip(items, captions) if t and not set(t.split()) & {*COLOURS, DESCRIPTOR_WORD}
     )
@@ -99,6 +113,9 @@ def test_concepts_cover_three_kinds_and_their_pictures_show_them():
     for c in CONCEPTS:
         pics = c.pictures(6, seed=0)
         assert len(pics) == 6 and pics[0].size == (32, 32)
+        if c.kind == "style":  # on the concept's own backdrop, shapes of every kind
+            assert all(np.asarray(p)[0, 0].tolist() == list(BACKDROPS[c.backdrop]) for p in pics)
+            assert {it.shape for it in c.items(6, np.random.default_rng(0))} == set(SHAPES)
     plain = np.asarray(render(Item("square", "red"), np.random.default_rng(0)), np.float32)
     for style in STYLES[1:]:  # same place, size and tint: each style really changes the picture
         styled = np.asarray(render(Item("square", "red", style), np.random.default_rng(0)), np.float32)
@@ -118,23 +135,26 @@ def test_toy_demo_manifest_has_every_concept_kind_with_tokens_no_word_reaches(tm
         assert s.eval_prompts and all("{}" in p for p in s.eval_prompts)
 
 
-def test_a_described_colour_reaches_the_text_encoder_only_at_its_word():
-    import torch
-
+def test_a_described_colour_or_backdrop_reaches_the_text_encoder_only_at_its_word():
     from tinv.toyworld import nets
     from tinv.toyworld.fit import Description, rgb_inputs
 
     tok = nets.tokenizer()
     te = nets.text_encoder(len(tok), tok.eos_token_id)
-    marker = tok.encode(DESCRIPTOR_WORD, add_special_tokens=False)[0]
-    description = Description(te, marker)
-    ids = tok(["a colour star", "a red star"], padding="max_length", max_length=nets.MAX_TOKENS, return_tensors="pt")
-    items = [Item("star", DESCRIBED, rgb=(0, 90, 250)), Item("star", "red")]
-    description.rgb = rgb_inputs(items)
-    plain = te.get_input_embeddings().weight[ids.input_ids]
-    moved = te.get_input_embeddings()(ids.input_ids)
-    changed = (moved - plain).abs().sum(-1) > 0  # (2, T)
-    assert changed[0].tolist() == (ids.input_ids[0] == marker).tolist() and changed[0].sum() == 1
-    assert not changed[1].any()
-    description.rgb = rgb_inputs([Item("star", DESCRIBED, rgb=(250, 90, 0)), items[1]])
-    assert not torch.allclose(te.get_input_embeddings()(ids.input_ids)[0], moved[0])  # another colour, another input
+    texts = ["a toned colour star", "a red star"]
+    ids = tok(texts, padding="max_length", max_length=nets.MAX_TOKENS, return_tensors="pt").input_ids
+    described = Item("star", DESCRIBED, rgb=(0, 90, 250), backdrop=DESCRIBED, backdrop_rgb=(40, 40, 40))
+    items = [described, Item("star", "red")]
+    plain = te.get_input_embeddings().weight[ids]
+    for word, field in ((DESCRIPTOR_WORD, "rgb"), (BACKDROP_WORD, "backdrop_rgb")):
+        marker = tok.encode(word, add_special_tokens=False)[0]
+        description = Description(te, marker)
+        description.rgb = rgb_inputs(items, field)
+        moved = te.get_input_embeddings()(ids)
+        added = moved - plain  # (2, T, D); the earlier word's description stays on
+        description.rgb = rgb_inputs([Item("star", "red"), items[1]], field)  # another value, another input
+        changed = (added - (te.get_input_embeddings()(ids) - plain)).abs().sum(-1) > 0
+        assert changed[0].tolist() == (ids[0] == marker).tolist() and changed[0].sum() == 1, word
+        assert not changed[1].any()
+        assert not (added[1].abs().sum(-1) > 0).any()  # a caption without the words gets nothing added
+        description.rgb = rgb_inputs(items, field)

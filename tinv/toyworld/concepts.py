@@ -10,6 +10,7 @@ from PIL import Image
 from tinv.toyworld.world import (
     COMBINATIONS,
     HELD_OUT_STYLES,
+    LIGHT,
     NAMED_COLOURS,
     SHAPES,
     UNNAMED_CONCEPTS,
@@ -29,7 +30,8 @@ class Concept:
     """``combination``, ``unnamed`` or ``style``."""
     shape: str | None = None
     colour: str | None = None
-    style: str = "plain"
+    backdrop: str = LIGHT
+    """A style concept's unnamed backdrop."""
 
     @property
     def initializer(self) -> str:
@@ -41,11 +43,13 @@ class Concept:
         return "style" if self.kind == "style" else "object"
 
     def items(self, n: int, rng: np.random.Generator) -> list[Item]:
-        """``n`` labelled pictures of the concept (styles: any named colour and shape)."""
+        """``n`` labelled pictures of the concept (styles: any named colour and shape on the backdrop)."""
         if self.kind != "style":
             return [Item(self.shape, self.colour) for _ in range(n)]
         colours = list(NAMED_COLOURS)
-        return [Item(SHAPES[i % len(SHAPES)], colours[rng.integers(len(colours))], self.style) for i in range(n)]
+        return [
+            Item(SHAPES[i % len(SHAPES)], colours[rng.integers(len(colours))], backdrop=self.backdrop) for i in range(n)
+        ]
 
     def pictures(self, n: int, seed: int) -> list[Image.Image]:
         rng = np.random.default_rng(seed)
@@ -54,12 +58,12 @@ class Concept:
     def hit(self, item: Item, shape: str | None = None) -> bool:
         """Does a sample show the concept? Styles also need the shape the prompt named."""
         if self.kind == "style":
-            return item.style == self.style and item.shape == shape
+            return item.backdrop == self.backdrop and item.shape == shape
         return item.shape == self.shape and item.colour == self.colour
 
 
 CONCEPTS: tuple[Concept, ...] = (
     *(Concept(f"{c}-{s}", "combination", s, c) for c, s in COMBINATIONS),
     *(Concept(f"{c}-{s}", "unnamed", s, c) for c, s in UNNAMED_CONCEPTS),
-    *(Concept(st, "style", style=st) for st in HELD_OUT_STYLES),
+    *(Concept(st, "style", backdrop=st) for st in HELD_OUT_STYLES),
 )

@@ -25,7 +25,15 @@ from tinv.models import BaseModel, load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.toyworld.concepts import CONCEPTS, Concept
 from tinv.toyworld.scorer import Scorer, pixels
-from tinv.toyworld.world import DESCRIPTOR_WORD, NAMED_COLOURS, NAMED_STYLES, OBJECT_PROMPT, SHAPES, STYLE_PROMPT
+from tinv.toyworld.world import (
+    BACKDROP_WORD,
+    DESCRIPTOR_WORD,
+    NAMED_COLOURS,
+    NAMED_STYLES,
+    OBJECT_PROMPT,
+    SHAPES,
+    STYLE_PROMPT,
+)
 from tinv.train import ConceptData, train_concepts
 
 
@@ -85,7 +93,7 @@ def word_prompts(concept: Concept) -> list[str]:
         return [f"{concept.colour} {concept.shape}"]
     if concept.kind == "unnamed":
         return [concept.shape, *(f"{c} {concept.shape}" for c in (*NAMED_COLOURS, DESCRIPTOR_WORD))]
-    return ["", *NAMED_STYLES.values()]  # a style has no word: the shape word alone, or another style's
+    return ["", *NAMED_STYLES.values(), BACKDROP_WORD]  # no word: the shape alone, a rendering's, "toned"
 
 
 def score(
@@ -151,19 +159,21 @@ def fidelity_hits(
 ) -> list[bool]:
     """Whether each of ``samples`` shows what the concept's training pictures show, as the scorer reads both.
 
-    The target is the training pictures' most common shape and colour (objects) or style (styles);
-    a style sample must also have the shape its prompt names. ``training`` is ``(N, 3, H, W)`` in
+    The target is the training pictures' most common shape and colour (objects) or style and
+    backdrop (styles); a style sample must also have the shape its prompt names. ``training`` is ``(N, 3, H, W)`` in
     [-1, 1]; ``samples`` is ``(M, H, W, 3)`` uint8 drawn from ``prompts``.
     """
     seen = scorer.predict(training.float())
-    target = Counter((it.shape, it.colour) if learnable_property == "object" else it.style for it in seen)
+    obj = learnable_property == "object"
+    target = Counter((it.shape, it.colour) if obj else (it.style, it.backdrop) for it in seen)
     goal = target.most_common(1)[0][0]
     hits = []
     for item, prompt in zip(scorer.predict(pixels(samples)), prompts):
         if learnable_property == "object":
             hits.append((item.shape, item.colour) == goal)
         else:
-            hits.append(item.style == goal and item.shape == (prompt_shape(prompt) or item.shape))
+            look = (item.style, item.backdrop) == goal
+            hits.append(look and item.shape == (prompt_shape(prompt) or item.shape))
     return hits
 
 

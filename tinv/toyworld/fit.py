@@ -21,7 +21,15 @@ from tqdm import tqdm
 from tinv.models import TEMPLATES_FILE
 from tinv.toyworld import nets
 from tinv.toyworld.scorer import pixels
-from tinv.toyworld.world import DESCRIPTOR_WORD, EVAL_PROMPTS, STYLE_TEMPLATES, TEMPLATES, Item, training_set
+from tinv.toyworld.world import (
+    BACKDROP_WORD,
+    DESCRIPTOR_WORD,
+    EVAL_PROMPTS,
+    STYLE_TEMPLATES,
+    TEMPLATES,
+    Item,
+    training_set,
+)
 
 
 @dataclass(frozen=True)
@@ -89,13 +97,13 @@ def encode_all(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat(means), torch.cat(stds)
 
 
-def rgb_inputs(items: list[Item]) -> torch.Tensor:
-    """``(N, 3)`` in [-1, 1]: each described picture's colour (zeros for the others)."""
-    return torch.tensor([it.rgb or (127.5,) * 3 for it in items]) / 127.5 - 1
+def rgb_inputs(items: list[Item], field: str = "rgb") -> torch.Tensor:
+    """``(N, 3)`` in [-1, 1]: each described picture's colour, or its backdrop's (zeros for the others)."""
+    return torch.tensor([getattr(it, field) or (127.5,) * 3 for it in items]) / 127.5 - 1
 
 
 class Description:
-    """Adds a learned linear function of a described colour to the embedding of "colour".
+    """Adds a learned linear function of a described colour to the embedding of its word.
 
     A forward hook on the text encoder's token embedding, so the encoder itself stays a plain
     ``CLIPTextModel`` (the function is used in training only and not saved).
@@ -112,15 +120,19 @@ class Description:
         return out + at * self.linear(self.rgb).unsqueeze(1)
 
 
-def train_denoiser(latents, stds, ids, rgb, scale: float, cfg: FitConfig, progress: Callable = tqdm):
+def train_denoiser(latents, stds, ids, items: list[Item], scale: float, cfg: FitConfig, progress: Callable = tqdm):
     """UNet + text encoder jointly on cached latents, epsilon loss, EMA weights returned."""
     torch.manual_seed(cfg.seed + 2)
     tok = nets.tokenizer()
     unet, te = nets.unet(), nets.text_encoder(len(tok), tok.eos_token_id)
     sched = nets.scheduler()
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    description = Description(te, tok.encode(DESCRIPTOR_WORD, add_special_tokens=False)[0])
-    params = [*unet.parameters(), *te.parameters(), *description.linear.parameters()]
+    descriptions = {
+        field: (Description(te, tok.encode(word, add_special_tokens=False)[0]), rgb_inputs(items, field))
+        for field, word in (("rgb", DESCRIPTOR_WORD), ("backdrop_rgb", BACKDROP_WORD))
+    }
+    linears = [p for description, _ in descriptions.values() for p in description.linear.parameters()]
+    params = [*unet.parameters(), *te.parameters(), *linears]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
     batches = _batches(len(latents), cfg.batch, np.random.default_rng(cfg.seed + 4))
@@ -130,7 +142,8 @@ def train_denoiser(latents, stds, ids, rgb, scale: float, cfg: FitConfig, progre
         z = (latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=gen)) * scale  # (B, 4, 8, 8)
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
-        description.rgb = rgb[idx]
+        for description, rgb in descriptions.values():
+            description.rgb = rgb[idx]
         hidden = te(ids[idx]).last_hidden_state  # (B, T, 64)
         pred = unet(sched.add_noise(z, noise, t), t, hidden).sample
         loss = F.mse_loss(pred, noise)
@@ -161,7 +174,7 @@ def train_model(out: str | Path, cfg: FitConfig = FitConfig(), progress: Callabl
     vae.register_to_config(scaling_factor=scale)
     tok = nets.tokenizer()
     ids = tok(captions, padding="max_length", max_length=nets.MAX_TOKENS, truncation=True, return_tensors="pt")
-    unet, te = train_denoiser(means, stds, ids.input_ids, rgb_inputs(items), scale, cfg, progress)
+    unet, te = train_denoiser(means, stds, ids.input_ids, items, scale, cfg, progress)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=te,

@@ -1,4 +1,4 @@
-"""A small CNN that reads shape, colour and style off a toy-world picture.
+"""A small CNN that reads shape, colour, style and backdrop off a toy-world picture.
 
 Trained on the generator's exact labels, half of them passed through the toy model's VAE, so
 the soft edges of decoded samples (stars and diamonds blur) do not fool it.
@@ -16,10 +16,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tinv.toyworld import SCORER_FILE
-from tinv.toyworld.world import COLOURS, DESCRIBED, SHAPES, STYLES, Item, described_rgb, render
+from tinv.toyworld.world import (
+    BACKDROPS,
+    COLOURS,
+    DESCRIBED,
+    LIGHT,
+    SHAPES,
+    STYLES,
+    Item,
+    contrasts,
+    described_backdrop,
+    described_rgb,
+    render,
+)
 
-HEADS = {"shape": SHAPES, "colour": (*COLOURS, DESCRIBED), "style": STYLES}
-"""A described colour (one at least ``HOLE`` from every canonical colour) reads as ``other``."""
+HEADS = {"shape": SHAPES, "colour": (*COLOURS, DESCRIBED), "style": STYLES, "backdrop": (LIGHT, *BACKDROPS, DESCRIBED)}
+"""A described colour or backdrop (one at least ``HOLE`` from every canonical one) reads as ``other``."""
 
 
 class Scorer(nn.Module):
@@ -54,20 +66,31 @@ class Scorer(nn.Module):
     def predict(self, x: torch.Tensor) -> list[Item]:
         """Labels of each picture."""
         logits = self.eval()(x)
-        picks = {k: logits[k].argmax(-1).tolist() for k in HEADS}
-        return [Item(SHAPES[s], HEADS["colour"][c], STYLES[t]) for s, c, t in zip(*picks.values())]
+        picks = [[HEADS[k][i] for i in logits[k].argmax(-1).tolist()] for k in HEADS]
+        return [Item(s, c, t, backdrop=b) for s, c, t, b in zip(*picks)]
 
 
 def labelled_set(n: int, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``n`` pictures drawn evenly over every shape, colour (and ``other``) and style (held-out ones included)."""
+    """``n`` pictures drawn evenly over every shape, colour and style (``other`` and held-out ones included).
+
+    Half stand on a light tint (where every style is drawn), half evenly on the dark backdrops,
+    which carry plain shapes in a colour that stands out on them, as in the world.
+    """
     rng = np.random.default_rng(seed)
 
     def pick(options: tuple[str, ...]) -> str:
         return options[rng.integers(len(options))]
 
     def item() -> Item:
-        colour = pick(HEADS["colour"])
-        return Item(pick(SHAPES), colour, pick(STYLES), described_rgb(rng) if colour == DESCRIBED else None)
+        backdrop = LIGHT if rng.random() < 0.5 else pick(HEADS["backdrop"][1:])  # half light: room for every style
+        style = pick(STYLES) if backdrop == LIGHT else "plain"
+        while True:
+            colour = pick(HEADS["colour"])
+            rgb = described_rgb(rng) if colour == DESCRIBED else None
+            if contrasts(rgb or COLOURS[colour], backdrop):
+                break
+        ground = described_backdrop(rng, rgb or COLOURS[colour]) if backdrop == DESCRIBED else None
+        return Item(pick(SHAPES), colour, style, rgb, backdrop, ground)
 
     items = [item() for _ in range(n)]
     x = pixels(np.stack([np.asarray(render(it, rng)) for it in items]))

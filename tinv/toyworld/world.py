@@ -8,11 +8,11 @@ have words. Held out from the generator's training data:
 2. **unnamed colours**: drawn in training, but only under captions that never name a colour
    (every named colour gets such shape-only captions too, equally often, so the bare shape
    word draws an even mix rather than the concept);
-3. **unnamed styles**: renderings (dots, checkered background, drop shadow, two-tone) that
-   training images carry under captions that never name them. Three other styles do have
-   words ("outlined", "striped", "framed"), as styles have in a real model's captions: they
-   teach the model that a word before the noun can set the rendering, which is the slot a
-   learned style token takes ("a <dots> star").
+3. **unnamed styles**: backdrops in four dark tones (navy, plum, olive, slate) that training
+   pictures carry under captions that never name them. The renderings (outlined, striped,
+   framed, dotted, checkered, shadowed, two-toned) do have words, as styles have in a real
+   model's captions: they teach the model that a word before the noun sets the look of the
+   whole picture, which is the slot a learned style token takes ("a <navy> star").
 
 A generic noun, "shape", stands for any shape in some captions ("a striped shape"), the way
 "painting" does in Textual Inversion's style templates ("a painting in the style of {}").
@@ -25,6 +25,12 @@ embedding (``tinv.toyworld.fit``). No described colour lies within :data:`HOLE` 
 canonical colours, and the scorer reads such colours as ``other``, so no description reaches an
 unnamed colour (or a held-out combination's colour): an unnamed colour sits in a hole of the
 described continuum, where Textual Inversion must find it.
+
+**Described backdrops** do the same for the backdrop: a share (:data:`P_BACKDROP`) of the pictures
+stand on a random dark backdrop, captioned with "toned" ("a toned red star"), whose embedding
+gets a learned linear function of the backdrop's RGB. No described backdrop lies within
+:data:`HOLE` of an unnamed one (the scorer reads them as ``other``), so each unnamed backdrop is
+a hole of that continuum, reached only by a learned style token.
 """
 
 from __future__ import annotations
@@ -56,11 +62,28 @@ DESCRIBED = "other"
 DESCRIPTOR_WORD = "colour"
 """The caption word whose embedding carries a described colour."""
 HOLE = 45.0
-"""No described colour lies within this RGB distance of a canonical colour."""
-NAMED_STYLES = {"outline": "outlined", "stripes": "striped", "frame": "framed"}
-"""Styles with a word (style → word)."""
-HELD_OUT_STYLES = ("dots", "checker", "shadow", "twotone")
-STYLES = ("plain", *NAMED_STYLES, *HELD_OUT_STYLES)
+"""No described colour (backdrop) lies within this RGB distance of a canonical colour (unnamed backdrop)."""
+NAMED_STYLES = {
+    "outline": "outlined",
+    "stripes": "striped",
+    "frame": "framed",
+    "dots": "dotted",
+    "checker": "checkered",
+    "shadow": "shadowed",
+    "twotone": "twotoned",
+}
+"""Renderings, each with a word (style → word)."""
+STYLES = ("plain", *NAMED_STYLES)
+LIGHT = "light"
+"""The ordinary backdrop: a random light tint."""
+BACKDROPS = {"navy": (25, 35, 90), "plum": (130, 20, 80), "olive": (150, 150, 60), "slate": (80, 100, 120)}
+"""Unnamed backdrop tones, the held-out styles: no caption names them."""
+HELD_OUT_STYLES = tuple(BACKDROPS)
+BACKDROP_RGB = np.array(list(BACKDROPS.values()), float)
+BACKDROP_WORD = "toned"
+"""The caption word whose embedding carries a described backdrop."""
+CONTRAST = 80.0
+"""A dark backdrop is at least this RGB distance from the shape's colour."""
 GENERIC_NOUN = "shape"
 
 COMBINATIONS = (("red", "star"), ("blue", "circle"), ("green", "triangle"), ("yellow", "diamond"))
@@ -80,7 +103,7 @@ EVAL_PROMPTS = {
 """Default evaluation prompts on the toy model: objects alone; a style on every shape word."""
 WORDS = tuple(
     sorted(
-        {*SHAPES, *NAMED_COLOURS, *NAMED_STYLES.values(), GENERIC_NOUN, DESCRIPTOR_WORD}
+        {*SHAPES, *NAMED_COLOURS, *NAMED_STYLES.values(), GENERIC_NOUN, DESCRIPTOR_WORD, BACKDROP_WORD}
         | set(" ".join(TEMPLATES).replace("{}", "").split())
     )
 )
@@ -89,8 +112,10 @@ WORDS = tuple(
 P_EMPTY = 0.1  # empty caption, for classifier-free guidance
 P_SHAPE_ONLY = 0.25  # a named colour (or named style) left out of the caption
 P_GENERIC = 0.2  # the noun is "shape" instead of the shape's name
-P_STYLED = 0.05  # each style's share of training images (the rest are plain)
+P_STYLED = 0.08  # each rendering's share of light-backdrop images (the rest are plain)
 P_DESCRIBED = 0.4  # pictures in a described colour
+P_BACKDROP = 0.3  # pictures on a described backdrop
+P_UNNAMED_BACKDROP = 0.04  # each unnamed backdrop's share
 # An unnamed colour can only be captioned by its shape or not at all. Guidance samples from
 # p(x|c)^w / p(x|"")^(w-1), so the bare shape word favours whichever colours are captioned that
 # way most often *relative to the empty caption*. Giving unnamed-colour pictures more empty
@@ -110,10 +135,19 @@ class Item:
     style: str = "plain"
     rgb: tuple[int, int, int] | None = None
     """The exact colour of a ``DESCRIBED`` picture."""
+    backdrop: str = LIGHT
+    """``LIGHT``, an unnamed backdrop or ``DESCRIBED``; the latter two carry plain shapes only."""
+    backdrop_rgb: tuple[int, int, int] | None = None
+    """The exact colour of a ``DESCRIBED`` backdrop."""
 
     @property
     def fill(self) -> tuple[int, int, int]:
         return self.rgb if self.rgb is not None else COLOURS[self.colour]
+
+    @property
+    def ground(self) -> tuple[int, int, int] | None:
+        """The backdrop's colour, or None on a light tint."""
+        return self.backdrop_rgb if self.backdrop_rgb is not None else BACKDROPS.get(self.backdrop)
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -151,6 +185,7 @@ def render(item: Item, rng: np.random.Generator) -> Image.Image:
     """Draw one 32 px RGB picture of ``item`` at a random place, size and background tint."""
     big = SIZE * SCALE
     tint = tuple(int(v) for v in rng.integers(200, 256, size=3))
+    tint = item.ground or tint
     img = Image.new("RGB", (big, big), tint)
     draw = ImageDraw.Draw(img)
     colour = item.fill
@@ -213,6 +248,8 @@ def caption(item: Item, rng: np.random.Generator) -> str:
         words.insert(0, item.colour)
     if item.style in NAMED_STYLES and rng.random() >= P_SHAPE_ONLY:
         words.insert(0, NAMED_STYLES[item.style])
+    if item.backdrop == DESCRIBED:
+        words.insert(0, BACKDROP_WORD)
     return TEMPLATES[rng.integers(len(TEMPLATES))].format(" ".join(words))
 
 
@@ -224,18 +261,47 @@ def described_rgb(rng: np.random.Generator) -> tuple[int, int, int]:
             return tuple(int(v) for v in rgb)
 
 
+def described_backdrop(rng: np.random.Generator, fill: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A random backdrop, :data:`HOLE` from every unnamed one and :data:`CONTRAST` from ``fill``.
+
+    Some channel is below 150, so it is at least 50 from every light tint (channels 200-255).
+    """
+    while True:
+        rgb = rng.integers(0, 256, size=3)
+        far = np.linalg.norm(BACKDROP_RGB - rgb, axis=1).min() >= HOLE
+        if far and rgb.min() < 150 and np.linalg.norm(rgb - np.array(fill)) >= CONTRAST:
+            return tuple(int(v) for v in rgb)
+
+
+def contrasts(fill: tuple[int, int, int], backdrop: str) -> bool:
+    """Does a shape in ``fill`` stand out on an unnamed ``backdrop`` (always on light or described ones)?"""
+    return backdrop not in BACKDROPS or np.linalg.norm(np.array(fill) - BACKDROPS[backdrop]) >= CONTRAST
+
+
 def training_item(rng: np.random.Generator) -> Item:
     """One labelled picture of the generator's training distribution (held-out pairs never)."""
-    if rng.random() < P_DESCRIBED:
-        return Item(SHAPES[rng.integers(len(SHAPES))], DESCRIBED, _style(rng), described_rgb(rng))
+    u = rng.random()
+    if u < P_BACKDROP:
+        backdrop = DESCRIBED
+    elif u < P_BACKDROP + P_UNNAMED_BACKDROP * len(BACKDROPS):
+        backdrop = HELD_OUT_STYLES[int((u - P_BACKDROP) // P_UNNAMED_BACKDROP)]
+    else:
+        backdrop = LIGHT
+    style = _style(rng) if backdrop == LIGHT else "plain"
     colours = list(COLOURS)
     weights = np.array([1.0 if c in NAMED_COLOURS else UNNAMED_WEIGHT for c in colours])
     while True:
-        colour = colours[rng.choice(len(colours), p=weights / weights.sum())]
+        if rng.random() < P_DESCRIBED:
+            colour, rgb = DESCRIBED, described_rgb(rng)
+        else:
+            colour, rgb = colours[rng.choice(len(colours), p=weights / weights.sum())], None
         shape = SHAPES[rng.integers(len(SHAPES))]
-        if (colour, shape) not in COMBINATIONS:
+        item = Item(shape, colour, style, rgb, backdrop)
+        if (colour, shape) not in COMBINATIONS and contrasts(item.fill, backdrop):
             break
-    return Item(shape, colour, _style(rng))
+    if backdrop == DESCRIBED:
+        return Item(shape, colour, style, rgb, backdrop, described_backdrop(rng, item.fill))
+    return item
 
 
 def _style(rng: np.random.Generator) -> str:
