@@ -33,6 +33,7 @@ from tinv.toyworld.world import (
     OBJECT_PROMPT,
     SHAPES,
     STYLE_PROMPT,
+    Item,
 )
 from tinv.train import ConceptData, train_concepts
 
@@ -160,21 +161,20 @@ def fidelity_hits(
     """Whether each of ``samples`` shows what the concept's training pictures show, as the scorer reads both.
 
     The target is the training pictures' most common shape and colour (objects) or style and
-    backdrop (styles); a style sample must also have the shape its prompt names. ``training`` is ``(N, 3, H, W)`` in
-    [-1, 1]; ``samples`` is ``(M, H, W, 3)`` uint8 drawn from ``prompts``.
+    backdrop (styles); a style sample must also have the shape its prompt names. ``training`` is
+    ``(N, 3, H, W)`` in [-1, 1]; ``samples`` is ``(M, H, W, 3)`` uint8 drawn from ``prompts``.
     """
-    seen = scorer.predict(training.float())
     obj = learnable_property == "object"
-    target = Counter((it.shape, it.colour) if obj else (it.style, it.backdrop) for it in seen)
-    goal = target.most_common(1)[0][0]
-    hits = []
-    for item, prompt in zip(scorer.predict(pixels(samples)), prompts):
-        if learnable_property == "object":
-            hits.append((item.shape, item.colour) == goal)
-        else:
-            look = (item.style, item.backdrop) == goal
-            hits.append(look and item.shape == (prompt_shape(prompt) or item.shape))
-    return hits
+
+    def key(it: Item) -> tuple[str, str]:
+        return (it.shape, it.colour) if obj else (it.style, it.backdrop)
+
+    goal = Counter(map(key, scorer.predict(training.float()))).most_common(1)[0][0]
+    samples_seen = scorer.predict(pixels(samples))
+    return [
+        key(item) == goal and (obj or item.shape == (prompt_shape(prompt) or item.shape))
+        for item, prompt in zip(samples_seen, prompts)
+    ]
 
 
 def markdown(rows: list[Row]) -> str:

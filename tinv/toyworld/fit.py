@@ -127,11 +127,11 @@ def train_denoiser(latents, stds, ids, items: list[Item], scale: float, cfg: Fit
     unet, te = nets.unet(), nets.text_encoder(len(tok), tok.eos_token_id)
     sched = nets.scheduler()
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
-    descriptions = {
-        field: (Description(te, tok.encode(word, add_special_tokens=False)[0]), rgb_inputs(items, field))
+    descriptions = [  # (hook, its described RGB per training picture), for a colour and for a backdrop
+        (Description(te, tok.encode(word, add_special_tokens=False)[0]), rgb_inputs(items, field))
         for field, word in (("rgb", DESCRIPTOR_WORD), ("backdrop_rgb", BACKDROP_WORD))
-    }
-    linears = [p for description, _ in descriptions.values() for p in description.linear.parameters()]
+    ]
+    linears = [p for description, _ in descriptions for p in description.linear.parameters()]
     params = [*unet.parameters(), *te.parameters(), *linears]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
@@ -142,7 +142,7 @@ def train_denoiser(latents, stds, ids, items: list[Item], scale: float, cfg: Fit
         z = (latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=gen)) * scale  # (B, 4, 8, 8)
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
-        for description, rgb in descriptions.values():
+        for description, rgb in descriptions:
             description.rgb = rgb[idx]
         hidden = te(ids[idx]).last_hidden_state  # (B, T, 64)
         pred = unet(sched.add_noise(z, noise, t), t, hidden).sample

@@ -36,7 +36,7 @@ a hole of that continuum, reached only by a learned style token.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
@@ -184,7 +184,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 def render(item: Item, rng: np.random.Generator) -> Image.Image:
     """Draw one 32 px RGB picture of ``item`` at a random place, size and background tint."""
     big = SIZE * SCALE
-    tint = tuple(int(v) for v in rng.integers(200, 256, size=3))
+    tint = tuple(int(v) for v in rng.integers(200, 256, size=3))  # drawn on any backdrop: same place and size
     tint = item.ground or tint
     img = Image.new("RGB", (big, big), tint)
     draw = ImageDraw.Draw(img)
@@ -299,9 +299,7 @@ def training_item(rng: np.random.Generator) -> Item:
         item = Item(shape, colour, style, rgb, backdrop)
         if (colour, shape) not in COMBINATIONS and contrasts(item.fill, backdrop):
             break
-    if backdrop == DESCRIBED:
-        return Item(shape, colour, style, rgb, backdrop, described_backdrop(rng, item.fill))
-    return item
+    return replace(item, backdrop_rgb=described_backdrop(rng, item.fill)) if backdrop == DESCRIBED else item
 
 
 def _style(rng: np.random.Generator) -> str:
