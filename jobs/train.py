@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-vectors", type=int, default=TrainConfig.max_vectors,
                    help="largest num_vectors a concept may ask for")
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--min-timestep-fraction", type=float, default=TrainConfig.min_timestep_fraction,
+                   help="train on the noisiest (1 - this) share of the timesteps; 0: all, as the recipe")
     p.add_argument("--resolution", type=int, default=None, help="training size in px (default: the model's)")
     p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=TrainConfig.early_stop,
                    help="stop a concept once its fixed-batch loss flattens (DVAR; --dvar-* tune it)")
@@ -91,7 +93,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
         concepts_per_batch=args.concepts_per_actor, max_vectors=args.max_vectors, seed=args.seed,
         resolution=args.resolution, early_stop=args.early_stop, dvar_window=args.dvar_window,
-        dvar_threshold=args.dvar_threshold,
+        dvar_threshold=args.dvar_threshold, min_timestep_fraction=args.min_timestep_fraction,
     )
 
 

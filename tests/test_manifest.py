@@ -84,6 +84,7 @@ def test_fingerprint_changes_with_what_changes_the_result():
     assert fp == config_fingerprint(spec, TrainConfig(concepts_per_batch=7), model)  # packed == solo
     assert fp != config_fingerprint(spec, TrainConfig(steps=9), model)
     assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), seed=3), TrainConfig(), model)
+    assert fp != config_fingerprint(spec, TrainConfig(min_timestep_fraction=0.0), model)
     assert fp != config_fingerprint(spec, TrainConfig(), {**model, "base_model_fingerprint": "m2"})
     # early stopping changes where a concept ends; its settings count only while it is on
     assert fp != config_fingerprint(spec, TrainConfig(dvar_threshold=0.1), model)

@@ -177,3 +177,20 @@ def test_early_stopping_costs_nothing_on_a_schedule_too_short_to_use_it(tiny_mod
         trainer.slots[0].losses.append(trainer.step()[0])
         assert not trainer.flattened(0)
     assert trainer.slots[0].fixed == []  # no fixed-batch pass was spent
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9])
+def test_training_timesteps_come_from_the_noisy_share_of_the_schedule(tiny_models, images, fraction):
+    model = load_base_model(str(tiny_models["sd1"]))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1, min_timestep_fraction=fraction))
+    trainer.admit(0, ConceptData(spec("c"), images))
+    t = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4000)[2]
+    steps = model.scheduler.config.num_train_timesteps
+    low = int(fraction * steps)
+    assert t.min().item() == low and t.max().item() == steps - 1  # the whole share, nothing below it
+    assert abs(t.float().mean().item() - (low + steps - 1) / 2) < 0.02 * steps  # uniform over it
+
+
+def test_min_timestep_fraction_is_checked():
+    with pytest.raises(ValueError, match="min_timestep_fraction"):
+        TrainConfig(min_timestep_fraction=1.0)

@@ -19,7 +19,7 @@ from tinv.formats import DIFFUSERS_NAME, embedding_files
 from tinv.train import TrainedConcept
 
 RESULT_NAME = "result.json"
-TRAIN_FIELDS = ("batch_size", "weight_decay", "adam_betas", "adam_eps")
+TRAIN_FIELDS = ("batch_size", "weight_decay", "adam_betas", "adam_eps", "min_timestep_fraction")
 """Run-level fields that change a concept's result besides those resolved into its spec.
 
 K (``concepts_per_batch``) and ``max_vectors`` do not: a packed concept equals a solo one.

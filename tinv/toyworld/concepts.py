@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from tinv.toyworld.world import (
+    BACKDROP_WORD,
     COMBINATIONS,
     HELD_OUT_STYLES,
     LIGHT,
@@ -18,7 +19,7 @@ from tinv.toyworld.world import (
     render,
 )
 
-STYLE_INITIALIZER = "picture"
+STYLE_INITIALIZER = BACKDROP_WORD
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Concept:
 
     @property
     def initializer(self) -> str:
-        """The coarse word a user would give: the shape for objects, a style word for styles."""
+        """The coarse word a user would give: the shape for objects, the backdrop word ("toned") for styles."""
         return self.shape or STYLE_INITIALIZER
 
     @property
