@@ -12,7 +12,7 @@ from tinv.models import load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.toyworld import MODEL_DIR, SCORER_FILE
 from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.fidelity import fidelity_table
+from tinv.toyworld.fidelity import fidelity_table, worst_shape
 from tinv.toyworld.scorer import evaluate_scorer, load_scorer, pixels
 from tinv.toyworld.world import TEMPLATES
 
@@ -48,3 +48,9 @@ def test_a_short_ti_run_lifts_an_unnamed_colour_from_the_floor(scorer):
     (row,) = fidelity_table(str(MODEL_DIR), scorer, TrainConfig(steps=150), (concept,), samples=16)
     assert row.floor <= 0.15 and row.best_words <= 0.3, row
     assert row.ti >= 0.8, row
+
+
+def test_a_style_is_judged_by_its_worst_shape_word():
+    hits = [("star", True), ("star", False), ("circle", True), ("circle", True), ("cross", True)]
+    assert worst_shape(hits) == ("star", 0.5)
+    assert worst_shape([(None, True), (None, False)]) is None  # objects are not prompted per shape

@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--model", default=str(MODEL_DIR))
     f.add_argument("--steps", type=int, default=200, help="TI steps per concept")
     f.add_argument("--samples", type=int, default=32, help="samples per concept and prompt")
+    f.add_argument("--seed", type=int, default=0, help="pictures, TI and sample seeds start here")
+    f.add_argument("--min-timestep-fraction", type=float, default=TrainConfig.min_timestep_fraction,
+                   help="TI timesteps from [this × T, T); 0: the whole schedule")
     f.add_argument("--json", default=None, help="also write the table as JSON here")
     args = p.parse_args(argv)
     if args.command == "train":
@@ -53,7 +56,8 @@ def fidelity(args: argparse.Namespace) -> None:
     from tinv.toyworld.scorer import load_scorer
 
     scorer = load_scorer(Path(args.model) / SCORER_FILE)
-    rows = fidelity_table(args.model, scorer, TrainConfig(steps=args.steps), samples=args.samples)
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, min_timestep_fraction=args.min_timestep_fraction)
+    rows = fidelity_table(args.model, scorer, cfg, samples=args.samples, seed=args.seed)
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))

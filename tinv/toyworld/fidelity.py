@@ -46,6 +46,8 @@ class Row:
     best_words: float
     best_prompt: str
     ti: float
+    ti_worst_shape: tuple[str, float] | None = None
+    """Styles: the shape word their TI samples matched least often, and how often."""
 
 
 def token(concept: Concept) -> str:
@@ -97,11 +99,12 @@ def word_prompts(concept: Concept) -> list[str]:
     return ["", *NAMED_STYLES.values(), BACKDROP_WORD]  # no word: the shape alone, a rendering's, "toned"
 
 
-def score(
+def judge(
     model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
     samples: int, seed: int = 0, **gen,
-) -> list[float]:
-    """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run."""
+) -> list[list[tuple[str | None, bool]]]:
+    """Each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, drawn in one batched run:
+    per sample, the shape its prompt named (styles; else None) and whether it shows the concept."""
     slots, requests, judged = [], [], []
     for i, v in vectors:
         word = "{}" if isinstance(v, torch.Tensor) else v
@@ -115,7 +118,25 @@ def score(
         slots.append([torch.zeros(1, model.embedding_dims[0])])
     images = sample(model, slots, requests, **gen)
     items = iter(scorer.predict(pixels(images)))
-    return [float(np.mean([concepts[i].hit(next(items), shape) for shape in shapes])) for i, shapes in judged]
+    return [[(shape, concepts[i].hit(next(items), shape)) for shape in shapes] for i, shapes in judged]
+
+
+def score(
+    model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
+    samples: int, seed: int = 0, **gen,
+) -> list[float]:
+    """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run."""
+    judged = judge(model, scorer, concepts, vectors, samples, seed, **gen)
+    return [float(np.mean([hit for _, hit in h])) for h in judged]
+
+
+def worst_shape(hits: list[tuple[str | None, bool]]) -> tuple[str, float] | None:
+    """A style's lowest fidelity over the shape words it was prompted with (None for objects)."""
+    by_shape: dict[str, list[bool]] = {}
+    for shape, hit in hits:
+        if shape is not None:
+            by_shape.setdefault(shape, []).append(hit)
+    return min(((s, float(np.mean(h))) for s, h in by_shape.items()), key=lambda x: x[1], default=None)
 
 
 def fidelity_table(
@@ -138,14 +159,15 @@ def fidelity_table(
     for i, c in enumerate(concepts):
         columns += [(i, "ti", ""), (i, "floor", ""), *((i, "words", w) for w in word_prompts(c))]
         todo += [(i, learned[c.name]), (i, floor), *((i, w) for w in word_prompts(c))]
-    scores = dict(zip(columns, score(model, scorer, concepts, todo, samples, seed, **gen)))
+    hits = dict(zip(columns, judge(model, scorer, concepts, todo, samples, seed, **gen)))
+    scores = {k: float(np.mean([hit for _, hit in h])) for k, h in hits.items()}
     rows = []
     for i, c in enumerate(concepts):
         best = max(word_prompts(c), key=lambda w: scores[i, "words", w])
         shown = OBJECT_PROMPT.format(best) if c.kind != "style" else STYLE_PROMPT.format(best, shape="<shape>")
         rows.append(
             Row(c.name, c.kind, scores[i, "floor", ""], scores[i, "words", best], " ".join(shown.split()),
-                scores[i, "ti", ""])
+                scores[i, "ti", ""], worst_shape(hits[i, "ti", ""]))
         )
     return rows
 
@@ -178,14 +200,14 @@ def fidelity_hits(
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| concept | kind | floor | best words (prompt) | TI |", "|---|---|---|---|---|"]
+    lines = ["| concept | kind | floor | best words (prompt) | TI | TI, worst shape |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r.concept} | {r.kind} | {r.floor:.2f} | {r.best_words:.2f} ({r.best_prompt!r}) | {r.ti:.2f} |"
-        )
+        worst = f"{r.ti_worst_shape[1]:.2f} ({r.ti_worst_shape[0]})" if r.ti_worst_shape else ""
+        words = f"{r.best_words:.2f} ({r.best_prompt!r})"
+        lines.append(f"| {r.concept} | {r.kind} | {r.floor:.2f} | {words} | {r.ti:.2f} | {worst} |")
     for kind in ("combination", "unnamed", "style"):
         sel = [r for r in rows if r.kind == kind]
         if sel:
             mean = [np.mean([getattr(r, f) for r in sel]) for f in ("floor", "best_words", "ti")]
-            lines.append(f"| **{kind} mean** | | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} |")
+            lines.append(f"| **{kind} mean** | | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | |")
     return "\n".join(lines)
