@@ -424,8 +424,8 @@ def schedules(smoke: bool) -> dict[str, Any]:
 
     model = load_base_model(str(default_model()), precision="fp32")
     default = TrainConfig()
-    recipe = TrainConfig(steps=RECIPE["steps"], learning_rate=RECIPE["learning_rate"],
-                         batch_size=RECIPE["batch_size"], weight_decay=RECIPE["weight_decay"])
+    recipe = TrainConfig(steps=RECIPE["steps"], learning_rate=RECIPE["learning_rate"], batch_size=RECIPE["batch_size"],
+                         weight_decay=RECIPE["weight_decay"], min_timestep_fraction=0.0)  # the recipe draws every t
     plans = {"recipe": (recipe, [100, 200, 500, 1000, 2000, 3000], False),
              "tinv": (default, [25, 50, 100, 150, 200, 300, 400, 500], True)}
     concepts, samples, gen = CONCEPTS, 32, {"steps": 25, "batch_size": 64}
