@@ -165,8 +165,8 @@ class PackedTrainer:
         shape = (n, *mean.shape[1:])
         eps = torch.randn(shape, generator=generator).to(mean.device)
         noise = torch.randn(shape, generator=generator).to(mean.device)
-        steps = self.model.scheduler.config.num_train_timesteps
-        t = torch.randint(int(self.cfg.min_timestep_fraction * steps), steps, (n,), generator=generator)
+        timesteps = self.model.scheduler.config.num_train_timesteps
+        t = torch.randint(int(self.cfg.min_timestep_fraction * timesteps), timesteps, (n,), generator=generator)
         row = (image + flip.long() * n_images).to(mean.device)
         latents = mean[row] + std[row] * eps  # (n, C, h, w): a fresh sample of q(z|x)
         vae = self.model.vae.config

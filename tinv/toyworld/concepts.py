@@ -19,8 +19,6 @@ from tinv.toyworld.world import (
     render,
 )
 
-STYLE_INITIALIZER = BACKDROP_WORD
-
 
 @dataclass(frozen=True)
 class Concept:
@@ -37,7 +35,7 @@ class Concept:
     @property
     def initializer(self) -> str:
         """The coarse word a user would give: the shape for objects, the backdrop word ("toned") for styles."""
-        return self.shape or STYLE_INITIALIZER
+        return self.shape or BACKDROP_WORD
 
     @property
     def learnable_property(self) -> str:

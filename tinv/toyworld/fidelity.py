@@ -126,8 +126,12 @@ def score(
     samples: int, seed: int = 0, **gen,
 ) -> list[float]:
     """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run."""
-    judged = judge(model, scorer, concepts, vectors, samples, seed, **gen)
-    return [float(np.mean([hit for _, hit in h])) for h in judged]
+    return [share(h) for h in judge(model, scorer, concepts, vectors, samples, seed, **gen)]
+
+
+def share(hits: list[tuple[str | None, bool]]) -> float:
+    """The fraction of judged samples that show the concept."""
+    return float(np.mean([hit for _, hit in hits]))
 
 
 def worst_shape(hits: list[tuple[str | None, bool]]) -> tuple[str, float] | None:
@@ -160,7 +164,7 @@ def fidelity_table(
         columns += [(i, "ti", ""), (i, "floor", ""), *((i, "words", w) for w in word_prompts(c))]
         todo += [(i, learned[c.name]), (i, floor), *((i, w) for w in word_prompts(c))]
     hits = dict(zip(columns, judge(model, scorer, concepts, todo, samples, seed, **gen)))
-    scores = {k: float(np.mean([hit for _, hit in h])) for k, h in hits.items()}
+    scores = {k: share(h) for k, h in hits.items()}
     rows = []
     for i, c in enumerate(concepts):
         best = max(word_prompts(c), key=lambda w: scores[i, "words", w])
