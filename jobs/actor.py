@@ -64,7 +64,8 @@ def worker_info(model: BaseModel, resolution: int, name: str) -> dict[str, Any]:
 
 
 def spec_from_dict(d: dict[str, Any]) -> ConceptSpec:
-    return ConceptSpec(**{**d, "images": tuple(d["images"]), "eval_prompts": tuple(d["eval_prompts"])})
+    lists = ("images", "eval_prompts", "captions")
+    return ConceptSpec(**{**d, **{k: tuple(d.get(k, ())) for k in lists}})
 
 
 class TrainerWorker:

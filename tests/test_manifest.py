@@ -27,13 +27,15 @@ def problems_of(rows, schema=None) -> list[str]:
 
 def test_good_manifest_resolves_relative_uris_and_defaults(tmp_path):
     rows = [GOOD, {"concept_id": "b-2", "images": ["s3://bucket/x.png", "/abs/y.png"], "learnable_property": "style",
-                   "placeholder_token": "<bee>", "steps": 7, "learning_rate": 0.1, "num_vectors": 2}]
+                   "placeholder_token": "<bee>", "steps": 7, "learning_rate": 0.1, "num_vectors": 2,
+                   "captions": ["a {} on a star", "a {} on a cross"]}]
     write_manifest(rows, str(tmp_path / "sub" / "m.parquet"))
     specs = read_manifest(f"file://{tmp_path}/sub/m.parquet")
     assert specs[0].images == (f"file://{tmp_path}/sub/a.png",)
     assert specs[0].placeholder_token == "<good>" and specs[0].initializer_token == "object"
     assert specs[1].images == ("s3://bucket/x.png", "/abs/y.png")
     assert (specs[1].steps, specs[1].num_vectors, specs[1].tokens) == (7, 2, ["<bee>", "<bee>_1"])
+    assert (specs[0].captions, specs[1].captions) == ((), ("a {} on a star", "a {} on a cross"))
     assert read_manifest(str(tmp_path / "sub" / "m.parquet"))[0].images == (f"{tmp_path}/sub/a.png",)
 
 
@@ -48,11 +50,13 @@ def test_every_bad_row_is_reported_at_once():
         {"concept_id": "two-words", "images": ["e.png"], "placeholder_token": "two words"},
         {"concept_id": "same-token", "images": ["f.png"], "placeholder_token": "<good>"},
         {"concept_id": None, "images": ["g.png"]},
+        {"concept_id": "few-captions", "images": ["h.png", "i.png"], "captions": ["a {}"]},
+        {"concept_id": "no-slot", "images": ["j.png"], "captions": ["a red star"]},
     ]
     found = problems_of(rows)
     expect = {1: "duplicates row 0", 2: "concept_id must match", 3: "concept_id must match", 4: "images must hold",
               5: "learnable_property", 6: "placeholder_token must be one word", 7: "token '<good>' is also row 0",
-              8: "concept_id is missing"}
+              8: "concept_id is missing", 9: "one caption per image (2), got 1", 10: "every caption must contain {}"}
     for row, text in expect.items():
         assert any(p.startswith(f"row {row} ") and text in p for p in found), (row, text, found)
     assert not any(p.startswith("row 0 ") for p in found)
@@ -85,6 +89,7 @@ def test_fingerprint_changes_with_what_changes_the_result():
     assert fp != config_fingerprint(spec, TrainConfig(steps=9), model)
     assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), seed=3), TrainConfig(), model)
     assert fp != config_fingerprint(spec, TrainConfig(min_timestep_fraction=0.0), model)
+    assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), captions=("a {} star",)), TrainConfig(), model)
     assert fp != config_fingerprint(spec, TrainConfig(), {**model, "base_model_fingerprint": "m2"})
     # early stopping changes where a concept ends; its settings count only while it is on
     assert fp != config_fingerprint(spec, TrainConfig(dvar_threshold=0.1), model)

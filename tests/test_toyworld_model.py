@@ -50,6 +50,21 @@ def test_a_short_ti_run_lifts_an_unnamed_colour_from_the_floor(scorer):
     assert row.ti >= 0.8, row
 
 
+def test_demo_style_captions_name_the_shape_each_picture_shows(scorer, tmp_path):
+    from tinv.demo import make_demo
+    from tinv.images import decode_image
+    from tinv.manifest import read_manifest
+
+    styles = [s for s in read_manifest(str(make_demo(tmp_path))) if s.learnable_property == "style"]
+    assert len(styles) == 4 and all(not s.captions for s in read_manifest(str(tmp_path / "demo.parquet"))
+                                    if s.learnable_property == "object")
+    for s in styles:
+        x = torch.stack([decode_image(open(u, "rb").read(), 32, concept_id="", uri=u) for u in s.images])
+        shown = [it.shape for it in scorer.predict(x)]
+        assert [c.replace("{}", "").split()[-1] for c in s.captions] == shown, s.concept_id
+        assert all(c.count("{}") == 1 for c in s.captions)
+
+
 def test_a_style_is_judged_by_its_worst_shape_word():
     hits = [("star", True), ("star", False), ("circle", True), ("circle", True), ("cross", True)]
     assert worst_shape(hits) == ("star", 0.5)

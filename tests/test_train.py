@@ -191,6 +191,19 @@ def test_training_timesteps_come_from_the_noisy_share_of_the_schedule(tiny_model
     assert abs(t.float().mean().item() - (low + steps - 1) / 2) < 0.02 * steps  # uniform over it
 
 
+def test_a_captioned_image_is_always_trained_under_its_own_caption(tiny_models, images):
+    model = load_base_model(str(tiny_models["sd1"]))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1))
+    captions = ("a {} cat", "a {} dog", "a {} car", "a {} house")
+    captioned = ConceptSpec("c", ("memory://x.png",) * 4, initializer_token="cat", captions=captions)
+    trainer.admit(0, ConceptData(captioned, images))
+    ids = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 64)[3][0]
+    drawn = torch.randint(4, (64,), generator=torch.Generator().manual_seed(0))  # the image draw comes first
+    expected = trainer._tokenize(model.tokenizers[0], [c.format(trainer.names[0][0]) for c in captions])
+    assert torch.equal(ids, expected[drawn])
+    assert len(set(drawn.tolist())) == 4  # every image, each under its own caption
+
+
 def test_min_timestep_fraction_is_checked():
     with pytest.raises(ValueError, match="min_timestep_fraction"):
         TrainConfig(min_timestep_fraction=1.0)

@@ -36,6 +36,10 @@ class ConceptSpec:
     """Probability of a horizontal flip per sample; ``None`` takes the run's default."""
     eval_prompts: tuple[str, ...] = ()
     """Evaluation prompts, ``{}`` standing for the token; empty means the property's default set."""
+    captions: tuple[str, ...] = ()
+    """One training prompt per image, ``{}`` standing for the token (``a {} on a red star``): each
+    image is trained under its own caption instead of the property's templates, so what the caption
+    names (the content under a style) stays with its words and out of the new one. Empty: templates."""
 
     def __post_init__(self) -> None:
         errors = self.problems()
@@ -71,6 +75,10 @@ class ConceptSpec:
             out.append(f"flip_p must be in [0, 1], got {self.flip_p}")
         if any("{}" not in p for p in self.eval_prompts):
             out.append("every eval prompt must contain {} for the token")
+        if self.captions and len(self.captions) != len(self.images):
+            out.append(f"captions must hold one caption per image ({len(self.images)}), got {len(self.captions)}")
+        if any(not isinstance(c, str) or c.count("{}") != 1 for c in self.captions):
+            out.append("every caption must contain {} for the token exactly once")
         return out
 
     @property

@@ -42,6 +42,7 @@ def demo_rows(folder: str | Path, n_images: int = DEMO_IMAGES, seed: int = 0) ->
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_bytes(png_bytes(picture))
             images.append(rel)
+        captions = concept.captions(n_images, seed + k)
         rows.append(
             {
                 "concept_id": concept.name,
@@ -51,6 +52,7 @@ def demo_rows(folder: str | Path, n_images: int = DEMO_IMAGES, seed: int = 0) ->
                 "learnable_property": concept.learnable_property,
                 "steps": DEMO_STEPS,
                 "eval_prompts": eval_prompts(concept),
+                **({"captions": list(captions)} if captions else {}),
             }
         )
     return rows

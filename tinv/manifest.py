@@ -38,6 +38,7 @@ COLUMNS: dict[str, tuple[str, tuple[Callable[[pa.DataType], bool], ...]]] = {
     "seed": ("int", _INT),
     "flip_p": ("double", _FLOAT),
     "eval_prompts": ("list<string>", (_list_of_strings,)),
+    "captions": ("list<string>", (_list_of_strings,)),
 }
 """Column → (type name for messages, predicates on the Arrow type)."""
 REQUIRED = ("concept_id", "images")
@@ -106,6 +107,7 @@ def _row_spec(row: dict[str, Any], base_dir: str) -> tuple[ConceptSpec | None, l
         return None, ["images holds an empty or null URI"]
     fields["images"] = tuple(storage.resolve(u, base_dir) for u in images)
     fields["eval_prompts"] = tuple(fields.get("eval_prompts", ()))
+    fields["captions"] = tuple(fields.get("captions", ()))
     try:
         return ConceptSpec(**fields), []
     except ValueError:  # ConceptSpec names every problem; take them one by one

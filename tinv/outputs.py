@@ -39,6 +39,7 @@ def resolved(spec: ConceptSpec, cfg: TrainConfig) -> dict[str, Any]:
     out = dataclasses.asdict(spec)
     out["images"] = list(spec.images)
     out["eval_prompts"] = list(spec.eval_prompts)
+    out["captions"] = list(spec.captions)
     out["steps"] = spec.steps or cfg.steps
     out["learning_rate"] = spec.learning_rate or cfg.learning_rate
     out["seed"] = cfg.seed if spec.seed is None else spec.seed
@@ -56,6 +57,8 @@ def config_fingerprint(
     in the manifest (relative), so a manifest folder that moves (a job's working dir) keeps its results.
     """
     spec_part = {k: v for k, v in resolved(spec, cfg).items() if k != "eval_prompts"}
+    if not spec.captions:  # only then: fingerprints of concepts without captions stay as they were
+        del spec_part["captions"]
     if manifest_dir:
         prefix = manifest_dir.rstrip("/") + "/"
         spec_part["images"] = [u.removeprefix(prefix) for u in spec.images]

@@ -69,7 +69,9 @@ class _Slot:
     latents: tuple[torch.Tensor, torch.Tensor]
     """Latent mean and std, ``(2N, C, h, w)``: the N images, then their flips."""
     prompt_ids: list[torch.Tensor]
-    """Per text encoder, ``(n_templates, T)`` token ids of every template."""
+    """Per text encoder, ``(n_prompts, T)`` token ids of every template, or of every image's caption."""
+    captioned: bool = False
+    """Image ``i`` is trained under prompt ``i`` (its caption) rather than a random template."""
     losses: list[float] = field(default_factory=list)
     fixed: list[float] = field(default_factory=list)
     """Fixed-batch losses every ``dvar_every`` steps (early stopping only)."""
@@ -104,7 +106,7 @@ class PackedTrainer:
             raise ValueError(f"images are {tuple(data.images.shape[-2:])}, the trainer needs {self.resolution} px")
         init = [self._initializer(spec, e) for e in range(len(self.model.tokenizers))]
         latents = self._encode_latents(data.images)
-        templates = self.model.templates[spec.learnable_property]
+        templates = spec.captions or self.model.templates[spec.learnable_property]
         slot_word = " ".join(self.names[s][: spec.num_vectors])
         prompts = [t.format(slot_word) for t in templates]
         prompt_ids = [self._tokenize(tok, prompts) for tok in self.model.tokenizers]
@@ -117,7 +119,9 @@ class PackedTrainer:
         self.optimizer.param_groups[s]["lr"] = spec.learning_rate or cfg.learning_rate
         generator = torch.Generator().manual_seed(cfg.seed if spec.seed is None else spec.seed)
         flip_p = cfg.flip_p if spec.flip_p is None else spec.flip_p
-        self.slots[s] = _Slot(spec, spec.steps or cfg.steps, flip_p, generator, latents, prompt_ids)
+        self.slots[s] = _Slot(
+            spec, spec.steps or cfg.steps, flip_p, generator, latents, prompt_ids, captioned=bool(spec.captions)
+        )
 
     def _initializer(self, spec: ConceptSpec, e: int) -> torch.Tensor:
         tokenizer, encoder = self.model.tokenizers[e], self.model.text_encoders[e]
@@ -162,6 +166,8 @@ class PackedTrainer:
         image = torch.randint(n_images, (n,), generator=generator)
         flip = torch.rand(n, generator=generator) < slot.flip_p
         template = torch.randint(slot.prompt_ids[0].shape[0], (n,), generator=generator)
+        if slot.captioned:
+            template = image  # drawn anyway, so a concept's other draws do not depend on its captions
         shape = (n, *mean.shape[1:])
         eps = torch.randn(shape, generator=generator).to(mean.device)
         noise = torch.randn(shape, generator=generator).to(mean.device)

@@ -14,6 +14,7 @@ from tinv.toyworld.world import (
     LIGHT,
     NAMED_COLOURS,
     SHAPES,
+    STYLE_PROMPT,
     UNNAMED_CONCEPTS,
     Item,
     render,
@@ -53,6 +54,13 @@ class Concept:
     def pictures(self, n: int, seed: int) -> list[Image.Image]:
         rng = np.random.default_rng(seed)
         return [render(it, rng) for it in self.items(n, rng)]
+
+    def captions(self, n: int, seed: int) -> tuple[str, ...]:
+        """Styles: each of :meth:`pictures`' content in words (``a {} star``), so that the style's token
+        need not carry the shapes; objects: none (their pictures are all the concept)."""
+        if self.kind != "style":
+            return ()
+        return tuple(STYLE_PROMPT.format("{}", shape=it.shape) for it in self.items(n, np.random.default_rng(seed)))
 
     def hit(self, item: Item, shape: str | None = None) -> bool:
         """Does a sample show the concept? Styles also need the shape the prompt named."""

@@ -67,6 +67,7 @@ def concept_data(concept: Concept, n_images: int, size: int, seed: int) -> Conce
         placeholder_token=token(concept),
         learnable_property=concept.learnable_property,
         initializer_token=concept.initializer,
+        captions=concept.captions(n_images, seed),
     )
     return ConceptData(spec, torch.stack(tensors))
 
