@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     f = sub.add_parser("fidelity", help="floor / best words / TI per held-out concept")
     f.add_argument("--model", default=str(MODEL_DIR))
     f.add_argument("--steps", type=int, default=200, help="TI steps per concept")
-    f.add_argument("--samples", type=int, default=32, help="samples per concept and prompt")
+    f.add_argument("--samples", type=int, default=96,
+                   help="samples per concept and prompt (a style spreads them over the 6 shape words: 16 each)")
     f.add_argument("--seed", type=int, default=0, help="pictures, TI and sample seeds start here")
     f.add_argument("--min-timestep-fraction", type=float, default=TrainConfig.min_timestep_fraction,
                    help="TI timesteps from [this × T, T); 0: the whole schedule")
