@@ -52,11 +52,13 @@ def test_every_bad_row_is_reported_at_once():
         {"concept_id": None, "images": ["g.png"]},
         {"concept_id": "few-captions", "images": ["h.png", "i.png"], "captions": ["a {}"]},
         {"concept_id": "no-slot", "images": ["j.png"], "captions": ["a red star"]},
+        {"concept_id": "brace", "images": ["k.png"], "captions": ["a {} in {font}"]},
     ]
     found = problems_of(rows)
     expect = {1: "duplicates row 0", 2: "concept_id must match", 3: "concept_id must match", 4: "images must hold",
               5: "learnable_property", 6: "placeholder_token must be one word", 7: "token '<good>' is also row 0",
-              8: "concept_id is missing", 9: "one caption per image (2), got 1", 10: "every caption must contain {}"}
+              8: "concept_id is missing", 9: "one caption per image (2), got 1", 10: "every caption must contain {}",
+              11: "no other brace"}
     for row, text in expect.items():
         assert any(p.startswith(f"row {row} ") and text in p for p in found), (row, text, found)
     assert not any(p.startswith("row 0 ") for p in found)
