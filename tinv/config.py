@@ -77,10 +77,7 @@ class ConceptSpec:
             out.append("every eval prompt must contain {} for the token")
         if self.captions and len(self.captions) != len(self.images):
             out.append(f"captions must hold one caption per image ({len(self.images)}), got {len(self.captions)}")
-        def slot_once(c: object) -> bool:
-            return isinstance(c, str) and c.count("{}") == 1 and not set("{}") & set(c.replace("{}", ""))
-
-        if not all(map(slot_once, self.captions)):
+        if any(not isinstance(c, str) or not c.count("{") == c.count("}") == c.count("{}") == 1 for c in self.captions):
             out.append("every caption must contain {} for the token exactly once, and no other brace")
         return out
 

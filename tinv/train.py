@@ -70,8 +70,6 @@ class _Slot:
     """Latent mean and std, ``(2N, C, h, w)``: the N images, then their flips."""
     prompt_ids: list[torch.Tensor]
     """Per text encoder, ``(n_prompts, T)`` token ids of every template, or of every image's caption."""
-    captioned: bool = False
-    """Image ``i`` is trained under prompt ``i`` (its caption) rather than a random template."""
     losses: list[float] = field(default_factory=list)
     fixed: list[float] = field(default_factory=list)
     """Fixed-batch losses every ``dvar_every`` steps (early stopping only)."""
@@ -119,9 +117,7 @@ class PackedTrainer:
         self.optimizer.param_groups[s]["lr"] = spec.learning_rate or cfg.learning_rate
         generator = torch.Generator().manual_seed(cfg.seed if spec.seed is None else spec.seed)
         flip_p = cfg.flip_p if spec.flip_p is None else spec.flip_p
-        self.slots[s] = _Slot(
-            spec, spec.steps or cfg.steps, flip_p, generator, latents, prompt_ids, captioned=bool(spec.captions)
-        )
+        self.slots[s] = _Slot(spec, spec.steps or cfg.steps, flip_p, generator, latents, prompt_ids)
 
     def _initializer(self, spec: ConceptSpec, e: int) -> torch.Tensor:
         tokenizer, encoder = self.model.tokenizers[e], self.model.text_encoders[e]
@@ -166,7 +162,7 @@ class PackedTrainer:
         image = torch.randint(n_images, (n,), generator=generator)
         flip = torch.rand(n, generator=generator) < slot.flip_p
         template = torch.randint(slot.prompt_ids[0].shape[0], (n,), generator=generator)
-        if slot.captioned:
+        if slot.spec.captions:  # image i is trained under prompt i, its caption
             template = image  # drawn anyway, so a concept's other draws do not depend on its captions
         shape = (n, *mean.shape[1:])
         eps = torch.randn(shape, generator=generator).to(mean.device)
