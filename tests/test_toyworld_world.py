@@ -93,6 +93,20 @@ def test_every_unnamed_attribute_and_style_appears_and_shape_words_draw_an_even_
     assert max(ratio.values()) / min(ratio.values()) < 2.0, ratio
 
 
+def test_prompts_that_name_no_backdrop_favour_no_unnamed_tone_under_guidance():
+    rng = np.random.default_rng(2)
+    items = [training_item(rng) for _ in range(30_000)]
+    captions = [caption(it, rng) for it in items]
+    backdrop_words = {*NAMED_STYLES.values(), BACKDROP_WORD}  # a style word implies a light backdrop
+    unstyled = Counter(it.backdrop for it, t in zip(items, captions) if t and not set(t.split()) & backdrop_words)
+    empty = Counter(it.backdrop for it, t in zip(items, captions) if not t)
+    assert DESCRIBED not in unstyled  # a described backdrop is always "toned"
+    # guidance weighs a backdrop by how much commoner it is under the prompt than under the empty
+    # caption: the same for light and every unnamed tone, so no tone is drawn for a prompt that names none
+    ratio = {b: unstyled[b] / empty[b] for b in (LIGHT, *HELD_OUT_STYLES)}
+    assert max(ratio.values()) / min(ratio.values()) < 1.3, ratio
+
+
 def test_every_word_of_the_world_is_one_token():
     tok = clip_tokenizer(WORDS)
     for w in WORDS:

@@ -124,6 +124,13 @@ P_UNNAMED_BACKDROP = 0.04  # each unnamed backdrop's share
 P_BARE = (1 - P_EMPTY) * P_SHAPE_ONLY  # a named colour's chance of a colourless caption
 P_EMPTY_UNNAMED = P_EMPTY / (P_EMPTY + P_BARE)  # so that bare / empty is the same for all colours
 UNNAMED_WEIGHT = P_BARE / (1 - P_EMPTY_UNNAMED)  # so that each colour is as common under bare captions
+# The same holds for backdrops. A caption without a style word (or "toned") can come from a light
+# picture only when it has no named style or its style word was left out; an unnamed backdrop
+# carries plain shapes only, so all its non-empty captions lack one. Left alone, the tones would be
+# about twice as common under such captions as under the empty caption, and guidance would draw
+# them for any prompt that names no backdrop (a random new token included). Unnamed-backdrop
+# pictures therefore get more empty captions, by the same rule as unnamed colours.
+P_NO_STYLE_WORD = 1 - P_STYLED * len(NAMED_STYLES) * (1 - P_SHAPE_ONLY)  # a light picture's chance
 
 
 @dataclass(frozen=True)
@@ -239,7 +246,10 @@ def caption(item: Item, rng: np.random.Generator) -> str:
     shape word keeps drawing the canonical colours' even mix.
     """
     named = item.colour in NAMED_COLOURS or item.colour == DESCRIBED
-    if rng.random() < (P_EMPTY if named else P_EMPTY_UNNAMED):
+    p_empty = P_EMPTY if named else P_EMPTY_UNNAMED
+    if item.backdrop in BACKDROPS:  # bare / empty as on a light backdrop (see P_NO_STYLE_WORD)
+        p_empty = p_empty / (p_empty + (1 - p_empty) * P_NO_STYLE_WORD)
+    if rng.random() < p_empty:
         return ""
     words = [GENERIC_NOUN if rng.random() < P_GENERIC else item.shape]
     if item.colour == DESCRIBED:
