@@ -44,7 +44,7 @@ class FitConfig:
     """VAE optimisation steps."""
     vae_batch: int = 32
     """Pictures per VAE step."""
-    steps: int = 6_000
+    steps: int = 12_000
     """UNet + text encoder steps on cached latents."""
     batch: int = 96
     """Captioned latents per UNet step."""
