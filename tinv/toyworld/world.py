@@ -130,7 +130,7 @@ UNNAMED_WEIGHT = P_BARE / (1 - P_EMPTY_UNNAMED)  # so that each colour is as com
 # about twice as common under such captions as under the empty caption, and guidance would draw
 # them for any prompt that names no backdrop (a random new token included). Unnamed-backdrop
 # pictures therefore get more empty captions, by the same rule as unnamed colours.
-P_NO_STYLE_WORD = 1 - P_STYLED * len(NAMED_STYLES) * (1 - P_SHAPE_ONLY)  # a light picture's chance
+P_NO_STYLE_WORD = 1 - P_STYLED * len(NAMED_STYLES) * (1 - P_SHAPE_ONLY)  # a light picture's, of no style word
 
 
 @dataclass(frozen=True)
