@@ -122,7 +122,16 @@ P_UNNAMED_BACKDROP = 0.04  # each unnamed backdrop's share
 # captions keeps that ratio equal for every colour, and drawing them less often keeps the shape
 # word's conditional an even mix: the bare shape word then leans towards no colour.
 P_BARE = (1 - P_EMPTY) * P_SHAPE_ONLY  # a named colour's chance of a colourless caption
-P_EMPTY_UNNAMED = P_EMPTY / (P_EMPTY + P_BARE)  # so that bare / empty is the same for all colours
+
+
+def _wordless_empty(p_empty: float, p_left_out: float) -> float:
+    """The empty-caption chance for pictures whose attribute has no word, so that their ratio of
+    captions without the attribute's word to empty captions is that of pictures whose word is
+    left out with ``p_left_out`` and which are captioned empty with ``p_empty``."""
+    return p_empty / (p_empty + (1 - p_empty) * p_left_out)
+
+
+P_EMPTY_UNNAMED = _wordless_empty(P_EMPTY, P_SHAPE_ONLY)  # so that bare / empty is the same for all colours
 UNNAMED_WEIGHT = P_BARE / (1 - P_EMPTY_UNNAMED)  # so that each colour is as common under bare captions
 # The same holds for backdrops. A caption without a style word (or "toned") can come from a light
 # picture only when it has no named style or its style word was left out; an unnamed backdrop
@@ -248,7 +257,7 @@ def caption(item: Item, rng: np.random.Generator) -> str:
     named = item.colour in NAMED_COLOURS or item.colour == DESCRIBED
     p_empty = P_EMPTY if named else P_EMPTY_UNNAMED
     if item.backdrop in BACKDROPS:  # bare / empty as on a light backdrop (see P_NO_STYLE_WORD)
-        p_empty = p_empty / (p_empty + (1 - p_empty) * P_NO_STYLE_WORD)
+        p_empty = _wordless_empty(p_empty, P_NO_STYLE_WORD)
     if rng.random() < p_empty:
         return ""
     words = [GENERIC_NOUN if rng.random() < P_GENERIC else item.shape]
