@@ -425,7 +425,8 @@ def schedules(smoke: bool) -> dict[str, Any]:
     model = load_base_model(str(default_model()), precision="fp32")
     default = TrainConfig()
     recipe = TrainConfig(steps=RECIPE["steps"], learning_rate=RECIPE["learning_rate"], batch_size=RECIPE["batch_size"],
-                         weight_decay=RECIPE["weight_decay"], min_timestep_fraction=0.0)  # the recipe draws every t
+                         weight_decay=RECIPE["weight_decay"], min_timestep_fraction=0.0,  # the recipe draws every t
+                         style_batch_size=RECIPE["batch_size"], style_timestep_power=1.0)  # alike for styles
     plans = {"recipe": (recipe, [100, 200, 500, 1000, 2000, 3000], False),
              "tinv": (default, [25, 50, 100, 150, 200, 300, 400, 500], True)}
     concepts, samples, gen = CONCEPTS, 32, {"steps": 25, "batch_size": 64}
@@ -440,7 +441,7 @@ def schedules(smoke: bool) -> dict[str, Any]:
         mine = [c for c in curves if c.schedule == name]
         mean = [float(statistics.mean(c.fidelity[k] for c in mine)) for k in range(len(checkpoints))]
         out[name] = {"config": asdict(cfg), "checkpoints": checkpoints, "mean_fidelity": mean,
-                     "samples_per_concept": cfg.steps * cfg.batch_size,
+                     "samples_per_concept": statistics.mean(cfg.steps * c.samples_per_step for c in mine),
                      "reached": sum(c.samples_to_target is not None for c in mine), "concepts": len(mine)}
         stopped = [c for c in mine if c.stopped_at is not None]
         if stopped:
@@ -449,7 +450,7 @@ def schedules(smoke: bool) -> dict[str, Any]:
                 "mean_fidelity_at_stop": statistics.mean(
                     c.fidelity_at_stop if c.stopped_at is not None else c.fidelity[-1] for c in mine),
                 "mean_fidelity_fixed": mean[-1],
-                "mean_samples": statistics.mean((c.stopped_at or cfg.steps) * cfg.batch_size for c in mine)}
+                "mean_samples": statistics.mean((c.stopped_at or cfg.steps) * c.samples_per_step for c in mine)}
     return out
 
 

@@ -58,6 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--min-timestep-fraction", type=float, default=TrainConfig.min_timestep_fraction,
                    help="train on the noisiest (1 - this) share of the timesteps; 0: all, as the recipe")
+    p.add_argument("--style-batch-size", type=int, default=TrainConfig.style_batch_size,
+                   help="samples per style concept per step")
+    p.add_argument("--style-timestep-power", type=float, default=TrainConfig.style_timestep_power,
+                   help="how far style concepts' timesteps lean to the noisy end (1: uniform, as objects)")
     p.add_argument("--resolution", type=int, default=None, help="training size in px (default: the model's)")
     p.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=TrainConfig.early_stop,
                    help="stop a concept once its fixed-batch loss flattens (DVAR; --dvar-* tune it)")
@@ -94,6 +98,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         concepts_per_batch=args.concepts_per_actor, max_vectors=args.max_vectors, seed=args.seed,
         resolution=args.resolution, early_stop=args.early_stop, dvar_window=args.dvar_window,
         dvar_threshold=args.dvar_threshold, min_timestep_fraction=args.min_timestep_fraction,
+        style_batch_size=args.style_batch_size, style_timestep_power=args.style_timestep_power,
     )
 
 

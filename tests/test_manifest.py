@@ -98,6 +98,13 @@ def test_fingerprint_changes_with_what_changes_the_result():
     off = config_fingerprint(spec, TrainConfig(early_stop=False), model)
     assert off != fp
     assert off == config_fingerprint(spec, TrainConfig(early_stop=False, dvar_window=50), model)
+    # the style settings count for styles only, and an object's batch size for objects only
+    style = ConceptSpec("c", ("a.png",), learnable_property="style")
+    sfp = config_fingerprint(style, TrainConfig(), model)
+    assert fp == config_fingerprint(spec, TrainConfig(style_batch_size=2, style_timestep_power=1.0), model)
+    assert sfp != config_fingerprint(style, TrainConfig(style_timestep_power=1.0), model)
+    assert sfp != config_fingerprint(style, TrainConfig(style_batch_size=2), model)
+    assert sfp == config_fingerprint(style, TrainConfig(batch_size=2), model)
     # images under the manifest's folder count as written there: a moved manifest folder keeps its results
     moved = [config_fingerprint(ConceptSpec("c", (f"{d}/img/a.png",)), TrainConfig(), model, manifest_dir=d)
              for d in ("/tmp/ray/pkg_1", "s3://b/in")]

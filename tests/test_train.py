@@ -191,6 +191,33 @@ def test_training_timesteps_come_from_the_noisy_share_of_the_schedule(tiny_model
     assert abs(t.float().mean().item() - (low + steps - 1) / 2) < 0.02 * steps  # uniform over it
 
 
+@pytest.mark.parametrize("power", [1.0, 6.0])
+def test_style_timesteps_lean_to_the_noisy_end_and_objects_stay_uniform(tiny_models, images, power):
+    model = load_base_model(str(tiny_models["sd1"]))
+    cfg = TrainConfig(concepts_per_batch=2, style_timestep_power=power)
+    trainer = PackedTrainer(model, cfg)
+    trainer.admit(0, ConceptData(spec("o"), images))
+    trainer.admit(1, ConceptData(spec("s", learnable_property="style"), images))
+    steps = model.scheduler.config.num_train_timesteps
+    low = int(cfg.min_timestep_fraction * steps)
+    for s, p in ((0, 1.0), (1, power)):
+        t = trainer._draw(trainer.slots[s], torch.Generator().manual_seed(0), 4000)[2].float()
+        assert t.min() >= low and t.max() <= steps - 1
+        # P(t < low + x (T - low)) = x^p: the median sits at 0.5^(1/p) of the range
+        assert abs(t.median().item() - (low + 0.5 ** (1 / p) * (steps - low))) < 0.02 * steps
+
+
+def test_a_style_concept_draws_style_batch_size_samples_per_step(tiny_models, images):
+    model = load_base_model(str(tiny_models["sd1"]))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=2, batch_size=3, style_batch_size=5))
+    trainer.admit(0, ConceptData(spec("o"), images))
+    trainer.admit(1, ConceptData(spec("s", learnable_property="style"), images))
+    sizes, draw = [], trainer._draw
+    trainer._draw = lambda slot, generator, n: sizes.append((slot.spec.concept_id, n)) or draw(slot, generator, n)
+    trainer.step()
+    assert sizes == [("o", 3), ("s", 5)]
+
+
 def test_a_captioned_image_is_always_trained_under_its_own_caption(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]))
     trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1))
@@ -207,3 +234,5 @@ def test_a_captioned_image_is_always_trained_under_its_own_caption(tiny_models, 
 def test_min_timestep_fraction_is_checked():
     with pytest.raises(ValueError, match="min_timestep_fraction"):
         TrainConfig(min_timestep_fraction=1.0)
+    with pytest.raises(ValueError, match="style_batch_size >= 1, style_timestep_power > 0"):
+        TrainConfig(style_batch_size=0, style_timestep_power=0.0)

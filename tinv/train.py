@@ -1,10 +1,10 @@
 """Packed Textual Inversion (Gal et al. 2022, arXiv 2208.01618) with continuous batching.
 
-K concept slots train at once. Each step draws ``batch_size`` samples per active concept from
-that concept's own random stream, runs one batched text-encoder + UNet pass, and takes a
-per-concept mean loss; the sum of those losses gives every concept exactly its own gradient.
-Each slot has its own AdamW state and learning rate, so concepts never couple. A concept that
-reaches its step count is emitted and its slot is refilled with the next concept.
+K concept slots train at once. Each step draws ``batch_size`` samples (``style_batch_size`` for
+a style) per active concept from that concept's own random stream, runs one batched text-encoder
++ UNet pass, and takes a per-concept mean loss; the sum of those losses gives every concept
+exactly its own gradient. Each slot has its own AdamW state and learning rate, so concepts never
+couple. A concept that reaches its step count is emitted and its slot is refilled with the next.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class _Slot:
     spec: ConceptSpec
     steps: int
     flip_p: float
+    batch_size: int
+    timestep_power: float
     generator: torch.Generator
     latents: tuple[torch.Tensor, torch.Tensor]
     """Latent mean and std, ``(2N, C, h, w)``: the N images, then their flips."""
@@ -117,7 +119,9 @@ class PackedTrainer:
         self.optimizer.param_groups[s]["lr"] = spec.learning_rate or cfg.learning_rate
         generator = torch.Generator().manual_seed(cfg.seed if spec.seed is None else spec.seed)
         flip_p = cfg.flip_p if spec.flip_p is None else spec.flip_p
-        self.slots[s] = _Slot(spec, spec.steps or cfg.steps, flip_p, generator, latents, prompt_ids)
+        prop = spec.learnable_property
+        self.slots[s] = _Slot(spec, spec.steps or cfg.steps, flip_p, cfg.batch_size_for(prop),
+                              cfg.timestep_power_for(prop), generator, latents, prompt_ids)
 
     def _initializer(self, spec: ConceptSpec, e: int) -> torch.Tensor:
         tokenizer, encoder = self.model.tokenizers[e], self.model.text_encoders[e]
@@ -167,14 +171,22 @@ class PackedTrainer:
         shape = (n, *mean.shape[1:])
         eps = torch.randn(shape, generator=generator).to(mean.device)
         noise = torch.randn(shape, generator=generator).to(mean.device)
-        timesteps = self.model.scheduler.config.num_train_timesteps
-        t = torch.randint(int(self.cfg.min_timestep_fraction * timesteps), timesteps, (n,), generator=generator)
+        t = self._timesteps(slot.timestep_power, n, generator)
         row = (image + flip.long() * n_images).to(mean.device)
         latents = mean[row] + std[row] * eps  # (n, C, h, w): a fresh sample of q(z|x)
         vae = self.model.vae.config
         latents = (latents - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
         ids = [p[template.to(p.device)] for p in slot.prompt_ids]
         return latents, noise, t.to(mean.device), ids
+
+    def _timesteps(self, power: float, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` timesteps in ``[lo, T)``: uniform, or with density ∝ (t − lo)^(power − 1)."""
+        timesteps = self.model.scheduler.config.num_train_timesteps
+        lo = int(self.cfg.min_timestep_fraction * timesteps)
+        if power == 1.0:
+            return torch.randint(lo, timesteps, (n,), generator=generator)
+        u = torch.rand(n, generator=generator)
+        return (lo + (timesteps - lo) * u ** (1 / power)).long().clamp(max=timesteps - 1)
 
     def _losses(self, batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Per-concept mean losses ``(K_active,)`` for a list of per-concept draws."""
@@ -187,12 +199,12 @@ class PackedTrainer:
         dtype = self.model.dtype
         pred = self.model.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added).sample
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B_total,)
-        return per_sample.view(len(batches), -1).mean(dim=1)
+        return torch.stack([part.mean() for part in per_sample.split([len(b[0]) for b in batches])])
 
     def step(self) -> dict[int, float]:
         """One optimisation step over every active slot; returns slot → loss."""
         active = [s for s, slot in enumerate(self.slots) if slot is not None]
-        batches = [self._draw(self.slots[s], self.slots[s].generator, self.cfg.batch_size) for s in active]
+        batches = [self._draw(self.slots[s], self.slots[s].generator, self.slots[s].batch_size) for s in active]
         fp16 = self.model.dtype == torch.float16
         scale = self.cfg.loss_scale if fp16 else 1.0
         with spliced(self.model, self.vectors, self.token_ids):

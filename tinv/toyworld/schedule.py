@@ -80,7 +80,7 @@ def schedule_curves(
         todo = [(i, copies[i, s] if s != "stop" else stops[i][1]) for i, s in keys]
         found = dict(zip(keys, score(model, scorer, concepts, todo, samples, seed, **gen)))
         for i, c in enumerate(concepts):
-            curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=cfg.batch_size)
+            curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=cfg.batch_size_for(c.learnable_property))
             curve.steps = sorted(s for j, s in copies if j == i)
             curve.fidelity = [found[i, s] for s in curve.steps]
             if i in stops:
