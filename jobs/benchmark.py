@@ -713,8 +713,8 @@ def schedule_table(schedule: dict[str, Any]) -> list[str]:
             return f"— (ran {c['steps'][-1] * c['samples_per_step']:,})", c["fidelity"][-1]
         return f"{c['stopped_at'] * c['samples_per_step']:,}", c["fidelity_at_stop"]
 
-    lines = [f"| concept | kind | target | recipe: samples to target | recipe @ {recipe['samples_per_concept']:,} "
-             f"| tinv: samples to target | tinv @ {tinv['samples_per_concept']:,} | DVAR stop (samples) "
+    lines = [f"| concept | kind | target | recipe: samples to target | recipe @ step {recipe['checkpoints'][-1]:,} "
+             f"| tinv: samples to target | tinv @ step {tinv['checkpoints'][-1]:,} | DVAR stop (samples) "
              "| fidelity at stop |", "|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(c["concept"] for c in schedule["curves"]):
         r, t = curves[name, "recipe"], curves[name, "tinv"]

@@ -144,9 +144,9 @@ class TrainConfig:
     early_stop: bool = True
     """Stop a concept before ``steps`` once its loss on a fixed batch flattens (DVAR, Voronov et al. 2023).
 
-    On by default because on the toy world it kept mean fidelity within 0.015 of the fixed
-    500-step schedule with 40% fewer samples (previous toy model: 0.003, 31%;
-    ``python -m jobs.benchmark --sections schedule``)."""
+    On by default because on the toy world it kept mean fidelity within 0.011 of the fixed
+    500-step schedule with 55% fewer samples (the shipped model and defaults; earlier models and
+    settings in the README's defaults table; ``python -m jobs.benchmark --sections schedule``)."""
     dvar_window: int = 100
     """DVAR: stop when the variance of the last ``dvar_window`` steps' fixed-batch losses ..."""
     dvar_threshold: float = 0.15
