@@ -135,7 +135,8 @@ class TrainConfig:
     draw left the darkest backdrop (navy) drawn on one sample in three, and a floor of 0.8 or 0.9
     without the middle lost the mid tones (olive, slate) to neighbouring ones; 4 with
     ``style_batch_size`` 8 kept every style ≥ 0.8 on every shape word on 15 of 16 (style, picture
-    set) pairs, where 3 lost navy and 6 olive (README, toy world and defaults table). diffusers' SDXL example calls the same idea ``--timestep_bias_strategy later``."""
+    set) pairs, where 3 lost navy and 6 olive (README, toy world and defaults table). diffusers'
+    SDXL example calls the same idea ``--timestep_bias_strategy later``."""
     style_batch_size: int = 8
     """Samples per step for ``style`` concepts (``batch_size`` is the objects'): with most draws at
     high noise a style's gradient is noisier, and 4 samples lost a mid tone on some picture sets."""
@@ -144,8 +145,8 @@ class TrainConfig:
     early_stop: bool = True
     """Stop a concept before ``steps`` once its loss on a fixed batch flattens (DVAR, Voronov et al. 2023).
 
-    On by default because on the toy world it kept mean fidelity within 0.011 of the fixed
-    500-step schedule with 55% fewer samples (the shipped model and defaults; earlier models and
+    On by default because on the toy world it kept mean fidelity within 0.015 of the fixed
+    500-step schedule with 51% fewer samples (the shipped model and defaults; earlier models and
     settings in the README's defaults table; ``python -m jobs.benchmark --sections schedule``)."""
     dvar_window: int = 100
     """DVAR: stop when the variance of the last ``dvar_window`` steps' fixed-batch losses ..."""
