@@ -64,8 +64,9 @@ def config_fingerprint(
         spec_part["images"] = [u.removeprefix(prefix) for u in spec.images]
     train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
     train_part["batch_size"] = cfg.batch_size_for(spec.learnable_property)
-    if spec.learnable_property == "style":  # only then: fingerprints of objects stay as they were
-        train_part["timestep_power"] = cfg.timestep_power_for(spec.learnable_property)
+    power = cfg.timestep_power_for(spec.learnable_property)
+    if power != 1.0:  # only then: fingerprints of uniform draws (every object's) stay as they were
+        train_part["timestep_power"] = power
     if model.get("dtype") == "torch.float16":
         train_part["loss_scale"] = cfg.loss_scale
     if cfg.early_stop:  # only then: fingerprints of runs without early stopping stay as they were
