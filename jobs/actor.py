@@ -1,6 +1,6 @@
 """The trainer actor: loads the base model once, trains concepts K at a time, writes their outputs.
 
-Calls to :meth:`TrainerWorker.train` (a list of concept items) only enqueue work and wait for
+Calls to :meth:`TrainerWorker.train` (a list of concept requests) only enqueue work and wait for
 it; one background thread runs :func:`tinv.train.train_concepts` over the queue, so slots freed
 by a finished concept are refilled from any pending call (continuous batching across calls).
 Every result is a small dict; the driver never sees tensors.
@@ -22,9 +22,10 @@ import torch
 
 from tinv import outputs, storage
 from tinv.config import ConceptSpec, TrainConfig
-from tinv.demo import default_model
-from tinv.evaluate import ClipMetrics, EvalConcept, Evaluator, read_embedding, training_files
+from tinv.embedded import EMBEDDED_MODEL
+from tinv.evaluate import EvalConcept, Evaluator, read_embedding, training_files
 from tinv.images import ConceptDataError, load_images
+from tinv.metrics import load_metrics
 from tinv.models import BaseModel, load_base_model
 from tinv.samples import SampleConfig
 from tinv.train import ConceptData, PackedTrainer, TrainedConcept, train_concepts
@@ -45,14 +46,14 @@ class WorkerSetup:
     threads: int = 1
     """torch intra-op threads (the actor's CPU share)."""
     samples: dict[str, Any] | None = None
-    """:class:`tinv.samples.SampleConfig` fields for each concept's evaluation samples."""
+    """:class:`tinv.samples.SampleConfig` fields for each concept's evaluation samples and metrics."""
 
 
 def load_model(setup: WorkerSetup | EvalSetup) -> BaseModel:
     """The actor's base model (the embedded toy model when none is named), with the setup's threads."""
     torch.set_num_threads(max(1, setup.threads))
     return load_base_model(
-        setup.model or str(default_model()), precision=setup.precision, attention=setup.attention,
+        setup.model or str(EMBEDDED_MODEL), precision=setup.precision, attention=setup.attention,
         storage_options=setup.storage_options,
     )
 
@@ -75,7 +76,8 @@ class TrainerWorker:
         self.setup, self.cfg = setup, TrainConfig(**setup.train)
         self.model = load_model(setup)
         self.resolution = PackedTrainer(self.model, self.cfg).resolution
-        self.evaluator = Evaluator(self.model, SampleConfig(**(setup.samples or {})))  # samples + metrics
+        samples = SampleConfig(**(setup.samples or {}))
+        self.evaluator = Evaluator(self.model, samples, load_metrics(self.model, samples.metrics))
         self.images: dict[str, torch.Tensor] = {}  # training pictures of concepts in flight (for metrics)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.inbox: queue.Queue[tuple[dict, Future]] = queue.Queue()
@@ -86,12 +88,12 @@ class TrainerWorker:
         """Identity of the loaded model and of this worker."""
         return worker_info(self.model, self.resolution, self.name)
 
-    def train(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Train concepts ``{"spec", "fingerprint", "attempt"}``; one result dict per item, same order."""
+    def train(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Train concepts ``{"spec", "fingerprint", "attempt"}``; one result dict per request, same order."""
         futures = []
-        for item in items:
+        for request in requests:
             future: Future = Future()
-            self.inbox.put((item, future))
+            self.inbox.put((request, future))
             futures.append(future)
         return [f.result() for f in futures]
 
@@ -102,8 +104,8 @@ class TrainerWorker:
             first = self.inbox.get()  # block until there is work, then train until the queue runs dry
             try:
                 for trained in train_concepts(self.model, self._feed(first), self.cfg):
-                    item, future = self.waiting.pop(trained.spec.concept_id)
-                    future.set_result(self._finish(item, trained))
+                    request, future = self.waiting.pop(trained.spec.concept_id)
+                    future.set_result(self._finish(request, trained))
             except BaseException as e:  # a broken trainer fails every waiting call; the driver replaces us
                 message = f"trainer crashed: {e!r}\n{traceback.format_exc()}"
                 for _, future in self.waiting.values():
@@ -114,8 +116,7 @@ class TrainerWorker:
         """Decode each queued concept when a slot asks for it; a bad one comes out as an error."""
         entry: tuple[dict, Future] | None = first
         while entry is not None:
-            item = entry[0]
-            spec = spec_from_dict(item["spec"])
+            spec = spec_from_dict(entry[0]["spec"])
             self.waiting[spec.concept_id] = entry
             try:
                 outputs.clear_result(self.setup.output, spec.concept_id, self.setup.storage_options)
@@ -131,11 +132,11 @@ class TrainerWorker:
             except queue.Empty:
                 entry = None
 
-    def _finish(self, item: dict[str, Any], trained: TrainedConcept) -> dict[str, Any]:
+    def _finish(self, request: dict[str, Any], trained: TrainedConcept) -> dict[str, Any]:
         spec = trained.spec
         images = self.images.pop(spec.concept_id, None)
         base = {"concept_id": spec.concept_id, "token": spec.placeholder_token, "worker": self.name,
-                "attempts": item["attempt"], "seconds": round(trained.seconds, 3)}
+                "attempts": request["attempt"], "seconds": round(trained.seconds, 3)}
         if trained.error is not None:
             return {**base, "status": "failed", "error": trained.error,
                     "retryable": trained.error.startswith("transient:")}
@@ -144,8 +145,8 @@ class TrainerWorker:
         drawn = self.evaluator.run([concept])[0]
         try:
             record = outputs.write_concept(
-                self.setup.output, trained, fingerprint=item["fingerprint"], model_info=self.model.info,
-                worker=self.name, attempts=item["attempt"], extra_files=drawn.files, metrics=drawn.summary,
+                self.setup.output, trained, fingerprint=request["fingerprint"], model_info=self.model.info,
+                worker=self.name, attempts=request["attempt"], extra_files=drawn.files, metrics=drawn.summary,
                 eval_prompts=self.evaluator.prompts(concept),
                 storage_options=self.setup.storage_options,
             )
@@ -176,9 +177,7 @@ class EvalSetup:
     model: str | None
     output: str
     samples: dict[str, Any]
-    """:class:`tinv.samples.SampleConfig` fields."""
-    clip_model: str | None = None
-    """CLIP model (hub id or path) for the paper's image/text similarities; None: no CLIP metrics."""
+    """:class:`tinv.samples.SampleConfig` fields (how to draw, which metrics to add)."""
     storage_options: dict[str, Any] | None = None
     precision: str = "auto"
     attention: str = "sdpa"
@@ -191,28 +190,30 @@ class EvalWorker:
     def __init__(self, setup: EvalSetup) -> None:
         self.setup = setup
         self.model = load_model(setup)
-        clip = ClipMetrics(setup.clip_model, self.model.device) if setup.clip_model else None
-        self.evaluator = Evaluator(self.model, SampleConfig(**setup.samples), clip=clip)
+        samples = SampleConfig(**setup.samples)
+        self.evaluator = Evaluator(self.model, samples, load_metrics(self.model, samples.metrics))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict[str, Any]:
         return worker_info(self.model, self.model.resolution, self.name)
 
-    def evaluate(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def evaluate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Draw and score concepts ``{"spec": EvalSpec fields, "attempt"}``; write their files.
 
-        One result per item, same order: status, error, ``rows`` (one per image, with metrics), ``summary``.
+        One result per request, same order: status, error, ``rows`` (one per image, with its ``metrics``),
+        ``metrics`` (the concept's means).
         """
         torch.set_num_threads(max(1, self.setup.threads))
-        so, results, concepts = self.setup.storage_options, {}, []
-        for item in items:
-            spec = EvalSpec(**item["spec"])
+        storage_options, results, concepts = self.setup.storage_options, {}, []
+        for request in requests:
+            spec = EvalSpec(**request["spec"])
             base = {"concept_id": spec.concept_id, "token": spec.placeholder_token, "worker": self.name,
-                    "attempts": item["attempt"], "retryable": False, "rows": [], "summary": {}}
+                    "attempts": request["attempt"], "retryable": False, "rows": [], "metrics": {}}
             try:
-                token, vectors = read_embedding(spec.embedding_uri, spec.placeholder_token, so)
+                token, vectors = read_embedding(spec.embedding_uri, spec.placeholder_token, storage_options)
                 check_fits(self.model, vectors, spec.embedding_uri)
-                training = load_images(spec.concept_id, spec.images, self.model.resolution, so) if spec.images else None
+                training = (load_images(spec.concept_id, spec.images, self.model.resolution, storage_options)
+                            if spec.images else None)
             except (ConceptDataError, ValueError, KeyError, FileNotFoundError) as e:
                 results[spec.concept_id] = {**base, "status": "failed", "error": str(e)}
                 continue
@@ -227,17 +228,17 @@ class EvalWorker:
             files = {**drawn.files, **(training_files(concept.training) if concept.training is not None else {})}
             try:
                 for name, data in files.items():
-                    storage.write_bytes(storage.join(folder, name), data, so)
+                    storage.write_bytes(storage.join(folder, name), data, storage_options)
             except OSError as e:
                 results[concept.concept_id] |= {"status": "failed", "error": f"transient: {e!r}", "retryable": True}
                 continue
-            rows = [{"prompt": p, "seed": s, "image": f"concepts/{concept.concept_id}/{name}", **metrics}
+            rows = [{"prompt": p, "seed": s, "image": f"concepts/{concept.concept_id}/{name}", "metrics": metrics}
                     for p, s, name, metrics in zip(drawn.prompts, drawn.seeds, drawn.names, drawn.per_image)]
             train = sorted(n for n in files if n.startswith("train/"))
             results[concept.concept_id] |= {"status": "succeeded", "error": None, "rows": rows,
-                                            "summary": drawn.summary, "property": concept.learnable_property,
+                                            "metrics": drawn.summary, "property": concept.learnable_property,
                                             "train_images": [f"concepts/{concept.concept_id}/{n}" for n in train]}
-        return [results[item["spec"]["concept_id"]] for item in items]
+        return [results[request["spec"]["concept_id"]] for request in requests]
 
 
 def check_fits(model: BaseModel, vectors: list[torch.Tensor], uri: str) -> None:

@@ -31,9 +31,9 @@ class InfrastructureError(RuntimeError):
 @dataclass(frozen=True)
 class DispatchConfig:
     num_actors: int
-    """Trainer actors kept alive (one per GPU on a GPU cluster)."""
-    concepts_per_call: int = 4
-    """Most concepts in one call (K, the actor's slot count)."""
+    """Actors kept alive (one per GPU on a GPU cluster)."""
+    concepts_per_actor: int
+    """K: most concepts in one call to an actor (a trainer's slot count)."""
     calls_in_flight: int = 2
     """Calls queued per actor, so its slots refill without waiting for the driver."""
     max_attempts: int = 3
@@ -54,7 +54,8 @@ class Task:
     attempts: int = 0
     last_error: str = ""
 
-    def item(self) -> dict[str, Any]:
+    def request(self) -> dict[str, Any]:
+        """What the actor receives for this task: the spec's fields, the fingerprint, the attempt number."""
         return {"spec": dataclasses.asdict(self.spec), "fingerprint": self.fingerprint, "attempt": self.attempts}
 
 
@@ -75,7 +76,7 @@ class Dispatcher:
         self, make_actor: Callable[[], Any], cfg: DispatchConfig, on_result: Callable[[dict], None],
         method: str = "train",
     ) -> None:
-        """``method``: the actor method that takes a list of task items and returns one result per item."""
+        """``method``: the actor method that takes a list of task requests and returns one result per request."""
         self.make_actor, self.cfg, self.on_result, self.method = make_actor, cfg, on_result, method
         self.max_replacements = cfg.max_replacements or 2 * cfg.num_actors * cfg.max_attempts
         self.replaced = 0
@@ -113,7 +114,7 @@ class Dispatcher:
 
     def _chunk(self) -> int:
         share = math.ceil(len(self.queue) / (len(self.actors) * self.cfg.calls_in_flight))
-        return max(1, min(self.cfg.concepts_per_call, share))
+        return max(1, min(self.cfg.concepts_per_actor, share))
 
     def _feed(self, actor: _Actor) -> None:
         while self.queue and len(actor.calls) < self.cfg.calls_in_flight:
@@ -122,7 +123,7 @@ class Dispatcher:
                 task.attempts += 1
             if not actor.calls:
                 actor.last_progress = time.monotonic()
-            call = getattr(actor.handle, self.method).remote([t.item() for t in chunk])
+            call = getattr(actor.handle, self.method).remote([t.request() for t in chunk])
             actor.calls[call] = chunk
 
     def _owner(self, ref: Any) -> _Actor | None:
@@ -179,10 +180,6 @@ class Dispatcher:
             "error": f"gave up after {task.attempts} attempts; last: {reason}", "attempts": task.attempts,
             "worker": worker,
         })
-
-    def pending(self) -> list[Task]:
-        """Tasks not finished (after an :class:`InfrastructureError`)."""
-        return [*self.queue, *(t for a in self.actors for chunk in a.calls.values() for t in chunk)]
 
     def shutdown(self) -> None:
         for actor in self.actors:

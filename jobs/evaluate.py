@@ -28,15 +28,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.actor import EvalSetup, EvalSpec, EvalWorker
+from jobs.common import (
+    EXIT_FAILED,
+    EXIT_INFRA,
+    EXIT_INVALID,
+    EXIT_OK,
+    ClusterConfig,
+    JobExit,
+    actor_factory,
+    connect,
+    local_abs,
+    run_main,
+)
 from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
-from jobs.report import Progress
-from jobs.train import EXIT_FAILED, EXIT_INFRA, EXIT_INVALID, EXIT_OK, JobExit, actor_factory, connect, local_abs
-from tinv import outputs, storage
+from jobs.report import METRICS_TYPE, Progress
+from tinv import cli, outputs, storage
 from tinv.gallery import gallery_html
-from tinv.samples import SCHEDULERS, SampleConfig
+from tinv.metrics import UnknownMetricError, parse
+from tinv.samples import SampleConfig
 
 log = logging.getLogger("tinv.evaluate")
-METRICS = ("fidelity", "clip_image", "clip_text")
 EVAL_COLUMNS = pa.schema([
     ("kind", pa.string()),  # "image" or "concept" (per-concept means)
     ("concept_id", pa.string()),
@@ -47,8 +58,10 @@ EVAL_COLUMNS = pa.schema([
     ("seed", pa.int64()),
     ("image", pa.string()),
     ("images", pa.int64()),
-    *((m, pa.float64()) for m in METRICS),
+    ("metrics", METRICS_TYPE),
 ])
+DISPATCH_DEFAULTS = {"concepts_per_actor": 8, "calls_in_flight": 1}
+"""An evaluation actor draws 8 concepts of one call in mixed batches, one call at a time."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,45 +75,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="where samples, eval.parquet and index.html go "
                    "(default: the run's folder; ./out/eval for --embeddings)")
     p.add_argument("--model", default=None, help="base model (default: the run's, else the embedded toy model)")
-    p.add_argument("--samples-per-prompt", type=int, default=4, help="seeds 0..N-1 for every prompt")
-    p.add_argument("--sample-steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
-    p.add_argument("--scheduler", default="dpm++", choices=sorted(SCHEDULERS))
-    p.add_argument("--batch-size", type=int, default=16, help="images per denoising batch (mixing concepts)")
-    p.add_argument("--clip-model", default=None, help="CLIP hub id or path: adds clip_image / clip_text")
-    p.add_argument("--concepts-per-call", type=int, default=8, help="concepts an actor draws together")
-    p.add_argument("--accelerator", default="auto", choices=["auto", "gpu", "cpu"])
-    p.add_argument("--num-actors", type=int, default=None)
-    p.add_argument("--cpus-per-actor", type=int, default=None)
-    p.add_argument("--max-attempts", type=int, default=3)
-    p.add_argument("--concept-timeout-s", type=float, default=3600.0)
-    p.add_argument("--load-timeout-s", type=float, default=1800.0)
-    p.add_argument("--storage-options", default=None, help="fsspec storage options as JSON")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
-    p.add_argument("--ray-address", default=None)
+    cli.add_fields(p, SampleConfig, inherit=True)  # --run: what the train job drew with, unless given
+    cli.add_fields(p, ClusterConfig)
+    cli.add_fields(p, DispatchConfig, skip=("num_actors",), defaults=DISPATCH_DEFAULTS)
     return p.parse_args(argv)
 
 
-def run_tasks(run: str, prompts: list[str] | None, so: dict | None) -> tuple[list[Task], str | None]:
-    """A task per trained concept of a run (from its result.json), and the model the run used."""
+def run_tasks(
+    run: str, prompts: list[str] | None, storage_options: dict | None
+) -> tuple[list[Task], dict[str, Any]]:
+    """A task per trained concept of a run (from its result.json), and the run's record (run.json)."""
     try:
-        rows = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(run, "results.parquet"), so))).to_pylist()
-        record = json.loads(storage.read_bytes(storage.join(run, "run.json"), so))
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(run, "results.parquet"), storage_options)))
+        record = json.loads(storage.read_bytes(storage.join(run, "run.json"), storage_options))
     except FileNotFoundError as e:
         raise JobExit(EXIT_INVALID, f"invalid input: {run} is not a training run's output ({e})") from e
     tasks = []
-    for row in rows:
+    for row in table.to_pylist():
         if row["status"] == "failed":
             continue
-        result = outputs.read_result(run, row["concept_id"], so)
+        result = outputs.read_result(run, row["concept_id"], storage_options)
         if result is None:
             raise JobExit(EXIT_INVALID, f"invalid input: {row['concept_id']} has no readable result.json in {run}")
         spec = EvalSpec(row["concept_id"], result["token"], result.get("learnable_property", "object"),
                         tuple(prompts or result.get("eval_prompts", ())), tuple(result.get("images", ())),
                         result["embedding_uri"])
         tasks.append(Task(spec))
-    return tasks, (record.get("args") or {}).get("model")
+    return tasks, record
+
+
+def run_model(record: dict[str, Any]) -> str | None:
+    """The model URI a run was trained with, as given (None: the embedded model); older runs kept it in args."""
+    return record["model_uri"] if "model_uri" in record else (record.get("args") or {}).get("model")
+
+
+def sample_config(args: argparse.Namespace, recorded: dict[str, Any] | None) -> SampleConfig:
+    """The flags given, else what the run drew its samples with (``recorded``), else the defaults."""
+    known = {k: v for k, v in (recorded or {}).items() if k in SampleConfig.__dataclass_fields__}
+    known = {k: tuple(v) if isinstance(v, list) else v for k, v in known.items()}
+    return SampleConfig(**{**known, **cli.values(args, SampleConfig)})
 
 
 def file_tasks(args: argparse.Namespace) -> list[Task]:
@@ -127,51 +140,44 @@ def eval_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "status": "succeeded", **image})
     for r in results:
         rows.append({"kind": "concept", "concept_id": r["concept_id"], "token": r.get("token"), "status": r["status"],
-                     "error": r.get("error"), "images": len(r.get("rows", [])), **r.get("summary", {})})
+                     "error": r.get("error"), "images": len(r.get("rows", [])), "metrics": r.get("metrics", {})})
     return rows
 
 
-def write_eval(output: str, title: str, results: list[dict[str, Any]], so: dict | None) -> None:
+def write_eval(output: str, title: str, results: list[dict[str, Any]], storage_options: dict | None) -> None:
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(eval_rows(results), schema=EVAL_COLUMNS), sink)
-    storage.write_bytes(storage.join(output, "eval.parquet"), sink.getvalue(), so)
-    storage.write_bytes(storage.join(output, "index.html"), gallery_html(title, results).encode(), so)
+    storage.write_bytes(storage.join(output, "eval.parquet"), sink.getvalue(), storage_options)
+    storage.write_bytes(storage.join(output, "index.html"), gallery_html(title, results).encode(), storage_options)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run(parse_args(argv))
-    except JobExit as e:
-        print(f"[tinv] {e}", file=sys.stderr, flush=True)
-        return e.code
+    return run_main(run, parse_args, argv)
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    try:
-        so = json.loads(args.storage_options) if args.storage_options else None
-    except ValueError as e:
-        raise JobExit(EXIT_INVALID, f"invalid input: --storage-options: {e}") from e
+    cluster = cli.build(ClusterConfig, args)
+    storage_options = cluster.parsed_storage_options()
+    recorded = None
     if args.run:
         source = local_abs(args.run)
-        tasks, run_model = run_tasks(source, args.prompt, so)
+        tasks, record = run_tasks(source, args.prompt, storage_options)
+        model, recorded = args.model or run_model(record), record.get("samples")
         output = local_abs(args.output or source)
     else:
-        source, tasks, run_model = "embedding files", file_tasks(args), None
+        source, tasks, model = "embedding files", file_tasks(args), args.model
         output = local_abs(args.output or "out/eval")
-    model = args.model or run_model
-    samples = SampleConfig(args.samples_per_prompt, args.sample_steps, args.guidance, args.scheduler, args.batch_size)
-    connect(args.ray_address)
-    setup_kw = dict(model=model, output=output, samples=asdict(samples), clip_model=args.clip_model,
-                    storage_options=so, precision=args.precision, attention=args.attention)
     try:
-        make_actor, n_actors = actor_factory(args, lambda threads: EvalSetup(threads=threads, **setup_kw), EvalWorker)
-    except ValueError as e:
+        samples = sample_config(args, recorded)
+        parse(samples.metrics)
+    except (UnknownMetricError, ValueError) as e:
         raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
-    dcfg = DispatchConfig(num_actors=min(n_actors, max(1, len(tasks))), concepts_per_call=args.concepts_per_call,
-                          calls_in_flight=1, max_attempts=args.max_attempts,
-                          concept_timeout_s=args.concept_timeout_s, load_timeout_s=args.load_timeout_s)
+    connect(cluster.ray_address)
+    setup_kw = dict(model=model, output=output, samples=asdict(samples), storage_options=storage_options,
+                    precision=cluster.precision, attention=cluster.attention)
+    make_actor, n_actors = actor_factory(cluster, lambda threads: EvalSetup(threads=threads, **setup_kw), EvalWorker)
+    dispatch = cli.build(DispatchConfig, args, num_actors=min(n_actors, max(1, len(tasks))))
     results: dict[str, dict] = {}
     progress = Progress(len(tasks))
 
@@ -179,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         results[result["concept_id"]] = result
         progress.update(result)
 
-    dispatcher = Dispatcher(make_actor, dcfg, on_result, method="evaluate")
+    dispatcher = Dispatcher(make_actor, dispatch, on_result, method="evaluate")
     try:
         dispatcher.wait_ready()
         dispatcher.run(tasks)
@@ -188,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         dispatcher.shutdown()
     ordered = [results[t.spec.concept_id] for t in tasks]
-    write_eval(output, f"tinv evaluation: {source}", ordered, so)
+    write_eval(output, f"tinv evaluation: {source}", ordered, storage_options)
     failed = sum(r["status"] != "succeeded" for r in ordered)
     print(f"[tinv] {len(ordered) - failed} concepts drawn, {failed} failed in {time.time() - started:.1f} s; "
           f"{storage.join(output, 'index.html')}", file=sys.stderr, flush=True)
@@ -196,8 +202,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except Exception:
-        logging.getLogger("tinv.evaluate").exception("the driver failed")
-        sys.exit(EXIT_INFRA)
+    sys.exit(main())

@@ -15,6 +15,9 @@ import pyarrow.parquet as pq
 from tinv import storage
 from tinv.config import ConceptSpec
 
+METRICS_TYPE = pa.map_(pa.string(), pa.float64())
+"""Metric name → value (the concept's mean over its samples); which names appear depends on the metric
+plug-ins of the run (the toy world's ``fidelity``, CLIP's ``clip_image``/``clip_text``…)."""
 RESULT_COLUMNS = pa.schema([
     ("concept_id", pa.string()),
     ("status", pa.string()),
@@ -24,7 +27,7 @@ RESULT_COLUMNS = pa.schema([
     ("steps", pa.int64()),
     ("seconds", pa.float64()),
     ("final_loss", pa.float64()),
-    ("fidelity", pa.float64()),
+    ("metrics", METRICS_TYPE),
     ("attempts", pa.int64()),
     ("worker", pa.string()),
 ])
@@ -86,7 +89,7 @@ def result_rows(specs: list[ConceptSpec], results: dict[str, dict[str, Any]]) ->
             "steps": r.get("steps"),
             "seconds": r.get("seconds"),
             "final_loss": r.get("final_loss"),
-            "fidelity": (r.get("metrics") or {}).get("fidelity"),
+            "metrics": r.get("metrics") if r["status"] != "failed" else None,
             "attempts": r.get("attempts", 0),
             "worker": r.get("worker"),
         })

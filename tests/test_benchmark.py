@@ -1,4 +1,4 @@
-"""jobs/benchmark.py cannot rot: its smoke run covers every section. No test here asserts a speed."""
+"""The benchmark package cannot rot: its smoke run covers every section. No test here asserts a speed."""
 
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from jobs import benchmark
+from jobs.bench import flops, measure, recipe, shapes
+from jobs.bench.report import markdown
+from tinv.models import load_base_model
 
 REPO = Path(__file__).resolve().parent.parent
+RECORDED = REPO / "benchmarks" / "amd-epyc-2-threads.json"
 
 
-def test_smoke_run_measures_every_section(tmp_path):
+def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables(tmp_path):
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray instance
-    subprocess.run([sys.executable, "-m", "jobs.benchmark", "--smoke", "--out", str(out)], cwd=REPO, env=env,
-                   check=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "jobs.bench", "--smoke", "--out", str(out)], cwd=REPO, env=env,
+                          check=True, timeout=600, capture_output=True, text=True)
     r = json.loads(out.read_text())
     assert r["smoke"] and r["matmul"]["fp32_flops"] > 0
     for section in ("train", "toy_train"):
@@ -40,26 +43,59 @@ def test_smoke_run_measures_every_section(tmp_path):
     s = r["schedule"]
     assert {c["schedule"] for c in s["curves"]} == {"recipe", "tinv"}
     assert all(len(c["fidelity"]) == len(c["steps"]) == 2 for c in s["curves"])
+    # the recorded file (every section stamped with its command) renders exactly what the run printed
+    assert markdown(r) + "\n" == proc.stdout
+    rendered = subprocess.run([sys.executable, "-m", "jobs.bench", "--render", str(out)], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout
+    assert rendered == proc.stdout and "| tinv-k4 |" in rendered and "Driver, 50 concepts" in rendered
 
 
-def test_cpu_attention_flops_are_counted():
+def test_cpu_attention_flops_are_counted_once_registered():
+    flops.register_cpu_attention_flops()
+    flops.register_cpu_attention_flops()  # idempotent
     q = torch.randn(1, 2, 16, 8)
     with FlopCounterMode(display=False) as counter:
         F.scaled_dot_product_attention(q, q, q)
     assert counter.get_total_flops() == sdpa_flop_count(q.shape, q.shape, q.shape) > 0
-    assert benchmark.native_half(torch.device("cpu")) in ([], [torch.bfloat16])
+    assert measure.native_half(torch.device("cpu")) in ([], [torch.bfloat16])
 
 
 def test_flop_model_counts_on_the_meta_device():
-    small = dict(benchmark.SMOKE_UNET)
-    f8, f16 = (benchmark.flops_per_sample(small, [benchmark.SMOKE_TEXT], latent) for latent in (8, 16))
+    small = dict(shapes.SMOKE_UNET)
+    f8, f16 = (flops.flops_per_sample(small, [shapes.SMOKE_TEXT], latent) for latent in (8, 16))
     assert 0 < f8 < f16  # a bigger latent costs more, and nothing was allocated for real
 
 
-def test_readme_schedule_table_is_the_recorded_run():
-    recorded = json.loads((REPO / "benchmarks" / "amd-epyc-2-threads.json").read_text())["schedule"]
-    rows = [line for line in benchmark.schedule_table(recorded) if line.startswith("| ")]
-    readme = (REPO / "README.md").read_text().splitlines()
-    assert len(rows) == 2 + len({c["concept"] for c in recorded["curves"]})  # header, one per concept, mean
-    missing = [row for row in rows if row not in readme]
-    assert not missing, missing  # README's table is rendered from the numbers the benchmark recorded
+def test_the_recipe_step_does_what_the_diffusers_script_does(tiny_models, images, monkeypatch):
+    """Per step: a VAE encode of the batch, an fp32 text encoder, AdamW over the whole embedding table,
+    every row but the placeholder's restored (examples/textual_inversion/textual_inversion.py)."""
+    model = load_base_model(str(tiny_models["sd1"]), precision="bf16")
+    encoded: list[int] = []
+    real = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x, *a, **k: encoded.append(len(x)) or real(x, *a, **k))
+    prompts = list(model.templates["object"])
+    step = recipe.recipe_step(model, images, prompts, cache=False)
+    state = {name: cell.cell_contents for name, cell in zip(step.__code__.co_freevars, step.__closure__)}
+    encoder, table, optimizer = state["encoder"], state["table"], state["optimizer"]
+    before, setup_encodes = table.detach().clone(), len(encoded)
+    step()
+    step()
+    assert len(encoded) - setup_encodes == 2 and encoded[-1] == recipe.RECIPE["batch_size"]  # every step
+    assert encoder.dtype == torch.float32 and model.text_encoders[0].dtype == torch.bfloat16
+    assert optimizer.param_groups[0]["params"] == [table] and table.shape[0] == len(model.tokenizers[0]) + 1
+    placeholder = torch.nonzero(~state["keep"]).item()
+    changed = (table.detach() != before).any(-1)
+    assert changed[placeholder] and changed.sum() == 1  # only the new row moved; every other row restored
+    cached = recipe.recipe_step(model, images, prompts, cache=True)
+    setup_encodes = len(encoded)
+    cached()
+    assert len(encoded) == setup_encodes  # its twin samples the cached latent distribution instead
+
+
+def test_benchmarks_readme_holds_the_tables_the_recorded_json_renders():
+    recorded = json.loads(RECORDED.read_text())
+    tables = [line for line in markdown(recorded).splitlines() if line.strip()][1:]  # the header names the command
+    readme = (REPO / "benchmarks" / "README.md").read_text().splitlines()
+    assert len([line for line in tables if line.startswith("| ")]) > 30
+    missing = [line for line in tables if line not in readme]
+    assert not missing, missing  # every table there is rendered from the numbers the benchmark recorded

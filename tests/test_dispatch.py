@@ -20,10 +20,10 @@ class FakeTrainer:
     def info(self) -> dict:
         return {"worker": f"fake:{os.getpid()}", "base_model_fingerprint": "x"}
 
-    def train(self, items: list[dict]) -> list[dict]:
+    def train(self, requests: list[dict]) -> list[dict]:
         out = []
-        for item in items:
-            cid, attempt = item["spec"]["concept_id"], item["attempt"]
+        for request in requests:
+            cid, attempt = request["spec"]["concept_id"], request["attempt"]
             if cid == "hang" or (cid == "hang-once" and attempt == 1):
                 time.sleep(3600)
             if cid == "die-once" and attempt == 1:
@@ -47,7 +47,7 @@ def connected(ray_cluster, monkeypatch):
 def dispatch(ids: list[str], **cfg) -> tuple[dict[str, dict], Dispatcher]:
     got: dict[str, dict] = {}
     remote = ray.remote(FakeTrainer).options(num_cpus=0, max_concurrency=4)
-    config = DispatchConfig(num_actors=2, concepts_per_call=1, concept_timeout_s=4, load_timeout_s=60, **cfg)
+    config = DispatchConfig(num_actors=2, concepts_per_actor=1, concept_timeout_s=4, load_timeout_s=60, **cfg)
     dispatcher = Dispatcher(lambda: remote.remote(), config, lambda r: got.__setitem__(r["concept_id"], r))
     dispatcher.wait_ready()
     try:

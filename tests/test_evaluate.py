@@ -8,13 +8,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from tinv.evaluate import ClipMetrics, EvalConcept, Evaluator, read_embedding, to_uint8, without_token
+from tinv.evaluate import EvalConcept, Evaluator, read_embedding
 from tinv.formats import a1111_embedding, diffusers_embedding
+from tinv.metrics import ClipMetrics, to_uint8, without_token
 from tinv.models import load_base_model
 from tinv.samples import SampleConfig
 from tinv.tiny import clip_tokenizer
 
-CFG = SampleConfig(per_prompt=2, steps=4, batch_size=4)
+CFG = SampleConfig(samples_per_prompt=2, sample_steps=4, sample_batch_size=4)
 
 
 def concepts(dims: list[int], n: int = 3) -> list[EvalConcept]:
@@ -107,7 +108,7 @@ def test_clip_metrics_are_the_papers_two_similarities(tiny_models, tmp_path, ima
     concept.training = images
     plain = Evaluator(model, CFG).run([concept])[0]
     assert all("clip_image" not in row and "clip_text" not in row for row in plain.per_image)  # none invented
-    (got,) = Evaluator(model, CFG, clip=clip).run([concept])
+    (got,) = Evaluator(model, CFG, [clip]).run([concept])
     sample_f = clip.image_features(got.images)
     train_f = clip.image_features(to_uint8(images))
     text_f = clip.text_features([without_token(p) for p in got.prompts])

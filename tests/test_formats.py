@@ -22,7 +22,7 @@ PROMPT = "a photo of a {} on a table"
 def train_and_save(model_dir: Path, out: Path, images: torch.Tensor, num_vectors: int):
     model = load_base_model(str(model_dir))
     spec = ConceptSpec("thing", ("x",), initializer_token="toy", num_vectors=num_vectors)
-    cfg = TrainConfig(steps=8, concepts_per_batch=1, batch_size=2, learning_rate=0.05)
+    cfg = TrainConfig(steps=8, concepts_per_actor=1, batch_size=2, learning_rate=0.05)
     trained = next(train_concepts(model, [ConceptData(spec, images)], cfg))
     for name, data in embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, model.info).items():
         (out / name).write_bytes(data)
@@ -31,7 +31,7 @@ def train_and_save(model_dir: Path, out: Path, images: torch.Tensor, num_vectors
 
 def our_embeddings(model, spec, vectors) -> tuple[torch.Tensor, dict | None]:
     """The conditioning tinv trains against, for PROMPT with the learned vectors in a slot."""
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1))
     with torch.no_grad():
         for e, v in enumerate(vectors):
             trainer.vectors[0][e][: len(v)] = v

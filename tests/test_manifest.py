@@ -87,7 +87,7 @@ def test_fingerprint_changes_with_what_changes_the_result():
     model = {"base_model_fingerprint": "m1", "resolution": 32, "dtype": "torch.float32"}
     fp = config_fingerprint(spec, TrainConfig(), model)
     assert fp == config_fingerprint(ConceptSpec("c", ("a.png",), eval_prompts=("a {}",)), TrainConfig(), model)
-    assert fp == config_fingerprint(spec, TrainConfig(concepts_per_batch=7), model)  # packed == solo
+    assert fp == config_fingerprint(spec, TrainConfig(concepts_per_actor=7), model)  # packed == solo
     assert fp != config_fingerprint(spec, TrainConfig(steps=9), model)
     assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), seed=3), TrainConfig(), model)
     assert fp != config_fingerprint(spec, TrainConfig(min_timestep_fraction=0.0), model)

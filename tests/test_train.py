@@ -23,7 +23,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def test_every_base_weight_is_bit_identical_after_training(tiny_models, images, kind):
     model = load_base_model(str(tiny_models[kind]))
     before = snapshot(model)
-    cfg = TrainConfig(steps=5, concepts_per_batch=2, batch_size=2, learning_rate=0.1)
+    cfg = TrainConfig(steps=5, concepts_per_actor=2, batch_size=2, learning_rate=0.1)
     out = list(train_concepts(model, [ConceptData(spec(f"c{i}", num_vectors=2), images) for i in range(3)], cfg))
     assert [o.error for o in out] == [None] * 3
     after = snapshot(model)
@@ -39,7 +39,7 @@ def test_every_base_weight_is_bit_identical_after_training(tiny_models, images, 
 @pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
 def test_loss_on_a_fixed_draw_falls(tiny_models, images, kind):
     model = load_base_model(str(tiny_models[kind]))
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1, batch_size=4, learning_rate=2e-2))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1, batch_size=4, learning_rate=2e-2))
     trainer.admit(0, ConceptData(spec("c"), images))
     losses = [trainer.fixed_loss(0, n=32)]
     for _ in range(3):
@@ -61,13 +61,13 @@ def test_packed_equals_solo_with_continuous_batching(tiny_models, images):
         spec("e", steps=5, seed=5, learnable_property="style", initializer_token="painting"),
     ]
     data = {s.concept_id: ConceptData(s, images[: 1 + i % 4]) for i, s in enumerate(specs)}
-    cfg = TrainConfig(concepts_per_batch=3, batch_size=2, learning_rate=5e-3)
+    cfg = TrainConfig(concepts_per_actor=3, batch_size=2, learning_rate=5e-3)
     seen: list[StepInfo] = []
     packed = {o.spec.concept_id: o for o in train_concepts(model, data.values(), cfg, callback=seen.append)}
     assert max(len(i.losses) for i in seen) == 3  # three concepts really shared a batch
     assert len(seen) < sum(s.steps for s in specs)  # and fewer steps than one at a time
     for s in specs:
-        solo = next(train_concepts(model, [data[s.concept_id]], TrainConfig(concepts_per_batch=1, **_same(cfg))))
+        solo = next(train_concepts(model, [data[s.concept_id]], TrainConfig(concepts_per_actor=1, **_same(cfg))))
         p = packed[s.concept_id]
         assert len(p.losses) == s.steps and p.vectors[0].shape == (s.num_vectors, 32)
         torch.testing.assert_close(p.vectors[0], solo.vectors[0], rtol=0, atol=1e-5)
@@ -106,7 +106,7 @@ def test_spec_and_config_validation_name_every_problem():
 
 def test_fp16_overflow_skips_only_the_slot_that_overflowed(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]), precision="fp16")
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=2, batch_size=1, learning_rate=0.1))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=2, batch_size=1, learning_rate=0.1))
     trainer.admit(0, ConceptData(spec("fine"), images))
     trainer.admit(1, ConceptData(spec("overflows"), images))
     trainer.vectors[1][0].register_hook(lambda g: g * float("inf"))
@@ -122,7 +122,7 @@ def test_latents_are_encoded_once_per_image_and_flip_not_per_step(tiny_models, i
     encoded: list[int] = []
     real = model.vae.encode
     monkeypatch.setattr(model.vae, "encode", lambda x, *a, **k: encoded.append(len(x)) or real(x, *a, **k))
-    cfg = TrainConfig(steps=6, concepts_per_batch=2, batch_size=2)
+    cfg = TrainConfig(steps=6, concepts_per_actor=2, batch_size=2)
     out = list(train_concepts(model, [ConceptData(spec("a"), images[:3]), ConceptData(spec("b"), images)], cfg))
     assert [o.error for o in out] == [None, None]
     assert sum(encoded) == 2 * 3 + 2 * 4  # every image and its flip, once, whatever the step count
@@ -134,7 +134,7 @@ def test_sdxl_pools_at_the_real_end_of_text_token_even_with_a_legacy_config(tiny
     from tinv.slots import spliced
 
     model = load_base_model(str(tiny_models["sdxl"]))
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1))
     ids = [trainer._tokenize(tok, ["a photo of a <tinv-slot0-0>"]) for tok in model.tokenizers]
     encoder = model.text_encoders[1]
     for module in encoder.modules():  # the pre-2023 CLIP configs: transformers then pools at the largest id
@@ -171,18 +171,18 @@ def test_early_stopping_settings_are_checked():
 
 def test_early_stopping_costs_nothing_on_a_schedule_too_short_to_use_it(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]))
-    trainer = PackedTrainer(model, TrainConfig(steps=40, concepts_per_batch=1, dvar_window=20, dvar_every=2))
+    trainer = PackedTrainer(model, TrainConfig(steps=40, concepts_per_actor=1, dvar_window=20, dvar_every=2))
     trainer.admit(0, ConceptData(spec("a"), images))
     for _ in range(40):
         trainer.slots[0].losses.append(trainer.step()[0])
         assert not trainer.flattened(0)
-    assert trainer.slots[0].fixed == []  # no fixed-batch pass was spent
+    assert trainer.slots[0].fixed_batch_losses == []  # no fixed-batch pass was spent
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9])
 def test_training_timesteps_come_from_the_noisy_share_of_the_schedule(tiny_models, images, fraction):
     model = load_base_model(str(tiny_models["sd1"]))
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1, min_timestep_fraction=fraction))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1, min_timestep_fraction=fraction))
     trainer.admit(0, ConceptData(spec("c"), images))
     t = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4000)[2]
     steps = model.scheduler.config.num_train_timesteps
@@ -194,7 +194,7 @@ def test_training_timesteps_come_from_the_noisy_share_of_the_schedule(tiny_model
 @pytest.mark.parametrize("power", [1.0, 6.0])
 def test_style_timesteps_lean_to_the_noisy_end_and_objects_stay_uniform(tiny_models, images, power):
     model = load_base_model(str(tiny_models["sd1"]))
-    cfg = TrainConfig(concepts_per_batch=2, style_timestep_power=power)
+    cfg = TrainConfig(concepts_per_actor=2, style_timestep_power=power)
     trainer = PackedTrainer(model, cfg)
     trainer.admit(0, ConceptData(spec("o"), images))
     trainer.admit(1, ConceptData(spec("s", learnable_property="style"), images))
@@ -209,7 +209,7 @@ def test_style_timesteps_lean_to_the_noisy_end_and_objects_stay_uniform(tiny_mod
 
 def test_a_style_concept_draws_style_batch_size_samples_per_step(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]))
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=2, batch_size=3, style_batch_size=5))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=2, batch_size=3, style_batch_size=5))
     trainer.admit(0, ConceptData(spec("o"), images))
     trainer.admit(1, ConceptData(spec("s", learnable_property="style"), images))
     sizes, draw = [], trainer._draw
@@ -220,7 +220,7 @@ def test_a_style_concept_draws_style_batch_size_samples_per_step(tiny_models, im
 
 def test_a_captioned_image_is_always_trained_under_its_own_caption(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]))
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_batch=1))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1))
     captions = ("a {} cat", "a {} dog", "a {} car", "a {} house")
     captioned = ConceptSpec("c", ("memory://x.png",) * 4, initializer_token="cat", captions=captions)
     trainer.admit(0, ConceptData(captioned, images))

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from tinv.demo import DEMO_MANIFEST, DEMO_STEPS, default_model
 from tinv.manifest import read_manifest, write_manifest
 from tinv.models import fingerprint
+from tinv.samples import SampleConfig
 
 
 def tree(root: Path) -> set[str]:
@@ -52,9 +54,11 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
     assert {r["status"] for r in rows.values()} == {"succeeded"} and all(r["attempts"] == 1 for r in rows.values())
     run = json.loads((out / "run.json").read_text())
     assert run["counts"] == {"total": 12, "succeeded": 12, "failed": 0, "skipped": 0} and run["exit_code"] == 0
+    assert run["train_config"]["concepts_per_actor"] == run["dispatch"]["concepts_per_actor"] == 4  # one K
+    assert run["samples"] == asdict(SampleConfig()) | {"metrics": []} and run["model_uri"] is None
     assert run["versions"]["ray"] and run["base_model_fingerprint"]
-    # the toy model ships a scorer: each concept's fidelity is in the results
-    fidelity = {cid: rows[cid]["fidelity"] for cid in DEMO}
+    # the toy model's folder names its metric plug-in: each concept's fidelity is in the results' metrics
+    fidelity = {cid: dict(rows[cid]["metrics"])["fidelity"] for cid in DEMO}
     assert all(0.0 <= f <= 1.0 for f in fidelity.values()), fidelity
     assert min(fidelity[c] for c in COMBINATIONS) >= 0.5, fidelity  # a random token scores <= 0.15 on each
 
@@ -63,7 +67,7 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
         result = json.loads((out / "concepts" / cid / "result.json").read_text())
         assert result["base_model_fingerprint"] == run["base_model_fingerprint"]
         assert result["steps"] == DEMO_STEPS and result["token"] == f"<{cid}>" and result["config_fingerprint"]
-        assert result["metrics"]["fidelity"] == rows[cid]["fidelity"]
+        assert result["metrics"] == dict(rows[cid]["metrics"]) == {"fidelity": fidelity[cid]}
         vector = load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"]
         for name, kw in (("learned_embeds.safetensors", {}), (f"{cid}.a1111.safetensors", {"token": f"<{cid}>"})):
             pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)

@@ -97,9 +97,10 @@ class TrainConfig:
     learning_rate: float = 5e-3
     """Default AdamW learning rate for the new vectors (not scaled by batch size)."""
     batch_size: int = 4
-    """Samples per concept per step."""
-    concepts_per_batch: int = 4
-    """K: concept slots trained at once (continuous batching refills a slot when its concept ends)."""
+    """Samples per object concept per step."""
+    concepts_per_actor: int = 4
+    """K: concepts an actor trains at once, in one batch (continuous batching refills a slot when its
+    concept ends)."""
     max_vectors: int = 8
     """Largest ``num_vectors`` a concept may ask for (slot capacity)."""
     seed: int = 0
@@ -115,39 +116,29 @@ class TrainConfig:
     resolution: int | None = None
     """Training resolution in pixels; ``None`` takes the UNet's native size."""
     min_timestep_fraction: float = 0.5
-    """Training timesteps are drawn uniformly from ``[min_timestep_fraction × T, T)`` of the model's
-    ``T`` training timesteps (0: the whole schedule, as the diffusers recipe does).
+    """Training timesteps are drawn from ``[min_timestep_fraction × T, T)`` of the model's ``T``
+    training timesteps (0: the whole schedule, as the diffusers recipe does).
 
-    A new word has to set what a noisy latent does not already show (layout, colour, backdrop are
-    decided at high noise); at low noise the denoiser reads them off the latent whatever the prompt
-    says, so those draws add gradient noise and little signal. On the toy world a style's loss
-    differed by about 1% between its learned word and the initializer word. Chosen on the toy world
-    (``python -m tinv.toyworld fidelity``; the README's defaults table has the figures); kohya's
-    sd-scripts (``--min_timestep``) and diffusers' SDXL example (``--timestep_bias_strategy``) expose
-    the same knob."""
+    What a new word has to set (layout, colour, backdrop) is decided at high noise; at low noise the
+    denoiser reads it off the latent whatever the prompt says. kohya's sd-scripts (``--min_timestep``)
+    and diffusers' SDXL example (``--timestep_bias_strategy``) expose the same knob. Default chosen on
+    the toy world (docs/defaults.md)."""
     style_timestep_power: float = 4.0
-    """``style`` concepts draw t = lo + (T − lo)·u^(1/p) with u uniform on [0, 1) and lo the
-    ``min_timestep_fraction`` bound: the density rises as (t − lo)^(p − 1) towards T, so most draws
-    are very noisy and a few still come from the middle (1: uniform, as objects draw).
+    """``style`` concepts draw t = lo + (T − lo)·u^(1/p), u uniform on [0, 1), lo the
+    ``min_timestep_fraction`` bound: density ∝ (t − lo)^(p − 1), leaning to the noisy end (1: uniform,
+    as objects draw).
 
-    A style's new word has to decide the picture's whole look from pure noise, where the prompt is
-    all the denoiser has; the middle of the range pins the exact tone. On the toy world a uniform
-    draw left the darkest backdrop (navy) drawn on one sample in three, and a floor of 0.8 or 0.9
-    without the middle lost the mid tones (olive, slate) to neighbouring ones; 4 with
-    ``style_batch_size`` 8 kept every style ≥ 0.8 on every shape word on 15 of 16 (style, picture
-    set) pairs, where 3 lost navy and 6 olive (README, toy world and defaults table). diffusers'
-    SDXL example calls the same idea ``--timestep_bias_strategy later``."""
+    A style's word has to decide the whole look from pure noise, where the prompt is all the denoiser
+    has; the few middle draws pin the exact tone. diffusers' SDXL example calls the same idea
+    ``--timestep_bias_strategy later``. Default chosen on the toy world (docs/defaults.md)."""
     style_batch_size: int = 8
-    """Samples per step for ``style`` concepts (``batch_size`` is the objects'): with most draws at
-    high noise a style's gradient is noisier, and 4 samples lost a mid tone on some picture sets."""
+    """Samples per step for ``style`` concepts (``batch_size`` is the objects'): most of a style's draws
+    are at high noise, so its gradient is noisier. Default chosen on the toy world (docs/defaults.md)."""
     loss_scale: float = 1024.0
     """Static loss scale used only when the frozen model runs in fp16 (per-slot overflow skip)."""
     early_stop: bool = True
-    """Stop a concept before ``steps`` once its loss on a fixed batch flattens (DVAR, Voronov et al. 2023).
-
-    On by default because on the toy world it kept mean fidelity within 0.015 of the fixed
-    500-step schedule with 51% fewer samples (the shipped model and defaults; earlier models and
-    settings in the README's defaults table; ``python -m jobs.benchmark --sections schedule``)."""
+    """Stop a concept before ``steps`` once its loss on a fixed batch flattens (DVAR, Voronov et al. 2023,
+    arXiv 2302.04841). On by default from toy-world measurements (docs/defaults.md)."""
     dvar_window: int = 100
     """DVAR: stop when the variance of the last ``dvar_window`` steps' fixed-batch losses ..."""
     dvar_threshold: float = 0.15
@@ -157,14 +148,6 @@ class TrainConfig:
     dvar_samples: int = 8
     """DVAR: size of the fixed batch (images, flips, templates, noise and timesteps drawn once)."""
 
-    def batch_size_for(self, learnable_property: str) -> int:
-        """Samples per step for a concept of this property."""
-        return self.style_batch_size if learnable_property == "style" else self.batch_size
-
-    def timestep_power_for(self, learnable_property: str) -> float:
-        """How strongly a concept of this property's timesteps lean to the noisy end (1: uniform)."""
-        return self.style_timestep_power if learnable_property == "style" else 1.0
-
     def __post_init__(self) -> None:
         checks = {
             "steps >= 1": self.steps >= 1,
@@ -172,7 +155,7 @@ class TrainConfig:
             "batch_size >= 1": self.batch_size >= 1,
             "style_batch_size >= 1": self.style_batch_size >= 1,
             "style_timestep_power > 0": self.style_timestep_power > 0,
-            "concepts_per_batch >= 1": self.concepts_per_batch >= 1,
+            "concepts_per_actor >= 1": self.concepts_per_actor >= 1,
             "max_vectors >= 1": self.max_vectors >= 1,
             "0 <= flip_p <= 1": 0 <= self.flip_p <= 1,
             "0 <= min_timestep_fraction < 1": 0 <= self.min_timestep_fraction < 1,
@@ -185,3 +168,33 @@ class TrainConfig:
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
             raise ValueError("TrainConfig: need " + ", ".join(failed))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A concept's own settings with the run's defaults filled in: what the trainer uses for it and what
+    its config fingerprint hashes (both take them from :func:`resolve`, so they cannot drift apart)."""
+
+    spec: ConceptSpec
+    steps: int
+    learning_rate: float
+    seed: int
+    flip_p: float
+    batch_size: int
+    """Samples per step: ``style_batch_size`` for a style, else ``batch_size``."""
+    timestep_power: float
+    """How far its timesteps lean to the noisy end (1: uniform)."""
+
+
+def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
+    """The one place a concept's spec meets the run config."""
+    style = spec.learnable_property == "style"
+    return Resolved(
+        spec,
+        steps=spec.steps or cfg.steps,
+        learning_rate=spec.learning_rate or cfg.learning_rate,
+        seed=cfg.seed if spec.seed is None else spec.seed,
+        flip_p=cfg.flip_p if spec.flip_p is None else spec.flip_p,
+        batch_size=cfg.style_batch_size if style else cfg.batch_size,
+        timestep_power=cfg.style_timestep_power if style else 1.0,
+    )

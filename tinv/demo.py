@@ -9,21 +9,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tinv.embedded import DEMO_MANIFEST, EMBEDDED_MODEL
 from tinv.manifest import write_manifest
 from tinv.samples import png_bytes
-from tinv.toyworld import MODEL_DIR
 from tinv.toyworld.concepts import CONCEPTS, Concept
 from tinv.toyworld.fidelity import token
 from tinv.toyworld.world import EVAL_PROMPTS, OBJECT_PROMPT
 
-DEMO_MANIFEST = "manifests/demo.parquet"
+__all__ = ["DEMO_MANIFEST", "DEMO_STEPS", "default_model", "make_demo"]
 DEMO_STEPS = 150
 DEMO_IMAGES = 6
 
 
 def default_model() -> Path:
     """The embedded default model: the toy-world model inside the package (no download)."""
-    return MODEL_DIR
+    return EMBEDDED_MODEL
 
 
 def eval_prompts(concept: Concept) -> list[str]:

@@ -5,12 +5,9 @@ Used by the train job's actors (each concept's samples right after training) and
 in slots of one spliced text encoder, so a generation batch mixes concepts freely; an image
 depends only on its concept, prompt and seed.
 
-Metrics, per image and per concept:
-- ``fidelity``: on the toy-world model (its folder ships a scorer), whether a sample shows what
-  the concept's training pictures show (:func:`tinv.toyworld.fidelity.fidelity_hits`);
-- ``clip_image`` / ``clip_text``: given a CLIP model, the two numbers of the Textual Inversion
-  paper: mean cosine similarity of a sample to the training images, and to its prompt with the
-  token left out. Neither is reported without its model.
+Metrics, per image and per concept (the mean), come from the metric plug-ins the evaluator is given
+(:mod:`tinv.metrics`: the model folder's own, e.g. the toy world's ``fidelity``, and any asked for,
+e.g. CLIP's ``clip_image`` / ``clip_text``). None is reported without its plug-in.
 """
 
 from __future__ import annotations
@@ -27,10 +24,9 @@ from PIL import Image
 
 from tinv import storage
 from tinv.formats import SDXL_KEYS
+from tinv.metrics import Metric, to_uint8
 from tinv.models import BaseModel
 from tinv.samples import SampleConfig, SampleRequest, grid, pipeline, png_bytes, sample
-from tinv.toyworld.fidelity import fidelity_hits
-from tinv.toyworld.scorer import Scorer, find_scorer
 
 
 @dataclass
@@ -104,79 +100,30 @@ class _NoVocab:
         return {}
 
 
-class ClipMetrics:
-    """The Textual Inversion paper's CLIP image and text similarity, with a CLIP model from a path or hub id."""
-
-    def __init__(self, name_or_path: str, device: torch.device | str = "cpu") -> None:
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
-        self.processor = CLIPProcessor.from_pretrained(name_or_path)
-        self.device = torch.device(device)
-
-    @torch.no_grad()
-    def image_features(self, images: np.ndarray) -> torch.Tensor:
-        """``(N, H, W, 3)`` uint8 → unit ``(N, D)``."""
-        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
-        return torch.nn.functional.normalize(_features(self.model.get_image_features(**inputs)), dim=-1)
-
-    @torch.no_grad()
-    def text_features(self, texts: list[str]) -> torch.Tensor:
-        inputs = self.processor(text=texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
-        return torch.nn.functional.normalize(_features(self.model.get_text_features(**inputs)), dim=-1)
-
-    def scores(self, samples: np.ndarray, training: np.ndarray | None, prompts: list[str]) -> list[dict[str, float]]:
-        """Per sample: ``clip_image`` (mean over training images; absent without them) and ``clip_text``."""
-        s = self.image_features(samples)
-        text = self.text_features([without_token(p) for p in prompts])
-        rows = [{"clip_text": float(v)} for v in (s * text).sum(-1)]
-        if training is not None and len(training):
-            for row, v in zip(rows, (s @ self.image_features(training).T).mean(-1)):
-                row["clip_image"] = float(v)
-        return rows
-
-
-def _features(out: Any) -> torch.Tensor:
-    """transformers 5 returns an output object where 4.x returned the projected tensor."""
-    return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def without_token(prompt: str) -> str:
-    """The prompt with the concept's token left out: ``"a {} on a table"`` → ``"a on a table"``."""
-    return " ".join(prompt.replace("{}", " ").split())
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """``(N, 3, H, W)`` in [-1, 1] → ``(N, H, W, 3)`` uint8."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 @dataclass
 class Evaluator:
-    """Draws concepts with one loaded model and pipeline; metrics where their models are present."""
+    """Draws concepts with one loaded model and pipeline, and scores them with ``metrics``."""
 
     model: BaseModel
     cfg: SampleConfig = SampleConfig()
-    clip: ClipMetrics | None = None
-    scorer: Scorer | None = None
+    metrics: list[Metric] = field(default_factory=list)
     pipe: Any = None
 
     def __post_init__(self) -> None:
-        self.scorer = self.scorer if self.scorer is not None else find_scorer(self.model.local_dir)
         self.pipe = self.pipe or pipeline(self.model, self.cfg.scheduler)
 
     def prompts(self, concept: EvalConcept) -> list[str]:
         return list(concept.prompts or self.model.eval_prompts[concept.learnable_property])
 
     def run(self, concepts: list[EvalConcept]) -> list[ConceptEval]:
-        """Every concept's prompts × seeds ``0 … per_prompt-1``, in batches that mix concepts."""
-        plan = [[(p, seed) for p in self.prompts(c) for seed in range(self.cfg.per_prompt)] for c in concepts]
+        """Every concept's prompts × seeds ``0 … samples_per_prompt-1``, in batches that mix concepts."""
+        plan = [[(p, seed) for p in self.prompts(c) for seed in range(self.cfg.samples_per_prompt)] for c in concepts]
         requests = [SampleRequest(i, p, seed) for i, pairs in enumerate(plan) for p, seed in pairs]
         images = np.zeros((0, self.model.resolution, self.model.resolution, 3), np.uint8)
         if requests:
             images = sample(
-                self.model, [c.vectors for c in concepts], requests, steps=self.cfg.steps,
-                guidance=self.cfg.guidance, batch_size=self.cfg.batch_size, pipe=self.pipe,
+                self.model, [c.vectors for c in concepts], requests, steps=self.cfg.sample_steps,
+                guidance=self.cfg.guidance, batch_size=self.cfg.sample_batch_size, pipe=self.pipe,
             )
         out, start = [], 0
         for concept, pairs in zip(concepts, plan):
@@ -186,19 +133,15 @@ class Evaluator:
         return out
 
     def _finish(self, concept: EvalConcept, prompts: list[str], seeds: list[int], images: np.ndarray) -> ConceptEval:
-        names = [f"samples/{i // self.cfg.per_prompt:02d}_{s:02d}.png" for i, s in enumerate(seeds)]
+        names = [f"samples/{i // self.cfg.samples_per_prompt:02d}_{s:02d}.png" for i, s in enumerate(seeds)]
         files = {name: png_bytes_of(img) for name, img in zip(names, images)}
         if len(images):
-            files["grid.png"] = png_bytes(grid(images, self.cfg.per_prompt))
+            files["grid.png"] = png_bytes(grid(images, self.cfg.samples_per_prompt))
         per_image: list[dict[str, float]] = [{} for _ in images]
-        if len(images) and self.scorer is not None and concept.training is not None:
-            hits = fidelity_hits(self.scorer, concept.training, images, prompts, concept.learnable_property)
-            for row, hit in zip(per_image, hits):
-                row["fidelity"] = float(hit)
-        if len(images) and self.clip is not None:
-            training = to_uint8(concept.training) if concept.training is not None else None
-            for row, extra in zip(per_image, self.clip.scores(images, training, prompts)):
-                row.update(extra)
+        for metric in self.metrics if len(images) else []:
+            scores = metric.score(concept.training, images, prompts, concept.learnable_property)
+            for row, values in zip(per_image, scores):
+                row.update(values)
         return ConceptEval(concept.concept_id, prompts, seeds, images, files, per_image)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from tinv import __version__
@@ -35,11 +34,6 @@ def a1111_embedding(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes, with tinv's version added to the string metadata."""
     return save_safetensors(tensors, metadata={**metadata, "tinv_version": __version__})
-
-
-def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
-    """Tensors back from safetensors bytes."""
-    return load_safetensors(data)
 
 
 def embedding_files(

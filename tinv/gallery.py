@@ -25,7 +25,7 @@ def _metrics(values: dict[str, Any]) -> str:
 
 
 def gallery_html(title: str, concepts: list[dict[str, Any]]) -> str:
-    """``concepts``: the evaluation results (``rows``, ``summary``, ``train_images``, ``status``, ``error``)."""
+    """``concepts``: the evaluation results (``rows``, ``metrics``, ``train_images``, ``status``, ``error``)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     for c in concepts:
@@ -34,7 +34,7 @@ def gallery_html(title: str, concepts: list[dict[str, Any]]) -> str:
         if c.get("status") != "succeeded":
             parts.append(f"<div class='error'>failed: {html.escape(str(c.get('error')))}</div></section>")
             continue
-        parts.append(f"<div class='meta'>{html.escape(c.get('property', ''))} · {_metrics(c['summary'])}</div>")
+        parts.append(f"<div class='meta'>{html.escape(c.get('property', ''))} · {_metrics(c['metrics'])}</div>")
         parts.append("<div class='row'><div><div class='label'>training images</div>")
         parts += [f"<img src='{html.escape(u)}' alt='training image'>" for u in c.get("train_images", [])]
         if not c.get("train_images"):
@@ -45,10 +45,8 @@ def gallery_html(title: str, concepts: list[dict[str, Any]]) -> str:
             by_prompt[row["prompt"]].append(row)
         for prompt, rows in by_prompt.items():
             shown = html.escape(prompt.replace("{}", c.get("token") or "*"))
-            cells = "".join(
-                f"<img src='{html.escape(r['image'])}' alt='{shown}' title='seed {r['seed']}: {_metrics(r)}'>"
-                for r in rows
-            )
+            cells = "".join(f"<img src='{html.escape(r['image'])}' alt='{shown}' "
+                            f"title='seed {r['seed']}: {_metrics(r['metrics'])}'>" for r in rows)
             parts.append(f"<tr><td class='label'>{shown}</td><td>{cells}</td></tr>")
         parts.append("</table></div></div></section>")
     parts.append("</body></html>")

@@ -139,10 +139,14 @@ def _clashes(specs: list[ConceptSpec | None]) -> list[str]:
     return problems
 
 
+def manifest_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """``rows`` (dicts with manifest columns, not all rows naming every column) as one table."""
+    names = list(dict.fromkeys(k for row in rows for k in row))  # from_pylist alone keeps row 0's keys only
+    return pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows])
+
+
 def write_manifest(rows: list[dict[str, Any]], uri: str, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``rows`` (dicts with manifest columns) as a Parquet manifest at ``uri``."""
-    names = list(dict.fromkeys(k for row in rows for k in row))  # from_pylist alone keeps row 0's keys only
-    table = pa.Table.from_pylist([{k: row.get(k) for k in names} for row in rows])
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    pq.write_table(manifest_table(rows), sink)
     storage.write_bytes(uri, sink.getvalue(), storage_options)

@@ -161,11 +161,12 @@ def load_base_model(
     tokenizers = [CLIPTokenizer.from_pretrained(path / f"tokenizer{s}") for s in suffixes]
     encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(suffixes)]
     text_encoders = [cls.from_pretrained(path / f"text_encoder{s}") for cls, s in zip(encoder_classes, suffixes)]
-    print_ = fingerprint(text_encoders)  # from the fp32 weights, whatever precision we run in
+    text_fingerprint = fingerprint(text_encoders)  # from the fp32 weights, whatever precision we run in
     unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
     vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype(dtype))
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-    return assemble(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, attention, print_)
+    return assemble(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, attention,
+                    text_fingerprint)
 
 
 def vae_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -184,13 +185,13 @@ def assemble(
     device: torch.device,
     dtype: torch.dtype,
     attention: str = "sdpa",
-    print_: str | None = None,
+    text_fingerprint: str | None = None,
 ) -> BaseModel:
     """A :class:`BaseModel` over modules already built: frozen, in eval mode, on ``device`` in ``dtype``.
 
     ``load_base_model`` ends here; the benchmark calls it directly on models built from configs.
     """
-    print_ = print_ or fingerprint(text_encoders)
+    text_fingerprint = text_fingerprint or fingerprint(text_encoders)
     for module in [*text_encoders, unet, vae]:
         module.requires_grad_(False).eval().to(device)
     for module in [*text_encoders, unet]:
@@ -198,9 +199,8 @@ def assemble(
     vae.to(vae_dtype(dtype))
     set_attention([unet, vae], attention)
     templates, eval_prompts = read_templates(path)
-    return BaseModel(
-        uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, print_, templates, eval_prompts
-    )
+    return BaseModel(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, text_fingerprint,
+                     templates, eval_prompts)
 
 
 def read_templates(path: Path) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:

@@ -14,15 +14,15 @@ import math
 from typing import Any
 
 from tinv import storage
-from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig
+from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig, resolve
 from tinv.formats import DIFFUSERS_NAME, embedding_files
 from tinv.train import TrainedConcept
 
 RESULT_NAME = "result.json"
-TRAIN_FIELDS = ("batch_size", "weight_decay", "adam_betas", "adam_eps", "min_timestep_fraction")
-"""Run-level fields that change a concept's result besides those resolved into its spec.
+TRAIN_FIELDS = ("weight_decay", "adam_betas", "adam_eps", "min_timestep_fraction")
+"""Run-level fields that change a concept's result besides those :func:`tinv.config.resolve` fills in.
 
-K (``concepts_per_batch``) and ``max_vectors`` do not: a packed concept equals a solo one.
+K (``concepts_per_actor``) and ``max_vectors`` do not: a packed concept equals a solo one.
 """
 DVAR_FIELDS = ("early_stop", "dvar_window", "dvar_threshold", "dvar_every", "dvar_samples")
 
@@ -34,39 +34,27 @@ def concept_dir(output: str, concept_id: str) -> str:
     return storage.join(output, "concepts", concept_id)
 
 
-def resolved(spec: ConceptSpec, cfg: TrainConfig) -> dict[str, Any]:
-    """The spec with the run's defaults filled in (what training actually uses)."""
-    out = dataclasses.asdict(spec)
-    out["images"] = list(spec.images)
-    out["eval_prompts"] = list(spec.eval_prompts)
-    out["captions"] = list(spec.captions)
-    out["steps"] = spec.steps or cfg.steps
-    out["learning_rate"] = spec.learning_rate or cfg.learning_rate
-    out["seed"] = cfg.seed if spec.seed is None else spec.seed
-    out["flip_p"] = cfg.flip_p if spec.flip_p is None else spec.flip_p
-    return out
-
-
 def config_fingerprint(
     spec: ConceptSpec, cfg: TrainConfig, model: dict[str, Any], manifest_dir: str | None = None
 ) -> str:
     """sha256 of the resolved spec (minus eval prompts), the result-changing run fields and the model.
 
+    The per-concept values come from :func:`tinv.config.resolve`, the function the trainer uses.
     ``model`` holds ``base_model_fingerprint``, ``resolution`` and ``dtype`` of the loaded model.
     Image URIs (not their bytes) are part of the spec; those under ``manifest_dir`` count as written
     in the manifest (relative), so a manifest folder that moves (a job's working dir) keeps its results.
     """
-    spec_part = {k: v for k, v in resolved(spec, cfg).items() if k != "eval_prompts"}
+    settings = resolve(spec, cfg)
+    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k != "eval_prompts"}
+    spec_part |= {k: getattr(settings, k) for k in ("steps", "learning_rate", "seed", "flip_p")}
     if not spec.captions:  # only then: fingerprints of concepts without captions stay as they were
         del spec_part["captions"]
     if manifest_dir:
         prefix = manifest_dir.rstrip("/") + "/"
         spec_part["images"] = [u.removeprefix(prefix) for u in spec.images]
-    train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
-    train_part["batch_size"] = cfg.batch_size_for(spec.learnable_property)
-    power = cfg.timestep_power_for(spec.learnable_property)
-    if power != 1.0:  # only then: fingerprints of uniform draws (every object's) stay as they were
-        train_part["timestep_power"] = power
+    train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS} | {"batch_size": settings.batch_size}
+    if settings.timestep_power != 1.0:  # only then: fingerprints of uniform draws (every object's) stay as they were
+        train_part["timestep_power"] = settings.timestep_power
     if model.get("dtype") == "torch.float16":
         train_part["loss_scale"] = cfg.loss_scale
     if cfg.early_stop:  # only then: fingerprints of runs without early stopping stay as they were

@@ -8,7 +8,7 @@ VAE and text encoders are the ones already loaded for training.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -157,18 +157,29 @@ def grid(images: np.ndarray, cols: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """How each trained concept's evaluation samples are drawn."""
+    """How each concept's evaluation samples are drawn and scored (the train job and jobs.evaluate alike)."""
 
-    per_prompt: int = 2
+    samples_per_prompt: int = 2
     """Images per evaluation prompt (seeds 0, 1, …); 0 draws none."""
-    steps: int = 25
-    """Denoising steps of the multistep DPM-Solver++."""
+    sample_steps: int = 25
+    """Denoising steps per evaluation image."""
     guidance: float = 5.0
     """Classifier-free guidance scale."""
-    scheduler: str = "dpm++"
-    """A name in :data:`SCHEDULERS`."""
-    batch_size: int = 16
+    scheduler: str = field(default="dpm++", metadata={"choices": tuple(SCHEDULERS)})
+    """Sampling scheduler (dpm++ is multistep DPM-Solver++)."""
+    sample_batch_size: int = 16
     """Images per denoising batch (mixing concepts)."""
+    metrics: tuple[str, ...] = ()
+    """Metric plug-ins to add to the model folder's own: ``NAME[=ARGUMENT]``, e.g.
+    ``clip=openai/clip-vit-large-patch14``."""
+
+    def __post_init__(self) -> None:
+        checks = {"samples_per_prompt >= 0": self.samples_per_prompt >= 0, "sample_steps >= 1": self.sample_steps >= 1,
+                  "sample_batch_size >= 1": self.sample_batch_size >= 1,
+                  f"scheduler in {tuple(SCHEDULERS)}": self.scheduler in SCHEDULERS}
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError("SampleConfig: need " + ", ".join(failed))
 
 
 def png_bytes(img: Image.Image) -> bytes:

@@ -69,12 +69,6 @@ def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes
     return retry(lambda: fs.cat_file(path))
 
 
-def exists(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
-    """Whether an object exists at ``uri``."""
-    fs, path = filesystem(uri, storage_options)
-    return retry(lambda: fs.exists(path))
-
-
 def write_bytes(uri: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write ``data`` to ``uri`` whole: readers never see a partial object.
 

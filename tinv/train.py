@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinv.conditioning import encode_prompts
-from tinv.config import ConceptSpec, TrainConfig
+from tinv.config import ConceptSpec, Resolved, TrainConfig, resolve
 from tinv.images import ConceptDataError
 from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
@@ -62,20 +62,21 @@ class StepInfo:
 
 @dataclass
 class _Slot:
-    spec: ConceptSpec
-    steps: int
-    flip_p: float
-    batch_size: int
-    timestep_power: float
+    settings: Resolved
+    """The concept's spec with the run's defaults filled in (steps, seed, flip, batch, timesteps)."""
     generator: torch.Generator
     latents: tuple[torch.Tensor, torch.Tensor]
     """Latent mean and std, ``(2N, C, h, w)``: the N images, then their flips."""
     prompt_ids: list[torch.Tensor]
     """Per text encoder, ``(n_prompts, T)`` token ids of every template, or of every image's caption."""
     losses: list[float] = field(default_factory=list)
-    fixed: list[float] = field(default_factory=list)
+    fixed_batch_losses: list[float] = field(default_factory=list)
     """Fixed-batch losses every ``dvar_every`` steps (early stopping only)."""
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def spec(self) -> ConceptSpec:
+        return self.settings.spec
 
 
 class PackedTrainer:
@@ -83,17 +84,17 @@ class PackedTrainer:
 
     def __init__(self, model: BaseModel, cfg: TrainConfig) -> None:
         self.model, self.cfg = model, cfg
-        self.names = slot_token_names(cfg.concepts_per_batch, cfg.max_vectors)
+        self.names = slot_token_names(cfg.concepts_per_actor, cfg.max_vectors)
         self.token_ids = register_slot_tokens(model, self.names)  # [encoder][slot][vector]
         self.vectors = [
             [nn.Parameter(torch.zeros(cfg.max_vectors, d, device=model.device)) for d in model.embedding_dims]
-            for _ in range(cfg.concepts_per_batch)
+            for _ in range(cfg.concepts_per_actor)
         ]  # [slot][encoder] → (M, D) fp32
         groups = [{"params": row, "lr": cfg.learning_rate} for row in self.vectors]
         self.optimizer = torch.optim.AdamW(
             groups, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
-        self.slots: list[_Slot | None] = [None] * cfg.concepts_per_batch
+        self.slots: list[_Slot | None] = [None] * cfg.concepts_per_actor
         self.step_count = 0
 
     # -- admission -------------------------------------------------------------------------
@@ -116,12 +117,10 @@ class PackedTrainer:
                 self.vectors[s][e][: spec.num_vectors] = row
         for p in self.vectors[s]:
             self.optimizer.state.pop(p, None)
-        self.optimizer.param_groups[s]["lr"] = spec.learning_rate or cfg.learning_rate
-        generator = torch.Generator().manual_seed(cfg.seed if spec.seed is None else spec.seed)
-        flip_p = cfg.flip_p if spec.flip_p is None else spec.flip_p
-        prop = spec.learnable_property
-        self.slots[s] = _Slot(spec, spec.steps or cfg.steps, flip_p, cfg.batch_size_for(prop),
-                              cfg.timestep_power_for(prop), generator, latents, prompt_ids)
+        settings = resolve(spec, cfg)
+        self.optimizer.param_groups[s]["lr"] = settings.learning_rate
+        generator = torch.Generator().manual_seed(settings.seed)
+        self.slots[s] = _Slot(settings, generator, latents, prompt_ids)
 
     def _initializer(self, spec: ConceptSpec, e: int) -> torch.Tensor:
         tokenizer, encoder = self.model.tokenizers[e], self.model.text_encoders[e]
@@ -164,14 +163,14 @@ class PackedTrainer:
         mean, std = slot.latents
         n_images = mean.shape[0] // 2
         image = torch.randint(n_images, (n,), generator=generator)
-        flip = torch.rand(n, generator=generator) < slot.flip_p
+        flip = torch.rand(n, generator=generator) < slot.settings.flip_p
         template = torch.randint(slot.prompt_ids[0].shape[0], (n,), generator=generator)
         if slot.spec.captions:  # image i is trained under prompt i, its caption
             template = image  # drawn anyway, so a concept's other draws do not depend on its captions
         shape = (n, *mean.shape[1:])
         eps = torch.randn(shape, generator=generator).to(mean.device)
         noise = torch.randn(shape, generator=generator).to(mean.device)
-        t = self._timesteps(slot.timestep_power, n, generator)
+        t = self._timesteps(slot.settings.timestep_power, n, generator)
         row = (image + flip.long() * n_images).to(mean.device)
         latents = mean[row] + std[row] * eps  # (n, C, h, w): a fresh sample of q(z|x)
         vae = self.model.vae.config
@@ -204,7 +203,8 @@ class PackedTrainer:
     def step(self) -> dict[int, float]:
         """One optimisation step over every active slot; returns slot → loss."""
         active = [s for s, slot in enumerate(self.slots) if slot is not None]
-        batches = [self._draw(self.slots[s], self.slots[s].generator, self.slots[s].batch_size) for s in active]
+        slots = [self.slots[s] for s in active]
+        batches = [self._draw(slot, slot.generator, slot.settings.batch_size) for slot in slots]
         fp16 = self.model.dtype == torch.float16
         scale = self.cfg.loss_scale if fp16 else 1.0
         with spliced(self.model, self.vectors, self.token_ids):
@@ -240,13 +240,13 @@ class PackedTrainer:
         two windows of history.
         """
         cfg, slot = self.cfg, self.slots[s]
-        if slot.steps <= 2 * cfg.dvar_window or len(slot.losses) % cfg.dvar_every:
+        if slot.settings.steps <= 2 * cfg.dvar_window or len(slot.losses) % cfg.dvar_every:
             return False  # too short a schedule to stop early (e.g. the demo's 150 steps): no cost
-        slot.fixed.append(self.fixed_loss(s, n=cfg.dvar_samples))
+        slot.fixed_batch_losses.append(self.fixed_loss(s, n=cfg.dvar_samples))
         recent = cfg.dvar_window // cfg.dvar_every
-        if len(slot.fixed) < 2 * recent:
+        if len(slot.fixed_batch_losses) < 2 * recent:
             return False
-        history = torch.tensor(slot.fixed)
+        history = torch.tensor(slot.fixed_batch_losses)
         return bool(history[-recent:].var() < cfg.dvar_threshold * history.var())
 
     def emit(self, s: int) -> TrainedConcept:
@@ -279,16 +279,16 @@ def train_concepts(
     while True:
         for s in range(len(trainer.slots)):
             while trainer.slots[s] is None and not exhausted:
-                item = next(pending, None)
-                if item is None:
+                incoming = next(pending, None)
+                if incoming is None:
                     exhausted = True
-                elif isinstance(item, TrainedConcept):
-                    yield item
+                elif isinstance(incoming, TrainedConcept):
+                    yield incoming
                 else:
                     try:
-                        trainer.admit(s, item)
+                        trainer.admit(s, incoming)
                     except ConceptDataError as e:
-                        yield TrainedConcept(item.spec, None, error=str(e))
+                        yield TrainedConcept(incoming.spec, None, error=str(e))
         active = [s for s, slot in enumerate(trainer.slots) if slot is not None]
         if not active:
             return
@@ -299,5 +299,5 @@ def train_concepts(
             callback(StepInfo(trainer.step_count, {trainer.slots[s].spec.concept_id: v for s, v in losses.items()}))
         for s in active:
             slot = trainer.slots[s]
-            if len(slot.losses) >= slot.steps or (cfg.early_stop and trainer.flattened(s)):
+            if len(slot.losses) >= slot.settings.steps or (cfg.early_stop and trainer.flattened(s)):
                 yield trainer.emit(s)

@@ -8,8 +8,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from tinv import cli
 from tinv.config import TrainConfig
 from tinv.toyworld import MODEL_DIR, SCORER_FILE
+
+FIDELITY_STEPS = 200
+"""TI steps per concept in the fidelity table (the toy world's concepts are there by then)."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,13 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--steps", type=int, default=None, help="UNet + text encoder steps")
     f = sub.add_parser("fidelity", help="floor / best words / TI per held-out concept")
     f.add_argument("--model", default=str(MODEL_DIR))
-    f.add_argument("--steps", type=int, default=200, help="TI steps per concept")
     f.add_argument("--samples", type=int, default=96,
                    help="samples per concept and prompt (a style spreads them over the 6 shape words: 16 each)")
-    f.add_argument("--seed", type=int, default=0, help="pictures, TI and sample seeds start here")
-    f.add_argument("--min-timestep-fraction", type=float, default=TrainConfig.min_timestep_fraction,
-                   help="TI timesteps from [this × T, T); 0: the whole schedule")
     f.add_argument("--json", default=None, help="also write the table as JSON here")
+    cli.add_fields(f, TrainConfig, defaults={"steps": FIDELITY_STEPS})  # --seed also seeds pictures and samples
     args = p.parse_args(argv)
     if args.command == "train":
         train(args)
@@ -57,8 +58,8 @@ def fidelity(args: argparse.Namespace) -> None:
     from tinv.toyworld.scorer import load_scorer
 
     scorer = load_scorer(Path(args.model) / SCORER_FILE)
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, min_timestep_fraction=args.min_timestep_fraction)
-    rows = fidelity_table(args.model, scorer, cfg, samples=args.samples, seed=args.seed)
+    cfg = cli.build(TrainConfig, args)
+    rows = fidelity_table(args.model, scorer, cfg, samples=args.samples, seed=cfg.seed)
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))

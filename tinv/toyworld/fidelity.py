@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +32,6 @@ from tinv.toyworld.world import (
     OBJECT_PROMPT,
     SHAPES,
     STYLE_PROMPT,
-    Item,
 )
 from tinv.train import ConceptData, train_concepts
 
@@ -175,33 +173,6 @@ def fidelity_table(
                 scores[i, "ti", ""], worst_shape(hits[i, "ti", ""]))
         )
     return rows
-
-
-def prompt_shape(prompt: str) -> str | None:
-    """The shape word a prompt names, if any."""
-    return next((w for w in prompt.replace("{}", " ").split() if w in SHAPES), None)
-
-
-def fidelity_hits(
-    scorer: Scorer, training: torch.Tensor, samples: np.ndarray, prompts: list[str], learnable_property: str
-) -> list[bool]:
-    """Whether each of ``samples`` shows what the concept's training pictures show, as the scorer reads both.
-
-    The target is the training pictures' most common shape and colour (objects) or style and
-    backdrop (styles); a style sample must also have the shape its prompt names. ``training`` is
-    ``(N, 3, H, W)`` in [-1, 1]; ``samples`` is ``(M, H, W, 3)`` uint8 drawn from ``prompts``.
-    """
-    obj = learnable_property == "object"
-
-    def key(it: Item) -> tuple[str, str]:
-        return (it.shape, it.colour) if obj else (it.style, it.backdrop)
-
-    goal = Counter(map(key, scorer.predict(training.float()))).most_common(1)[0][0]
-    samples_seen = scorer.predict(pixels(samples))
-    return [
-        key(item) == goal and (obj or item.shape == (prompt_shape(prompt) or item.shape))
-        for item, prompt in zip(samples_seen, prompts)
-    ]
 
 
 def markdown(rows: list[Row]) -> str:

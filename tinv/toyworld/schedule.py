@@ -45,13 +45,15 @@ class Curve:
 def snapshots(
     model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig, checkpoints: list[int], dvar: bool,
     n_images: int = 6, seed: int = 0,
-) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, tuple[int, torch.Tensor]]]:
-    """Vectors ``(concept, step) → (n, D)`` at each checkpoint, and ``concept → (stop step, vectors)`` for DVAR."""
-    cfg = replace(cfg, concepts_per_batch=len(concepts), early_stop=dvar)
+) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, tuple[int, torch.Tensor]], list[int]]:
+    """Vectors ``(concept, step) → (n, D)`` at each checkpoint, ``concept → (stop step, vectors)`` for DVAR,
+    and each concept's samples per step."""
+    cfg = replace(cfg, concepts_per_actor=len(concepts), early_stop=dvar)
     trainer = PackedTrainer(model, cfg)
     for i, c in enumerate(concepts):
         trainer.admit(i, concept_data(c, n_images, model.resolution, seed + i))
     copies, stops = {}, {}
+    sizes = [slot.settings.batch_size for slot in trainer.slots]
     for step in range(1, max(checkpoints) + 1):
         for s, loss in trainer.step().items():
             trainer.slots[s].losses.append(loss)
@@ -61,7 +63,7 @@ def snapshots(
                 copies[s, step] = vec.detach().clone()
             if dvar and s not in stops and trainer.flattened(s):
                 stops[s] = (step, vec.detach().clone())
-    return copies, stops
+    return copies, stops, sizes
 
 
 def schedule_curves(
@@ -75,12 +77,12 @@ def schedule_curves(
         targets[i] = 0.9 * s
     curves = []
     for name, (cfg, checkpoints, dvar) in schedules.items():
-        copies, stops = snapshots(model, concepts, cfg, checkpoints, dvar, seed=seed)
+        copies, stops, sizes = snapshots(model, concepts, cfg, checkpoints, dvar, seed=seed)
         keys = sorted(copies) + [(i, "stop") for i in sorted(stops)]
         todo = [(i, copies[i, s] if s != "stop" else stops[i][1]) for i, s in keys]
         found = dict(zip(keys, score(model, scorer, concepts, todo, samples, seed, **gen)))
         for i, c in enumerate(concepts):
-            curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=cfg.batch_size_for(c.learnable_property))
+            curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=sizes[i])
             curve.steps = sorted(s for j, s in copies if j == i)
             curve.fidelity = [found[i, s] for s in curve.steps]
             if i in stops:

@@ -1,0 +1,17 @@
+"""Throughput on this device, measured side by side: ``python -m jobs.bench [--size 256] [--smoke]``.
+
+No Ray (except the driver section), no download: models are built from the public SD 1.5 configs
+with random weights (speed does not depend on the values), plus the shipped toy-world model.
+Every comparison is interleaved (A, B, C, A, B, C…) in one process, so the machine's noise hits
+all variants alike; every gain is a ratio of the same run. Results go to
+``benchmarks/<device>.json`` and a markdown table to stdout; ``benchmarks/README.md`` has the method
+and the recorded tables.
+
+Sections, one module each: ``matmul`` (the device's dense rate, always; :mod:`.measure`), ``toy`` and
+``train`` (the diffusers recipe, :mod:`.recipe`, against tinv with each optimisation switched on in
+turn, on the toy model and the SD 1.5 shape; :mod:`.training`), ``generate`` (batched across concepts
+against ``load_textual_inversion`` + one pipeline call per concept; :mod:`.generate`), ``schedule``
+(toy-world fidelity against samples seen; :mod:`.schedule`), ``driver`` (plan, dispatch, account and
+write results for N concepts with a no-op trainer on a local Ray instance; :mod:`.driver`) and
+``projection`` (the FLOP model; :mod:`.flops`).
+"""

@@ -1,0 +1,120 @@
+"""Training throughput: the recipe, then tinv with each optimisation switched on in turn."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+from typing import Any
+
+import torch
+
+from jobs.bench.measure import HALF_NAMES, Variant, native_half
+from jobs.bench.recipe import RECIPE, recipe_step
+from tinv.config import ConceptSpec, TrainConfig
+from tinv.models import BaseModel, set_attention
+from tinv.train import ConceptData, PackedTrainer
+
+VARIANTS = ["recipe", "latent-cache", "tinv", "tinv-k4", "channels-last", "compile", "threads-1", "bf16", "fp16",
+            "xformers"]
+
+
+def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int, steps: int) -> PackedTrainer:
+    cfg = TrainConfig(steps=steps, concepts_per_actor=k, batch_size=RECIPE["batch_size"], resolution=resolution)
+    trainer = PackedTrainer(model, cfg)
+    for s in range(k):
+        spec = ConceptSpec(f"bench{s}", ("bench:0",), placeholder_token=f"<bench{s}>")
+        trainer.admit(s, ConceptData(spec, images))
+    return trainer
+
+
+def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: list[str]) -> list[Variant]:
+    """The recipe, then tinv with each optimisation switched on in turn."""
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, resolution, resolution) * 2 - 1
+    prompts = list(model.templates["object"])
+    recipe_n, tinv_n = RECIPE["steps"] * RECIPE["batch_size"], tinv_steps * RECIPE["batch_size"]
+    b = RECIPE["batch_size"]
+    out: list[Variant] = []
+    want = lambda name: name in which  # noqa: E731
+    if want("recipe"):
+        out.append(Variant("recipe", "diffusers example: VAE encode every step, whole-table AdamW + restore",
+                           recipe_step(model, images, prompts, cache=False), b, recipe_n))
+    if want("latent-cache"):
+        out.append(Variant("latent-cache", "recipe + latents cached once per image (sampled from mean/std)",
+                           recipe_step(model, images, prompts, cache=True), b, recipe_n))
+    one = tinv_trainer(model, images, 1, resolution, tinv_steps)
+    if want("tinv"):
+        out.append(Variant("tinv", "+ separate trainable vectors (tinv.PackedTrainer, K=1)", one.step, b, tinv_n))
+    if want("tinv-k4"):
+        four = tinv_trainer(model, images, 4, resolution, tinv_steps)
+        out.append(Variant("tinv-k4", "+ packing K=4 concepts per step", four.step, 4 * b, tinv_n))
+    unet = model.unet
+    if want("channels-last"):
+        out.append(Variant("channels-last", "tinv K=1, UNet in channels_last", one.step, b, tinv_n,
+                           enter=lambda: unet.to(memory_format=torch.channels_last),
+                           leave=lambda: unet.to(memory_format=torch.contiguous_format), flops_from="tinv"))
+    if want("compile"):
+        compiled = torch.compile(unet)
+
+        def use(m):
+            return lambda: setattr(model, "unet", m)
+        out.append(Variant("compile", "tinv K=1, torch.compile(UNet) (inductor; compile time excluded)",
+                           one.step, b, tinv_n, enter=use(compiled), leave=use(unet), flops_from="tinv"))
+    if want("threads-1"):
+        threads = torch.get_num_threads()
+        out.append(Variant("threads-1", "tinv K=1 on 1 thread (one actor per core)", one.step, b, tinv_n,
+                           enter=lambda: torch.set_num_threads(1), leave=lambda: torch.set_num_threads(threads),
+                           flops_from="tinv", threads=1))
+    for half in native_half(model.device):
+        name = HALF_NAMES[half]
+        if not want(name):
+            continue
+        modules = [unet, model.text_encoders[0]]
+
+        def to(dtype):
+            def switch() -> None:
+                for m in modules:
+                    m.to(dtype)
+                model.dtype = dtype
+            return switch
+        out.append(Variant(name, f"tinv K=1, frozen UNet and text encoder in {name} (vectors and AdamW fp32)",
+                           one.step, b, tinv_n, enter=to(half), leave=to(torch.float32), flops_from="tinv",
+                           dtype=name))
+    if want("xformers") and importlib.util.find_spec("xformers") is not None and model.device.type == "cuda":
+        out.append(Variant("xformers", "tinv K=1, xformers attention instead of SDPA", one.step, b, tinv_n,
+                           enter=lambda: set_attention([unet], "xformers"),
+                           leave=lambda: set_attention([unet], "sdpa"), flops_from="tinv"))
+    return out
+
+
+
+def why_not(variant: str, device: torch.device, smoke: bool) -> str:
+    """Why a variant asked for was not timed on this device."""
+    if variant in ("bf16", "fp16"):
+        return f"{variant} is not native on this {device.type} (no AVX512-BF16/AMX or CUDA support)"
+    if variant == "xformers":
+        return "xformers needs CUDA and the xformers package" if importlib.util.find_spec("xformers") \
+            else "xformers is not installed"
+    return "left out of the smoke run" if smoke else "not applicable here"
+
+
+
+def train_report(variants: list[Variant], rates: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
+    base = next((v for v in variants if v.name == "recipe"), None)
+    rows = []
+    for v in variants:
+        sec = statistics.median(v.times)
+        sps = v.samples_per_step / sec
+        achieved = v.flops / sec
+        rate = rates[v.dtype, v.threads or max(t for _, t in rates)]
+        rows.append({
+            "variant": v.name, "what": v.what, "seconds_per_step": sec, "steps_timed": len(v.times),
+            "samples_per_step": v.samples_per_step, "samples_per_s": sps, "seconds_per_sample": 1 / sps,
+            "samples_per_concept": v.samples_per_concept,
+            "concepts_per_hour": 3600 * sps / v.samples_per_concept,
+            "flops_per_sample": v.flops / v.samples_per_step, "achieved_flops": achieved,
+            "mfu": achieved / rate if v.flops else None, "peak_mem_gb": v.peak_gb,
+            "speedup_per_sample_vs_recipe": (sps * statistics.median(base.times) / base.samples_per_step)
+            if base else None,
+        })
+    return rows
