@@ -44,7 +44,7 @@ from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.report import METRICS_TYPE, Progress
 from tinv import cli, outputs, storage
 from tinv.gallery import gallery_html
-from tinv.metrics import UnknownMetricError, parse
+from tinv.metrics import UnknownMetricError, parse_requests
 from tinv.samples import SampleConfig
 
 log = logging.getLogger("tinv.evaluate")
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         output = local_abs(args.output or "out/eval")
     try:
         samples = sample_config(args, recorded)
-        parse(samples.metrics)
+        parse_requests(samples.metrics)
     except (UnknownMetricError, ValueError) as e:
         raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
     connect(cluster.ray_address)

@@ -44,7 +44,7 @@ from tinv import cli, outputs, storage
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import DEMO_MANIFEST
 from tinv.manifest import ManifestError, read_manifest
-from tinv.metrics import UnknownMetricError, parse
+from tinv.metrics import UnknownMetricError, parse_requests
 from tinv.samples import SampleConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
     storage_options = cluster.parsed_storage_options()
     try:
         train, samples = cli.build(TrainConfig, args), cli.build(SampleConfig, args)
-        parse(samples.metrics)
+        parse_requests(samples.metrics)
         return Inputs(manifest, output, train, samples, cluster, storage_options,
                       read_manifest(manifest, storage_options))
     except (ManifestError, UnknownMetricError, ValueError) as e:

@@ -51,7 +51,7 @@ def available() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
-def parse(requests: Sequence[str]) -> list[tuple[str, str | None]]:
+def parse_requests(requests: Sequence[str]) -> list[tuple[str, str | None]]:
     """``["clip=path", "toyworld"]`` → ``[("clip", "path"), ("toyworld", None)]``; unknown names refused."""
     known = available()
     out = []
@@ -82,7 +82,7 @@ def load_metrics(model: BaseModel, requests: Sequence[str] = ()) -> list[Metric]
             wanted[name] = None
         else:
             log.warning("%s names metric %r, which no installed package provides; skipped", model.uri, name)
-    wanted |= dict(parse(requests))
+    wanted |= dict(parse_requests(requests))
     return [known[name].load()(model, argument) for name, argument in wanted.items()]
 
 
