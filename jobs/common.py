@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 
+from jobs.dispatch import Dispatcher, InfrastructureError
 from tinv import storage
+from tinv.errors import InvalidInputError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INFRA = 0, 1, 2, 3
 """0 every concept done; 1 some failed (see the results); 2 invalid input, nothing done; 3 infrastructure."""
@@ -47,6 +50,8 @@ class ClusterConfig:
     """Precision of the frozen model (auto: bf16 on CUDA, fp32 on CPU)."""
     attention: str = field(default="sdpa", metadata={"choices": ("sdpa", "xformers")})
     """Attention kernel: PyTorch SDPA, or xformers when installed."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's and text encoders' activations in the backward pass: less memory, slower steps."""
     storage_options: str | None = None
     """fsspec storage options as JSON (e.g. an S3 endpoint); only their names are ever recorded."""
 
@@ -105,6 +110,22 @@ def actor_factory(
     setup = make_setup(per_actor)
     remote = ray.remote(worker).options(max_concurrency=8, max_restarts=0, **options)
     return (lambda: remote.remote(setup)), n
+
+
+def wait_for_model(dispatcher: Dispatcher, model_uri: str | None) -> dict[str, Any]:
+    """The loaded model's info, once every actor has it (all the same model); the exit status by the
+    load error's type: invalid input (a missing or malformed model) 2, anything else 3."""
+    try:
+        infos = dispatcher.wait_ready()
+    except RayTaskError as e:  # an actor's info() raised the error its model load kept
+        cause = e.cause if e.cause is not None else e
+        code = EXIT_INVALID if isinstance(cause, InvalidInputError) else EXIT_INFRA
+        raise JobExit(code, f"could not load the model {model_uri or '(embedded)'}: {cause}") from e
+    except (RayActorError, InfrastructureError) as e:
+        raise JobExit(EXIT_INFRA, f"could not load the model {model_uri or '(embedded)'}: {e}") from e
+    if len({i["base_model_fingerprint"] for i in infos}) != 1:
+        raise JobExit(EXIT_INFRA, f"actors loaded different models: {infos}")
+    return infos[0]
 
 
 def run_main(

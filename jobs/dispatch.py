@@ -21,11 +21,17 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from tinv.errors import TinvError
+
 log = logging.getLogger("tinv.dispatch")
 
 
-class InfrastructureError(RuntimeError):
+class InfrastructureError(TinvError, RuntimeError):
     """The cluster cannot run the job (actors keep dying, the model never loads)."""
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
 @dataclass(frozen=True)
@@ -135,8 +141,15 @@ class Dispatcher:
             return
         try:
             value = ray.get(ref)
-        except (RayActorError, RayTaskError) as e:
-            self._replace(actor, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        except RayTaskError as e:  # the call raised, the actor lives: its concepts go round again
+            if ref == actor.info_ref:
+                self._replace(actor, f"the replacement could not load the model: {_first_line(e.cause or e)}")
+                return
+            for task in actor.calls.pop(ref):
+                self._retry(task, f"the call raised {_first_line(e.cause or e)}", (actor.info or {}).get("worker"))
+            return
+        except RayActorError as e:  # the actor (or its node) is gone
+            self._replace(actor, _first_line(e))
             return
         if ref == actor.info_ref:
             actor.info, actor.info_ref, actor.last_progress = value, None, time.monotonic()

@@ -27,7 +27,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.actor import EvalSetup, EvalSpec, EvalWorker
 from jobs.common import (
     EXIT_FAILED,
     EXIT_INFRA,
@@ -39,8 +38,10 @@ from jobs.common import (
     connect,
     local_abs,
     run_main,
+    wait_for_model,
 )
 from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
+from jobs.eval_actor import EvalSetup, EvalSpec, EvalWorker
 from jobs.report import METRICS_TYPE, Progress
 from tinv import cli, outputs, storage
 from tinv.gallery import gallery_html
@@ -74,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", nargs="+", default=None, help="prompts with {} for the token (default: per property)")
     p.add_argument("--output", default=None, help="where samples, eval.parquet and index.html go "
                    "(default: the run's folder; ./out/eval for --embeddings)")
-    p.add_argument("--model", default=None, help="base model (default: the run's, else the embedded toy model)")
+    p.add_argument("--model", default=None, help="base model (default: the run's; needed with --embeddings)")
     cli.add_fields(p, SampleConfig, inherit=True)  # --run: what the train job drew with, unless given
     cli.add_fields(p, ClusterConfig)
     cli.add_fields(p, DispatchConfig, skip=("num_actors",), defaults=DISPATCH_DEFAULTS)
@@ -99,7 +100,7 @@ def run_tasks(
             raise JobExit(EXIT_INVALID, f"invalid input: {row['concept_id']} has no readable result.json in {run}")
         spec = EvalSpec(row["concept_id"], result["token"], result.get("learnable_property", "object"),
                         tuple(prompts or result.get("eval_prompts", ())), tuple(result.get("images", ())),
-                        result["embedding_uri"])
+                        storage.resolve(result["embedding_uri"], run))
         tasks.append(Task(spec))
     return tasks, record
 
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         model, recorded = args.model or run_model(record), record.get("samples")
         output = local_abs(args.output or source)
     else:
+        if not args.model:
+            raise JobExit(EXIT_INVALID, "invalid input: --embeddings needs --model, the base model to draw them with")
         source, tasks, model = "embedding files", file_tasks(args), args.model
         output = local_abs(args.output or "out/eval")
     try:
@@ -187,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
     dispatcher = Dispatcher(make_actor, dispatch, on_result, method="evaluate")
     try:
-        dispatcher.wait_ready()
+        wait_for_model(dispatcher, model)
         dispatcher.run(tasks)
     except InfrastructureError as e:
         raise JobExit(EXIT_INFRA, f"infrastructure failure: {e}") from e

@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ray.exceptions import RayActorError, RayTaskError
 from ray.util.metrics import Counter
 
 from jobs.actor import TrainerWorker, WorkerSetup
@@ -37,6 +36,7 @@ from jobs.common import (
     connect,
     local_abs,
     run_main,
+    wait_for_model,
 )
 from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.report import Progress, counts, result_rows, skipped_row, write_results, write_run
@@ -55,9 +55,11 @@ log = logging.getLogger("tinv.train")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", default=None, help=f"Parquet manifest URI (default: the demo, {DEMO_MANIFEST})")
+    p.add_argument("--manifest", default=None, help="Parquet manifest URI (needs --model)")
+    p.add_argument("--model", default=None, help="base model to train against: hub id, diffusers folder or fsspec URI")
+    p.add_argument("--demo", action="store_true", help=f"train the shipped demo ({DEMO_MANIFEST}) on the embedded "
+                   "toy-world model; what the job does with no --manifest")
     p.add_argument("--output", default="out/demo", help="output folder URI (default: ./out/demo)")
-    p.add_argument("--model", default=None, help="base model: hub id, folder or fsspec URI (default: embedded)")
     cli.add_fields(p, TrainConfig)
     cli.add_fields(p, SampleConfig)
     cli.add_fields(p, ClusterConfig)
@@ -79,7 +81,19 @@ class Inputs:
 
 
 def read_inputs(args: argparse.Namespace) -> Inputs:
-    """The URIs, configs and every validated spec; invalid input ends the job (exit 2) before Ray starts."""
+    """The URIs, configs and every validated spec; invalid input ends the job (exit 2) before Ray starts.
+
+    A manifest trains against the ``--model`` it names: the embedded toy-world model runs only for the
+    demo, so a production run never trains toys by accident.
+    """
+    if args.manifest and not args.model:
+        raise JobExit(EXIT_INVALID, "invalid input: --manifest needs --model, the base model to train against "
+                                    "(a hub id, a diffusers folder or an fsspec URI); the embedded toy-world "
+                                    "model runs only for the demo (no --manifest, or --demo)")
+    if args.demo and args.manifest:
+        raise JobExit(EXIT_INVALID, "invalid input: --demo trains the shipped demo manifest; leave out --manifest")
+    if not args.manifest and args.model:
+        raise JobExit(EXIT_INVALID, "invalid input: --model needs --manifest (the demo runs on the embedded model)")
     manifest = args.manifest or (DEMO_MANIFEST if Path(DEMO_MANIFEST).exists() else str(REPO / DEMO_MANIFEST))
     manifest, output = local_abs(manifest), local_abs(args.output)
     cluster = cli.build(ClusterConfig, args)
@@ -111,18 +125,6 @@ def plan(
     return todo, results
 
 
-def wait_for_model(dispatcher: Dispatcher, model_uri: str | None) -> dict[str, Any]:
-    """The loaded model's info, once every actor has it (all the same model)."""
-    try:
-        infos = dispatcher.wait_ready()
-    except (RayActorError, RayTaskError, InfrastructureError) as e:
-        code = EXIT_INVALID if "ModelLayoutError" in str(e) else EXIT_INFRA
-        raise JobExit(code, f"could not load the model {model_uri or '(embedded)'}: {e}") from e
-    if len({i["base_model_fingerprint"] for i in infos}) != 1:
-        raise JobExit(EXIT_INFRA, f"actors loaded different models: {infos}")
-    return infos[0]
-
-
 def main(argv: list[str] | None = None) -> int:
     return run_main(run, parse_args, argv)
 
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     connect(inputs.cluster.ray_address)
     setup_kw = dict(model=args.model, train=asdict(cfg), output=output, storage_options=storage_options,
                     precision=inputs.cluster.precision, attention=inputs.cluster.attention,
-                    samples=asdict(inputs.samples))
+                    gradient_checkpointing=inputs.cluster.gradient_checkpointing, samples=asdict(inputs.samples))
     make_actor, n_actors = actor_factory(inputs.cluster, lambda threads: WorkerSetup(threads=threads, **setup_kw),
                                          TrainerWorker)
     dispatch = cli.build(DispatchConfig, args, num_actors=n_actors, concepts_per_actor=cfg.concepts_per_actor)

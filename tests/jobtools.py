@@ -14,6 +14,8 @@ from tinv.demo import default_model
 from tinv.models import read_templates
 
 REPO = Path(__file__).resolve().parent.parent
+TOY = str(default_model())
+"""The embedded toy-world model, named as a user names a model folder (a manifest needs --model)."""
 BIN = Path(sys.executable).parent
 
 
@@ -33,11 +35,12 @@ def job_env() -> dict[str, str]:
 
 
 def run_driver(
-    cluster: dict, *args: str, timeout: float = 240, module: str = "jobs.train"
+    cluster: dict, *args: str, timeout: float = 240, module: str = "jobs.train", env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """`python -m MODULE --ray-address CLUSTER ARGS...` as a subprocess, from the repo root."""
+    """`python -m MODULE --ray-address CLUSTER ARGS...` as a subprocess, from the repo root (``env`` added)."""
     cmd = [sys.executable, "-m", module, "--ray-address", cluster["address"], *args]
-    return subprocess.run(cmd, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env={**cluster["env"], **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 FILES = {"learned_embeds.safetensors", "{cid}.a1111.safetensors", "result.json", "grid.png"}

@@ -69,7 +69,7 @@ def test_flop_model_counts_on_the_meta_device():
 def test_the_recipe_step_does_what_the_diffusers_script_does(tiny_models, images, monkeypatch):
     """Per step: a VAE encode of the batch, an fp32 text encoder, AdamW over the whole embedding table,
     every row but the placeholder's restored (examples/textual_inversion/textual_inversion.py)."""
-    model = load_base_model(str(tiny_models["sd1"]), precision="bf16")
+    model = load_base_model(str(tiny_models["sd1"]), precision="bf16", text_encoder_dtype=torch.bfloat16)
     encoded: list[int] = []
     real = model.vae.encode
     monkeypatch.setattr(model.vae, "encode", lambda x, *a, **k: encoded.append(len(x)) or real(x, *a, **k))

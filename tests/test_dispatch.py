@@ -28,6 +28,8 @@ class FakeTrainer:
                 time.sleep(3600)
             if cid == "die-once" and attempt == 1:
                 os._exit(1)
+            if cid == "raise-once" and attempt == 1:
+                raise RuntimeError("a bug in the call, the actor lives")
             retryable = cid == "flaky" and attempt == 1
             out.append({"concept_id": cid, "status": "failed" if retryable else "succeeded", "attempts": attempt,
                         "worker": f"fake:{os.getpid()}", "retryable": retryable, "error": "transient: x" if retryable
@@ -65,6 +67,12 @@ def test_hung_and_dead_actors_are_replaced_and_their_concepts_retried(connected)
     assert all(got[c]["attempts"] == 2 for c in ("hang-once", "die-once", "flaky", "hang"))
     assert "gave up after 2 attempts" in got["hang"]["error"] and "hung" in got["hang"]["error"]
     assert dispatcher.replaced >= 2  # at least: the actor that died, and the one where hang gave up
+
+
+def test_a_call_that_raises_is_retried_without_replacing_its_live_actor(connected):
+    got, dispatcher = dispatch(["raise-once", "ok-1"], max_attempts=2)
+    assert {c: got[c]["status"] for c in got} == {"raise-once": "succeeded", "ok-1": "succeeded"}
+    assert got["raise-once"]["attempts"] == 2 and dispatcher.replaced == 0
 
 
 def test_actors_that_keep_dying_end_in_an_infrastructure_error(connected):

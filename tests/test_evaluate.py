@@ -38,7 +38,7 @@ def test_a_batch_mixing_three_concepts_equals_each_concept_alone(tiny_models, ki
         assert got.prompts == alone.prompts and got.seeds == alone.seeds and len(got.images) == 2 * len(concept.prompts)
         diff = np.abs(got.images.astype(int) - alone.images.astype(int))
         assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
-        assert sorted(got.files) == sorted(alone.files) == sorted(
+        assert sorted(got.files()) == sorted(alone.files()) == sorted(
             ["grid.png", *(f"samples/{p:02d}_{s:02d}.png" for p in range(len(concept.prompts)) for s in range(2))]
         )
     assert not np.array_equal(mixed[0].images, mixed[1].images)  # different concepts really differ

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from jobtools import REPO, run_driver
+from jobtools import REPO, TOY, run_driver
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -34,7 +34,7 @@ def small_run(ray_cluster, tmp_path_factory) -> Path:
              "eval_prompts": list(s.eval_prompts[:2]) if s.learnable_property == "style" else ["a {}", "the {}"]}
             for s in specs]
     write_manifest(rows, str(root / "m.parquet"))
-    proc = run_driver(ray_cluster, "--manifest", str(root / "m.parquet"), "--output", str(root / "run"),
+    proc = run_driver(ray_cluster, "--manifest", str(root / "m.parquet"), "--model", TOY, "--output", str(root / "run"),
                       "--steps", "30", *DRAW)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root / "run"
@@ -91,7 +91,8 @@ def test_embedding_files_of_any_format_evaluate_and_a_misfit_fails_alone(ray_clu
     torch.save({"<big>": torch.zeros(768)}, tmp_path / "sd15.bin")  # made for another model
     files = [str(tmp_path / n) for n in ("learned_embeds.bin", "a1111.pt", "sd15.bin")]
     out = tmp_path / "out"
-    proc = evaluate(ray_cluster, "--embeddings", *files, "--output", str(out), "--prompt", "a {}", *DRAW)
+    proc = evaluate(ray_cluster, "--embeddings", *files, "--model", TOY, "--output", str(out), "--prompt", "a {}",
+                    *DRAW)
     assert proc.returncode == 1, proc.stderr[-4000:]
     rows = {r["concept_id"]: r for r in pq.read_table(out / "eval.parquet").to_pylist() if r["kind"] == "concept"}
     assert rows["learned_embeds"]["token"] == "<cat-toy>" and rows["a1111"]["token"] == "a1111"

@@ -8,7 +8,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from jobtools import REPO, job_env
+from jobtools import REPO, TOY, job_env
 
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.manifest import ManifestError, read_manifest, specs_from_table, write_manifest
@@ -82,9 +82,9 @@ def test_unsafe_concept_id_never_makes_an_output_path():
     assert concept_dir("s3://bucket/out/", "ok.1_x-2") == "s3://bucket/out/concepts/ok.1_x-2"
 
 
-def test_fingerprint_changes_with_what_changes_the_result():
+def test_fingerprint_changes_with_what_changes_the_result(monkeypatch):
     spec = ConceptSpec("c", ("a.png",))
-    model = {"base_model_fingerprint": "m1", "resolution": 32, "dtype": "torch.float32"}
+    model = {"base_model_fingerprint": "m1", "resolution": 32, "dtype": "torch.float32", "templates": "t1"}
     fp = config_fingerprint(spec, TrainConfig(), model)
     assert fp == config_fingerprint(ConceptSpec("c", ("a.png",), eval_prompts=("a {}",)), TrainConfig(), model)
     assert fp == config_fingerprint(spec, TrainConfig(concepts_per_actor=7), model)  # packed == solo
@@ -93,6 +93,14 @@ def test_fingerprint_changes_with_what_changes_the_result():
     assert fp != config_fingerprint(spec, TrainConfig(min_timestep_fraction=0.0), model)
     assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), captions=("a {} star",)), TrainConfig(), model)
     assert fp != config_fingerprint(spec, TrainConfig(), {**model, "base_model_fingerprint": "m2"})
+    assert fp != config_fingerprint(spec, TrainConfig(), {**model, "templates": "t2"})  # other prompt templates
+    fp16 = {**model, "dtype": "torch.float16"}  # the loss scale counts where it acts: under fp16
+    assert config_fingerprint(spec, TrainConfig(loss_scale_growth_interval=9), model) == fp
+    assert config_fingerprint(spec, TrainConfig(loss_scale_growth_interval=9), fp16) != config_fingerprint(
+        spec, TrainConfig(), fp16)
+    monkeypatch.setattr("tinv.outputs.FINGERPRINT_VERSION", 1)  # a result of another format version: redone
+    assert config_fingerprint(spec, TrainConfig(), model) != fp
+    monkeypatch.undo()
     # early stopping changes where a concept ends; its settings count only while it is on
     assert fp != config_fingerprint(spec, TrainConfig(dvar_threshold=0.1), model)
     off = config_fingerprint(spec, TrainConfig(early_stop=False), model)
@@ -114,9 +122,28 @@ def test_fingerprint_changes_with_what_changes_the_result():
 def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path):
     manifest = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"concept_id": "../up", "images": ["x.png"]}, GOOD, GOOD]), manifest)
-    cmd = [sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--output", str(tmp_path / "out"),
+    cmd = [sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--model", TOY,
+           "--output", str(tmp_path / "out"),
            "--ray-address", "127.0.0.1:1"]  # nothing listens there: validation must come first
     proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "row 0" in proc.stderr and "row 2" in proc.stderr and "duplicates row 1" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--manifest", "m.parquet"], "--manifest needs --model"),
+    (["--model", "some/model"], "--model needs --manifest"),
+    (["--demo", "--manifest", "m.parquet", "--model", "x"], "--demo trains the shipped demo manifest"),
+])
+def test_a_manifest_never_trains_on_the_embedded_toy_model_by_accident(tmp_path, args, says):
+    cmd = [sys.executable, "-m", "jobs.train", *args, "--output", str(tmp_path / "out"), "--ray-address", "127.0.0.1:1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedding_files_are_drawn_with_the_model_named_not_the_toy_one(tmp_path):
+    cmd = [sys.executable, "-m", "jobs.evaluate", "--embeddings", str(tmp_path / "x.bin"), "--ray-address", "127.0.0.1:1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--embeddings needs --model" in proc.stderr, proc.stderr[-2000:]

@@ -29,8 +29,11 @@ def test_local_folder_and_file_uri_load_through_the_same_path(tiny_models):
     assert plain.dtype == torch.float32 and plain.device.type == "cpu"  # fp32 by default on CPU
 
 
-def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu():
+def test_auto_precision_is_bf16_only_where_the_gpu_supports_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_dtype(torch.device("cuda"), "auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100 or T4
+    assert resolve_dtype(torch.device("cuda"), "auto") == torch.float16  # with a dynamic loss scale per slot
     assert resolve_dtype(torch.device("cpu"), "auto") == torch.float32
     assert resolve_dtype(torch.device("cuda"), "fp16") == torch.float16
 
@@ -38,10 +41,12 @@ def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu():
 def test_kinds_precision_and_prediction_type_come_from_the_folder(tiny_models):
     sd2 = load_base_model(str(tiny_models["sd2"]), precision="fp16")
     assert sd2.prediction_type == "v_prediction"
-    assert sd2.unet.dtype == torch.float16 and sd2.text_encoders[0].dtype == torch.float16
+    assert sd2.unet.dtype == torch.float16
+    assert sd2.text_encoders[0].dtype == torch.float32  # the new vectors' gradient crosses it: fp32
     assert sd2.vae.dtype == torch.float32  # fp16 VAEs overflow: kept in fp32
     xl = load_base_model(str(tiny_models["sdxl"]), precision="bf16")
     assert xl.is_sdxl and len(xl.tokenizers) == 2 and xl.unet.dtype == torch.bfloat16
+    assert {te.dtype for te in xl.text_encoders} == {torch.float32}
     assert xl.fingerprint != sd2.fingerprint
     with pytest.raises(ValueError, match="precision must be auto, fp32, bf16, fp16; got 'fp8'"):
         load_base_model(str(tiny_models["sd1"]), precision="fp8")

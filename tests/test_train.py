@@ -174,7 +174,7 @@ def test_early_stopping_costs_nothing_on_a_schedule_too_short_to_use_it(tiny_mod
     trainer = PackedTrainer(model, TrainConfig(steps=40, concepts_per_actor=1, dvar_window=20, dvar_every=2))
     trainer.admit(0, ConceptData(spec("a"), images))
     for _ in range(40):
-        trainer.slots[0].losses.append(trainer.step()[0])
+        trainer.slots[0].losses.append(trainer.step()[0][0])
         assert not trainer.flattened(0)
     assert trainer.slots[0].fixed_batch_losses == []  # no fixed-batch pass was spent
 
@@ -236,3 +236,32 @@ def test_min_timestep_fraction_is_checked():
         TrainConfig(min_timestep_fraction=1.0)
     with pytest.raises(ValueError, match="style_batch_size >= 1, style_timestep_power > 0"):
         TrainConfig(style_batch_size=0, style_timestep_power=0.0)
+
+
+def test_gradient_checkpointing_gives_the_same_step_and_is_really_on(tiny_models, images):
+    stepped = []
+    for checkpointing in (False, True):
+        model = load_base_model(str(tiny_models["sdxl"]), gradient_checkpointing=checkpointing)
+        assert model.unet.is_gradient_checkpointing == checkpointing
+        assert all(te.is_gradient_checkpointing == checkpointing for te in model.text_encoders)
+        trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1, batch_size=2, learning_rate=0.1))
+        trainer.admit(0, ConceptData(spec("c"), images))
+        trainer.step()
+        stepped.append([row.detach().clone() for row in trainer.vectors[0]])
+    for plain, recomputed in zip(*stepped):
+        torch.testing.assert_close(plain, recomputed, rtol=0, atol=1e-6)
+
+
+def test_the_vae_encodes_in_chunks_sized_by_resolution(tiny_models, images, monkeypatch):
+    import tinv.trainer
+
+    model = load_base_model(str(tiny_models["sd1"]))
+    encoded: list[int] = []
+    real = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x, *a, **k: encoded.append(len(x)) or real(x, *a, **k))
+    PackedTrainer(model, TrainConfig(concepts_per_actor=1)).admit(0, ConceptData(spec("a"), images))
+    assert encoded == [8]  # 4 images and their flips: one call at 32 px
+    encoded.clear()
+    monkeypatch.setattr(tinv.trainer, "VAE_PIXELS_PER_CHUNK", 3 * 32 * 32)  # a budget of 3 pictures of 32 px
+    PackedTrainer(model, TrainConfig(concepts_per_actor=1)).admit(0, ConceptData(spec("a"), images))
+    assert encoded == [3, 3, 2]

@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from jobtools import REPO, concept_files, expected_files, run_driver, submit
+from jobtools import REPO, TOY, concept_files, expected_files, run_driver, submit
 from safetensors.torch import load_file
 
 from tinv.demo import DEMO_MANIFEST, DEMO_STEPS, default_model
+from tinv.fingerprint import model_fingerprint
 from tinv.manifest import read_manifest, write_manifest
-from tinv.models import fingerprint
+from tinv.models import SD_PARTS
 from tinv.samples import SampleConfig
 
 
@@ -71,7 +72,7 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
         vector = load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"]
         for name, kw in (("learned_embeds.safetensors", {}), (f"{cid}.a1111.safetensors", {"token": f"<{cid}>"})):
             pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
-            assert fingerprint([pipe.text_encoder]) == result["base_model_fingerprint"]
+            assert model_fingerprint(model_dir, SD_PARTS) == result["base_model_fingerprint"]  # as a server checks
             pipe.load_textual_inversion(str(out / "concepts" / cid / name), **kw)
             new_id = pipe.tokenizer.convert_tokens_to_ids(f"<{cid}>")
             assert new_id == len(pipe.tokenizer) - 1
@@ -109,7 +110,7 @@ def many_concepts(tmp_path: Path, n: int) -> Path:
 def test_a_worker_killed_mid_run_loses_no_concept(ray_cluster, tmp_path):
     manifest, out = many_concepts(tmp_path, 8), tmp_path / "out"
     cmd = [sys.executable, "-m", "jobs.train", "--ray-address", ray_cluster["address"], "--manifest", str(manifest),
-           "--output", str(out), "--steps", "80", "--batch-size", "2", "--concepts-per-actor", "2"]
+           "--model", TOY, "--output", str(out), "--steps", "80", "--batch-size", "2", "--concepts-per-actor", "2"]
     driver = subprocess.Popen(cmd, cwd=REPO, env=ray_cluster["env"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
@@ -146,18 +147,22 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
         {"concept_id": "missing", "images": ["demo/red-star/0.png", "nowhere/404.png"]},
         {"concept_id": "clash", "images": good, "placeholder_token": "star"},  # a word of the toy world
         {"concept_id": "good-2", "images": good, "learnable_property": "style", "initializer_token": "striped"},
+        {"concept_id": "wild", "images": good, "learning_rate": 1e30},  # its vectors overflow: it diverges
     ]
     write_manifest(rows, str(tmp_path / "mixed.parquet"))
     out = tmp_path / "out"
-    proc = run_driver(ray_cluster, "--manifest", str(tmp_path / "mixed.parquet"), "--output", str(out),
+    proc = run_driver(ray_cluster, "--manifest", str(tmp_path / "mixed.parquet"), "--model", TOY, "--output", str(out),
                       "--steps", "10", "--batch-size", "2")
     assert proc.returncode == 1, proc.stderr[-4000:]
     got = results(out)
-    assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded"]
+    assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded", "failed"]
     assert "cannot decode image" in got["corrupt"]["error"] and "broken.png" in got["corrupt"]["error"]
     assert "image not found" in got["missing"]["error"] and "nowhere/404.png" in got["missing"]["error"]
     assert "'star' is already in the vocabulary" in got["clash"]["error"]
-    assert all(got[c]["attempts"] == 1 and got[c]["embedding_uri"] is None for c in ("corrupt", "missing", "clash"))
+    assert "diverged" in got["wild"]["error"]
+    assert all(got[c]["attempts"] == 1 and got[c]["embedding_uri"] is None
+               for c in ("corrupt", "missing", "clash", "wild"))  # none of them is retried: another try fails alike
     assert tree(out) == expected_files({"good-1": "object", "good-2": "style"})
-    assert json.loads((out / "run.json").read_text())["counts"] == {
-        "total": 5, "succeeded": 2, "failed": 3, "skipped": 0}
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"total": 6, "succeeded": 2, "failed": 4, "skipped": 0}
+    assert run["actors_replaced"] == 0  # a bad concept is not a lost node

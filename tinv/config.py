@@ -134,8 +134,11 @@ class TrainConfig:
     style_batch_size: int = 8
     """Samples per step for ``style`` concepts (``batch_size`` is the objects'): most of a style's draws
     are at high noise, so its gradient is noisier. Default chosen on the toy world (docs/defaults.md)."""
-    loss_scale: float = 1024.0
-    """Static loss scale used only when the frozen model runs in fp16 (per-slot overflow skip)."""
+    loss_scale: float = 65536.0
+    """fp16 only: each slot's initial dynamic loss scale (halved when its gradient overflows; the
+    defaults are ``torch.amp.GradScaler``'s)."""
+    loss_scale_growth_interval: int = 2000
+    """fp16 only: a slot's loss scale doubles after this many steps without overflow."""
     early_stop: bool = True
     """Stop a concept before ``steps`` once its loss on a fixed batch flattens (DVAR, Voronov et al. 2023,
     arXiv 2302.04841). On by default from toy-world measurements (docs/defaults.md)."""
@@ -164,6 +167,8 @@ class TrainConfig:
             "dvar_window >= 2 * dvar_every": self.dvar_window >= 2 * self.dvar_every,
             "0 < dvar_threshold < 1": 0 < self.dvar_threshold < 1,
             "dvar_samples >= 1": self.dvar_samples >= 1,
+            "loss_scale > 0": self.loss_scale > 0,
+            "loss_scale_growth_interval >= 1": self.loss_scale_growth_interval >= 1,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:

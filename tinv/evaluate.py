@@ -46,21 +46,28 @@ class EvalConcept:
 
 @dataclass
 class ConceptEval:
-    """A concept's images, their files and metrics."""
+    """A concept's images and metrics; :meth:`files` encodes them (off the training thread, in the actor)."""
 
     concept_id: str
     prompts: list[str]
     seeds: list[int]
     images: np.ndarray
     """``(N, H, W, 3)`` uint8, prompt-major."""
-    files: dict[str, bytes]
-    """``samples/{prompt:02d}_{seed:02d}.png`` and ``grid.png`` (a row per prompt)."""
+    per_prompt: int
     per_image: list[dict[str, float]] = field(default_factory=list)
     """Metrics of each image (same order as ``images``)."""
 
     @property
     def names(self) -> list[str]:
-        return [n for n in self.files if n.startswith("samples/")]
+        """``samples/{prompt:02d}_{seed:02d}.png`` of each image."""
+        return [f"samples/{i // self.per_prompt:02d}_{s:02d}.png" for i, s in enumerate(self.seeds)]
+
+    def files(self) -> dict[str, bytes]:
+        """Each sample as a PNG, and ``grid.png`` (a row per prompt)."""
+        files = {name: png_bytes_of(img) for name, img in zip(self.names, self.images)}
+        if len(self.images):
+            files["grid.png"] = png_bytes(grid(self.images, self.per_prompt))
+        return files
 
     @property
     def summary(self) -> dict[str, float]:
@@ -132,17 +139,18 @@ class Evaluator:
             out.append(self._finish(concept, [p for p, _ in pairs], [s for _, s in pairs], mine))
         return out
 
+    @property
+    def needs_training_pictures(self) -> bool:
+        """Whether any metric reads a concept's training pictures (else nobody need keep them)."""
+        return any(getattr(m, "needs_training_pictures", True) for m in self.metrics)
+
     def _finish(self, concept: EvalConcept, prompts: list[str], seeds: list[int], images: np.ndarray) -> ConceptEval:
-        names = [f"samples/{i // self.cfg.samples_per_prompt:02d}_{s:02d}.png" for i, s in enumerate(seeds)]
-        files = {name: png_bytes_of(img) for name, img in zip(names, images)}
-        if len(images):
-            files["grid.png"] = png_bytes(grid(images, self.cfg.samples_per_prompt))
         per_image: list[dict[str, float]] = [{} for _ in images]
         for metric in self.metrics if len(images) else []:
             scores = metric.score(concept.training, images, prompts, concept.learnable_property)
             for row, values in zip(per_image, scores):
                 row.update(values)
-        return ConceptEval(concept.concept_id, prompts, seeds, images, files, per_image)
+        return ConceptEval(concept.concept_id, prompts, seeds, images, self.cfg.samples_per_prompt, per_image)
 
 
 def png_bytes_of(image: np.ndarray) -> bytes:

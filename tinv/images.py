@@ -11,18 +11,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tinv import storage
+from tinv.errors import ConceptDataError
+
+__all__ = ["ConceptDataError", "decode_image", "load_images", "resize_center_crop", "to_rgb"]
 
 MAX_PIXELS = 64 * 1024 * 1024
 """Images with more pixels than this are refused before decoding (decompression bombs)."""
-
-
-class ConceptDataError(ValueError):
-    """A concept's data is unusable (bad image, missing URI, token clash). Not retried."""
-
-    def __init__(self, concept_id: str, reason: str, uri: str | None = None) -> None:
-        self.concept_id, self.reason, self.uri = concept_id, reason, uri
-        where = f" ({uri})" if uri else ""
-        super().__init__(f"concept {concept_id!r}: {reason}{where}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

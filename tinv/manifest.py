@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from tinv import storage
 from tinv.config import ConceptSpec
+from tinv.errors import InvalidInputError
 
 _STRING = (pa.types.is_string, pa.types.is_large_string)
 _INT = (pa.types.is_integer,)
@@ -44,7 +45,7 @@ COLUMNS: dict[str, tuple[str, tuple[Callable[[pa.DataType], bool], ...]]] = {
 REQUIRED = ("concept_id", "images")
 
 
-class ManifestError(ValueError):
+class ManifestError(InvalidInputError):
     """The manifest breaks the schema; ``problems`` names every bad column and row."""
 
     def __init__(self, uri: str, problems: list[str]) -> None:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from tinv.errors import InvalidInputError
 from tinv.models import BaseModel
 
 METRICS_FILE = "tinv_metrics.json"
@@ -30,6 +31,9 @@ log = logging.getLogger("tinv.metrics")
 
 class Metric(Protocol):
     """Scores a concept's samples; returns one ``{name: value}`` per sample (names are the metric's own)."""
+
+    needs_training_pictures: bool
+    """Whether ``score`` reads ``training`` (the actor keeps a concept's pictures only for such metrics)."""
 
     def score(
         self, training: torch.Tensor | None, samples: np.ndarray, prompts: list[str], learnable_property: str
@@ -42,7 +46,7 @@ class Metric(Protocol):
 MetricFactory = Callable[[BaseModel, "str | None"], Metric]
 
 
-class UnknownMetricError(ValueError):
+class UnknownMetricError(InvalidInputError):
     """A metric was asked for by a name no installed package provides."""
 
 
@@ -102,6 +106,8 @@ class ClipMetrics:
     ``clip_image``: mean cosine similarity of a sample to the training images; ``clip_text``: to its
     prompt with the token left out.
     """
+
+    needs_training_pictures = True  # for clip_image
 
     def __init__(self, name_or_path: str, device: torch.device | str = "cpu") -> None:
         from transformers import CLIPModel, CLIPProcessor

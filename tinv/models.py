@@ -14,18 +14,15 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tinv import storage
+from tinv.errors import ModelLayoutError
+from tinv.fingerprint import FINGERPRINT_VERSION, model_fingerprint, weight_choice
+from tinv.hub import DEFAULT_CACHE, model_dir
 from tinv.prompts import EVAL_PROMPTS, TEMPLATES
 
 SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SDXL_PARTS = (*SD_PARTS, "tokenizer_2", "text_encoder_2")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_CACHE = Path.home() / ".cache" / "tinv" / "models"
 TEMPLATES_FILE = "tinv_templates.json"
-
-
-class ModelLayoutError(ValueError):
-    """The model folder is not a diffusers SD/SDXL layout."""
 
 
 @dataclass
@@ -46,9 +43,9 @@ class BaseModel:
     """The training noise scheduler (its config gives the prediction type)."""
     device: torch.device
     dtype: torch.dtype
-    """Dtype of the frozen UNet and text encoders."""
+    """Dtype of the frozen UNet (the VAE's is :func:`vae_dtype`, the text encoders' fp32 by default)."""
     fingerprint: str
-    """sha256 of the text encoders' configs and token-embedding weights."""
+    """The base-model fingerprint (:mod:`tinv.fingerprint`): its files, format 2."""
     templates: dict[str, tuple[str, ...]]
     """Training prompt templates per property: tinv's defaults, or the folder's ``tinv_templates.json``."""
     eval_prompts: dict[str, tuple[str, ...]]
@@ -73,32 +70,26 @@ class BaseModel:
 
     @property
     def info(self) -> dict[str, str]:
-        """What a result file records about the base model."""
-        return {"base_model": self.uri, "base_model_fingerprint": self.fingerprint}
+        """What a result file (and an embedding's metadata) records about the base model."""
+        return {"base_model": self.uri, "base_model_fingerprint": self.fingerprint,
+                "fingerprint_version": str(FINGERPRINT_VERSION)}
+
+    @property
+    def templates_digest(self) -> str:
+        """sha256 of the training prompt templates (they shape what is learned)."""
+        return hashlib.sha256(json.dumps(self.templates, sort_keys=True).encode()).hexdigest()
 
 
 def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """bf16 on CUDA and fp32 elsewhere for ``auto``; else ``fp32``/``bf16``/``fp16`` as asked."""
+    """The frozen UNet's dtype. ``auto``: bf16 on a CUDA device that supports it, fp16 on one that does not
+    (the trainer then scales each slot's loss), fp32 elsewhere; else ``fp32``/``bf16``/``fp16`` as asked."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
     return PRECISIONS[precision]
-
-
-def model_dir(uri: str, cache_dir: str | Path = DEFAULT_CACHE, storage_options: dict | None = None) -> Path:
-    """A local folder for ``uri``: the folder itself, a per-node cached copy, or a hub snapshot."""
-    if "://" in uri or Path(uri).exists():
-        return storage.local_copy(uri, cache_dir, storage_options)
-    if uri.startswith((".", "/", "~")) or uri.count("/") != 1:
-        raise ModelLayoutError(f"no model folder at {uri!r}")
-    from huggingface_hub import snapshot_download
-
-    patterns = [f"{p}/*" for p in SDXL_PARTS] + ["model_index.json"]
-    try:
-        return Path(snapshot_download(uri, allow_patterns=patterns))
-    except Exception as e:  # the hub's errors are many; all mean "could not get it"
-        raise ModelLayoutError(f"{uri!r} is not a local folder and could not be fetched from the hub: {e}") from e
 
 
 def check_layout(path: Path, uri: str) -> bool:
@@ -114,19 +105,6 @@ def check_layout(path: Path, uri: str) -> bool:
     if any(has_second) and not all(has_second):
         raise ModelLayoutError(f"{uri!r} has only one of tokenizer_2/ and text_encoder_2/")
     return all(has_second)
-
-
-def fingerprint(text_encoders: list[torch.nn.Module]) -> str:
-    """sha256 over each text encoder's config (minus bookkeeping keys) and token-embedding weights."""
-    h = hashlib.sha256()
-    for te in text_encoders:
-        config = {k: v for k, v in te.config.to_dict().items() if not k.startswith("_")}
-        for key in ("transformers_version", "dtype", "torch_dtype", "architectures"):
-            config.pop(key, None)
-        h.update(json.dumps(config, sort_keys=True, default=str).encode())
-        weight = te.get_input_embeddings().weight.detach().float().cpu().contiguous()
-        h.update(weight.numpy().tobytes())
-    return h.hexdigest()
 
 
 def set_attention(modules: list[torch.nn.Module], attention: str) -> None:
@@ -149,24 +127,41 @@ def load_base_model(
     device: str | torch.device | None = None,
     precision: str = "auto",
     attention: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    text_encoder_dtype: torch.dtype = torch.float32,
     cache_dir: str | Path = DEFAULT_CACHE,
     storage_options: dict[str, Any] | None = None,
 ) -> BaseModel:
-    """Load tokenizer(s), text encoder(s), UNet, VAE and scheduler, frozen, in eval mode."""
+    """Load tokenizer(s), text encoder(s), UNet, VAE and scheduler, frozen, in eval mode.
+
+    The UNet and VAE run in ``precision``; the text encoders, which the new vectors' gradient crosses, in
+    ``text_encoder_dtype`` (fp32, as diffusers' own training examples keep them). Each component's weights
+    are read from one file (:func:`tinv.fingerprint.weight_choice`), the fp16 variant when the model runs
+    in half precision and the folder has one; the fingerprint covers exactly those files.
+    """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(device, precision)
-    path = model_dir(uri, cache_dir, storage_options)
+    variant = "fp16" if dtype != torch.float32 else None
+    path = model_dir(uri, variant=variant, cache_dir=cache_dir, storage_options=storage_options)
     sdxl = check_layout(path, uri)
+    parts = SDXL_PARTS if sdxl else SD_PARTS
     suffixes = ["", "_2"] if sdxl else [""]
+
+    def load(cls: Any, part: str, **kwargs: Any) -> Any:
+        chosen, safetensors = weight_choice(path / part, variant)
+        return cls.from_pretrained(path / part, variant=chosen, use_safetensors=safetensors, **kwargs)
+
     tokenizers = [CLIPTokenizer.from_pretrained(path / f"tokenizer{s}") for s in suffixes]
     encoder_classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(suffixes)]
-    text_encoders = [cls.from_pretrained(path / f"text_encoder{s}") for cls, s in zip(encoder_classes, suffixes)]
-    text_fingerprint = fingerprint(text_encoders)  # from the fp32 weights, whatever precision we run in
-    unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(path / "vae", torch_dtype=vae_dtype(dtype))
+    text_encoders = [load(cls, f"text_encoder{s}") for cls, s in zip(encoder_classes, suffixes)]
+    unet = load(UNet2DConditionModel, "unet", torch_dtype=dtype)
+    vae = load(AutoencoderKL, "vae", torch_dtype=vae_dtype(dtype))
     scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-    return assemble(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, attention,
-                    text_fingerprint)
+    model = assemble(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype,
+                     model_fingerprint(path, parts, variant), attention, text_encoder_dtype)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
 
 
 def vae_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -184,23 +179,40 @@ def assemble(
     scheduler: DDPMScheduler,
     device: torch.device,
     dtype: torch.dtype,
+    fingerprint: str,
     attention: str = "sdpa",
-    text_fingerprint: str | None = None,
+    text_encoder_dtype: torch.dtype = torch.float32,
 ) -> BaseModel:
-    """A :class:`BaseModel` over modules already built: frozen, in eval mode, on ``device`` in ``dtype``.
+    """A :class:`BaseModel` over modules already built: frozen, in eval mode, on ``device``; the UNet in
+    ``dtype``, the VAE in :func:`vae_dtype`, the text encoders in ``text_encoder_dtype``.
 
     ``load_base_model`` ends here; the benchmark calls it directly on models built from configs.
     """
-    text_fingerprint = text_fingerprint or fingerprint(text_encoders)
     for module in [*text_encoders, unet, vae]:
         module.requires_grad_(False).eval().to(device)
-    for module in [*text_encoders, unet]:
-        module.to(dtype)
+    unet.to(dtype)
     vae.to(vae_dtype(dtype))
+    for module in text_encoders:
+        module.to(text_encoder_dtype)
     set_attention([unet, vae], attention)
     templates, eval_prompts = read_templates(path)
-    return BaseModel(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, text_fingerprint,
+    return BaseModel(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, fingerprint,
                      templates, eval_prompts)
+
+
+def enable_gradient_checkpointing(model: BaseModel) -> None:
+    """Recompute the UNet's and the text encoders' activations in the backward pass instead of keeping them.
+
+    transformers checkpoints only modules in training mode, so the text encoders are put in it; that is
+    only the same computation when they have no dropout (CLIP's configs have none), which is checked.
+    """
+    model.unet.enable_gradient_checkpointing()
+    for encoder in model.text_encoders:
+        config = encoder.config
+        if getattr(config, "dropout", 0) or getattr(config, "attention_dropout", 0):
+            raise ModelLayoutError("gradient checkpointing needs text encoders without dropout")
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        encoder.train()
 
 
 def read_templates(path: Path) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tinv import storage
 from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig, resolve
+from tinv.fingerprint import FINGERPRINT_VERSION
 from tinv.formats import DIFFUSERS_NAME, embedding_files
 from tinv.train import TrainedConcept
 
@@ -37,30 +38,31 @@ def concept_dir(output: str, concept_id: str) -> str:
 def config_fingerprint(
     spec: ConceptSpec, cfg: TrainConfig, model: dict[str, Any], manifest_dir: str | None = None
 ) -> str:
-    """sha256 of the resolved spec (minus eval prompts), the result-changing run fields and the model.
+    """sha256 of the format version, the resolved spec (minus eval prompts), the result-changing run fields
+    and the model, so a result written under another version or setting is redone.
 
     The per-concept values come from :func:`tinv.config.resolve`, the function the trainer uses.
-    ``model`` holds ``base_model_fingerprint``, ``resolution`` and ``dtype`` of the loaded model.
-    Image URIs (not their bytes) are part of the spec; those under ``manifest_dir`` count as written
-    in the manifest (relative), so a manifest folder that moves (a job's working dir) keeps its results.
+    ``model`` holds ``base_model_fingerprint``, ``resolution``, ``dtype`` and ``templates`` (the training
+    prompt templates, a digest) of the loaded model. Image URIs (not their bytes) are part of the spec;
+    those under ``manifest_dir`` count as written in the manifest (relative), so a manifest folder that
+    moves (a job's working dir) keeps its results. Settings that only act in some runs count only there:
+    the fp16 loss scale under fp16, the DVAR settings with early stopping on.
     """
     settings = resolve(spec, cfg)
     spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k != "eval_prompts"}
     spec_part |= {k: getattr(settings, k) for k in ("steps", "learning_rate", "seed", "flip_p")}
-    if not spec.captions:  # only then: fingerprints of concepts without captions stay as they were
-        del spec_part["captions"]
     if manifest_dir:
         prefix = manifest_dir.rstrip("/") + "/"
         spec_part["images"] = [u.removeprefix(prefix) for u in spec.images]
-    train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS} | {"batch_size": settings.batch_size}
-    if settings.timestep_power != 1.0:  # only then: fingerprints of uniform draws (every object's) stay as they were
-        train_part["timestep_power"] = settings.timestep_power
-    if model.get("dtype") == "torch.float16":
-        train_part["loss_scale"] = cfg.loss_scale
-    if cfg.early_stop:  # only then: fingerprints of runs without early stopping stay as they were
+    train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
+    train_part |= {"batch_size": settings.batch_size, "timestep_power": settings.timestep_power}
+    if model["dtype"] == "torch.float16":
+        train_part |= {"loss_scale": cfg.loss_scale, "loss_scale_growth_interval": cfg.loss_scale_growth_interval}
+    if cfg.early_stop:
         train_part |= {k: getattr(cfg, k) for k in DVAR_FIELDS}
-    model_part = {k: model[k] for k in ("base_model_fingerprint", "resolution", "dtype")}
-    blob = json.dumps({"spec": spec_part, "train": train_part, "model": model_part}, sort_keys=True, default=str)
+    model_part = {k: model[k] for k in ("base_model_fingerprint", "resolution", "dtype", "templates")}
+    blob = json.dumps({"version": FINGERPRINT_VERSION, "spec": spec_part, "train": train_part, "model": model_part},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -125,11 +127,17 @@ def write_concept(
         "worker": worker,
         "attempts": attempts,
         "files": sorted(files),
-        "embedding_uri": storage.join(folder, DIFFUSERS_NAME),
+        "embedding_uri": relative_uri(spec.concept_id, DIFFUSERS_NAME),
     }
     data = json.dumps(record, indent=2, sort_keys=True).encode()
     storage.write_bytes(storage.join(folder, RESULT_NAME), data, storage_options)  # LAST: marks complete
     return record
+
+
+def relative_uri(concept_id: str, name: str) -> str:
+    """A concept's file as the records name it: relative to the output root (``concepts/{id}/{name}``), so
+    a run's folder can be copied or served from anywhere."""
+    return f"concepts/{concept_id}/{name}"
 
 
 def read_result(output: str, concept_id: str, storage_options: dict[str, Any] | None = None) -> dict | None:

@@ -141,7 +141,7 @@ def _embed(model: BaseModel, texts: list[str], size: int) -> tuple[torch.Tensor,
         for tok in model.tokenizers
     ]
     hidden, added = encode_prompts(model, ids, size)
-    return hidden.to(model.dtype), (added["text_embeds"] if added else None)
+    return hidden.to(model.dtype), (added["text_embeds"].to(model.dtype) if added else None)
 
 
 def grid(images: np.ndarray, cols: int) -> Image.Image:

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from tinv.models import BaseModel, ModelLayoutError
+from tinv.errors import ModelLayoutError
+from tinv.models import BaseModel
 
 
 class SlotEmbedding(nn.Module):

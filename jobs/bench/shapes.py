@@ -50,4 +50,4 @@ def sd_shaped(text: dict, unet: dict, vae: dict, device: torch.device, dtype: to
     eos = tokenizer.eos_token_id
     encoder = CLIPTextModel(CLIPTextConfig(**text, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos))
     return assemble("random:sd1.5-shaped", Path("/nonexistent"), [tokenizer], [encoder], UNet2DConditionModel(**unet),
-                    AutoencoderKL(**vae), sd_scheduler(), device, dtype)
+                    AutoencoderKL(**vae), sd_scheduler(), device, dtype, fingerprint=f"random-weights-seed-{seed}")

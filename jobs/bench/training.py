@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,8 +15,8 @@ from tinv.config import ConceptSpec, TrainConfig
 from tinv.models import BaseModel, set_attention
 from tinv.train import ConceptData, PackedTrainer
 
-VARIANTS = ["recipe", "latent-cache", "tinv", "tinv-k4", "channels-last", "compile", "threads-1", "bf16", "fp16",
-            "xformers"]
+VARIANTS = ["recipe", "latent-cache", "tinv", "tinv-k4", "channels-last", "compile", "threads-1", "bf16", "bf16-unet",
+            "fp16", "fp16-unet", "xformers"]
 
 
 def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int, steps: int) -> PackedTrainer:
@@ -25,6 +26,15 @@ def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int
         spec = ConceptSpec(f"bench{s}", ("bench:0",), placeholder_token=f"<bench{s}>")
         trainer.admit(s, ConceptData(spec, images))
     return trainer
+
+
+def switch(model: BaseModel, modules: list[torch.nn.Module], dtype: torch.dtype) -> Callable[[], None]:
+    """Put ``modules`` in ``dtype`` (the model's own dtype follows the UNet)."""
+    def apply() -> None:
+        for m in modules:
+            m.to(dtype)
+        model.dtype = dtype
+    return apply
 
 
 def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: list[str]) -> list[Variant]:
@@ -67,19 +77,14 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
                            flops_from="tinv", threads=1))
     for half in native_half(model.device):
         name = HALF_NAMES[half]
-        if not want(name):
-            continue
-        modules = [unet, model.text_encoders[0]]
-
-        def to(dtype):
-            def switch() -> None:
-                for m in modules:
-                    m.to(dtype)
-                model.dtype = dtype
-            return switch
-        out.append(Variant(name, f"tinv K=1, frozen UNet and text encoder in {name} (vectors and AdamW fp32)",
-                           one.step, b, tinv_n, enter=to(half), leave=to(torch.float32), flops_from="tinv",
-                           dtype=name))
+        for variant, modules, what in (
+            (name, [unet, model.text_encoders[0]], f"frozen UNet and text encoder in {name}"),
+            (f"{name}-unet", [unet], f"frozen UNet in {name}, text encoder fp32 (tinv's policy)"),
+        ):
+            if want(variant):
+                out.append(Variant(variant, f"tinv K=1, {what} (vectors and AdamW fp32)", one.step, b, tinv_n,
+                                   enter=switch(model, modules, half), leave=switch(model, modules, torch.float32),
+                                   flops_from="tinv", dtype=name))
     if want("xformers") and importlib.util.find_spec("xformers") is not None and model.device.type == "cuda":
         out.append(Variant("xformers", "tinv K=1, xformers attention instead of SDPA", one.step, b, tinv_n,
                            enter=lambda: set_attention([unet], "xformers"),

@@ -49,6 +49,8 @@ def fidelity_hits(
 class ToyFidelity:
     """``fidelity`` per sample (1.0 a hit, 0.0 a miss); no value without training pictures to aim at."""
 
+    needs_training_pictures = True  # the target is what they show
+
     def __init__(self, scorer: Scorer) -> None:
         self.scorer = scorer
 

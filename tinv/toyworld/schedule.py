@@ -55,7 +55,7 @@ def snapshots(
     copies, stops = {}, {}
     sizes = [slot.settings.batch_size for slot in trainer.slots]
     for step in range(1, max(checkpoints) + 1):
-        for s, loss in trainer.step().items():
+        for s, loss in trainer.step()[0].items():
             trainer.slots[s].losses.append(loss)
         for s in range(len(concepts)):
             vec = trainer.vectors[s][0][: trainer.slots[s].spec.num_vectors]

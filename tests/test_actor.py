@@ -1,0 +1,94 @@
+"""The trainer actor's body, in-process: typed results, writes off the training thread, pictures only for metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.actor import TrainerWorker, WorkerSetup
+from tinv import storage
+from tinv.config import ConceptSpec, TrainConfig
+from tinv.embedded import EMBEDDED_MODEL
+from tinv.samples import png_bytes
+
+
+def write_images(folder: Path, n: int = 3) -> tuple[str, ...]:
+    from PIL import Image
+
+    uris = []
+    for i in range(n):
+        (folder / f"{i}.png").write_bytes(png_bytes(Image.new("RGB", (32, 32), (40 * i, 90, 200))))
+        uris.append(str(folder / f"{i}.png"))
+    return tuple(uris)
+
+
+def request(spec: ConceptSpec) -> dict:
+    return {"spec": dataclasses.asdict(spec), "fingerprint": f"fp-{spec.concept_id}", "attempt": 1}
+
+
+@pytest.fixture
+def worker(tiny_models, tmp_path):
+    cfg = TrainConfig(steps=40, batch_size=1, concepts_per_actor=2, early_stop=False)
+    setup = WorkerSetup(model=str(tiny_models["sd1"]), train=dataclasses.asdict(cfg), output=str(tmp_path / "out"),
+                        samples={"samples_per_prompt": 1, "sample_steps": 2})
+    return TrainerWorker(setup)
+
+
+def test_a_slow_write_never_stalls_training_and_result_json_is_still_last(worker, tmp_path, monkeypatch):
+    images = write_images(tmp_path)
+    entered, release = threading.Event(), threading.Event()
+    write = storage.write_bytes
+
+    def slow(uri, data, options=None):  # a bucket that hangs on the first concept's marker
+        if uri.endswith("/concepts/quick/result.json"):
+            entered.set()
+            assert release.wait(120)
+        return write(uri, data, options)
+
+    monkeypatch.setattr(storage, "write_bytes", slow)
+    specs = [ConceptSpec("quick", images, initializer_token="cat", steps=2),
+             ConceptSpec("long", images, initializer_token="cat")]
+    results = []
+    caller = threading.Thread(target=lambda: results.extend(worker.train([request(s) for s in specs])))
+    caller.start()
+    assert entered.wait(120), "the first concept's files were never written"
+    stepped = worker.steps_taken
+    deadline = time.monotonic() + 120
+    while worker.steps_taken < stepped + 10:  # the training thread goes on while the writer waits
+        assert time.monotonic() < deadline, (stepped, worker.steps_taken)
+        time.sleep(0.01)
+    assert not (tmp_path / "out" / "concepts" / "quick" / "result.json").exists()  # nothing looks complete early
+    assert (tmp_path / "out" / "concepts" / "quick" / "learned_embeds.safetensors").exists()
+    assert worker.images == {}  # no metric reads training pictures on this model: none are kept
+    release.set()
+    caller.join(120)
+    assert [r["status"] for r in results] == ["succeeded", "succeeded"] and results[1]["steps"] == 40
+
+
+def test_concept_failures_are_typed_results_and_never_fail_the_call(worker, tmp_path):
+    images = write_images(tmp_path)
+    specs = [ConceptSpec("fine", images, initializer_token="cat", steps=3),
+             ConceptSpec("wild", images, initializer_token="cat", steps=3, learning_rate=1e30),
+             ConceptSpec("gone", (str(tmp_path / "nowhere.png"),), initializer_token="cat")]
+    fine, wild, gone = worker.train([request(s) for s in specs])
+    assert fine["status"] == "succeeded" and fine["error_type"] is None
+    assert (wild["status"], wild["error_type"], wild["retryable"]) == ("failed", "ConceptDivergedError", False)
+    assert "diverged" in wild["error"]
+    assert (gone["status"], gone["error_type"], gone["retryable"]) == ("failed", "ConceptDataError", False)
+
+
+def test_the_toy_models_metric_reads_training_pictures_so_the_actor_keeps_them(tmp_path):
+    setup = WorkerSetup(model=str(EMBEDDED_MODEL), train=dataclasses.asdict(TrainConfig()), output=str(tmp_path))
+    assert TrainerWorker(setup).evaluator.needs_training_pictures
+
+
+def test_a_model_that_does_not_load_is_kept_for_info_with_its_type(tmp_path):
+    from tinv.errors import ModelLayoutError
+
+    broken = TrainerWorker(WorkerSetup(model=str(tmp_path / "absent"), train={}, output=str(tmp_path)))
+    with pytest.raises(ModelLayoutError, match="no model folder"):
+        broken.info()

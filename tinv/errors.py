@@ -1,0 +1,71 @@
+"""The few error types that decide what happens next: retry a concept, fail it alone, or stop the job.
+
+``retryable`` says whether another attempt (on any actor) may succeed; the jobs map
+:class:`InvalidInputError` to exit 2 and :class:`TransientError` that outlived its retries to exit 3.
+Each carries its message as its ``str``; :func:`describe` turns any exception into the small dict a
+result records (``error``, ``error_type``, ``retryable``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TinvError(Exception):
+    """Base of tinv's errors."""
+
+    retryable: ClassVar[bool] = False
+
+
+class InvalidInputError(TinvError, ValueError):
+    """The input cannot work as given (manifest, flags, model folder): nothing is retried, the job exits 2."""
+
+
+class ModelLayoutError(InvalidInputError):
+    """The model is missing, or is not a diffusers SD/SDXL layout."""
+
+
+class TransientError(TinvError, OSError):
+    """Storage or the hub kept failing after its own retries: another attempt may succeed."""
+
+    retryable = True
+
+
+class ModelUnavailableError(TransientError):
+    """The model could not be fetched (the hub or the bucket timed out); the job exits 3 if it never loads."""
+
+
+class ConceptError(TinvError):
+    """One concept failed; the others go on. ``concept_id`` names it."""
+
+    def __init__(self, concept_id: str, reason: str, uri: str | None = None) -> None:
+        self.concept_id, self.reason, self.uri = concept_id, reason, uri
+        where = f" ({uri})" if uri else ""
+        super().__init__(f"concept {concept_id!r}: {reason}{where}")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the fields across processes (Ray pickles errors)
+        return type(self), (self.concept_id, self.reason, self.uri)
+
+
+class ConceptDataError(ConceptError, ValueError):
+    """The concept's data is unusable (bad image, missing URI, token clash): not retried."""
+
+
+class ConceptDivergedError(ConceptError):
+    """The concept's loss or vectors became non-finite: the same seed would diverge again, so not retried."""
+
+
+class ConceptCrashedError(ConceptError):
+    """Computing the concept raised (its neighbours stepped without it); it may succeed on another attempt."""
+
+    retryable = True
+
+
+class ConceptOutOfMemoryError(ConceptError):
+    """The concept did not fit in accelerator memory even alone in a batch."""
+
+
+def describe(error: BaseException) -> dict[str, Any]:
+    """``{"error": message, "error_type": class name, "retryable": bool}`` for a result record."""
+    return {"error": str(error), "error_type": type(error).__name__,
+            "retryable": bool(getattr(error, "retryable", False))}
