@@ -190,8 +190,8 @@ class Dispatcher:
             return
         self.on_result({
             "concept_id": task.spec.concept_id, "token": task.spec.placeholder_token, "status": "failed",
-            "error": f"gave up after {task.attempts} attempts; last: {reason}", "attempts": task.attempts,
-            "worker": worker,
+            "error": f"gave up after {task.attempts} attempts; last: {reason}", "error_type": "AttemptsExhausted",
+            "attempts": task.attempts, "worker": worker,
         })
 
     def shutdown(self) -> None:

@@ -43,6 +43,8 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
     s = r["schedule"]
     assert {c["schedule"] for c in s["curves"]} == {"recipe", "tinv"}
     assert all(len(c["fidelity"]) == len(c["steps"]) == 2 for c in s["curves"])
+    assert r["writes"]["ratio_slow_to_fast"] > 0 and len(r["writes"]["runs"]) == 2
+    assert r["fingerprint"]["folder_gb"] > 0 and r["fingerprint"]["cold_s"] > 0
     # the recorded file (every section stamped with its command) renders exactly what the run printed
     assert markdown(r) + "\n" == proc.stdout
     rendered = subprocess.run([sys.executable, "-m", "jobs.bench", "--render", str(out)], cwd=REPO,
@@ -92,10 +94,25 @@ def test_the_recipe_step_does_what_the_diffusers_script_does(tiny_models, images
     assert len(encoded) == setup_encodes  # its twin samples the cached latent distribution instead
 
 
-def test_benchmarks_readme_holds_the_tables_the_recorded_json_renders():
-    recorded = json.loads(RECORDED.read_text())
-    tables = [line for line in markdown(recorded).splitlines() if line.strip()][1:]  # the header names the command
+def test_benchmarks_readme_holds_the_tables_every_recorded_json_renders():
     readme = (REPO / "benchmarks" / "README.md").read_text().splitlines()
-    assert len([line for line in tables if line.startswith("| ")]) > 30
-    missing = [line for line in tables if line not in readme]
-    assert not missing, missing  # every table there is rendered from the numbers the benchmark recorded
+    files = sorted((REPO / "benchmarks").glob("*.json"))
+    assert RECORDED in files
+    for path in files:
+        tables = [line for line in markdown(json.loads(path.read_text())).splitlines() if line.strip()][1:]
+        assert path != RECORDED or len([line for line in tables if line.startswith("| ")]) > 30
+        missing = [line for line in tables if line not in readme]
+        assert not missing, (path.name, missing)  # every table there is rendered from the recorded numbers
+
+
+def test_the_gpu_check_runs_every_configuration_and_cuda_path_in_its_cpu_smoke_form(tmp_path):
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, "-m", "jobs.bench.gpu_check", "--smoke", "--out", str(out)], cwd=REPO,
+                   check=True, timeout=600, capture_output=True)
+    r = json.loads(out.read_text())
+    grid = {(x["shape"], x["checkpointing"], x["k"]) for x in r["runs"]}
+    assert grid == {(s, c, k) for s in ("sd15", "sdxl") for c in (False, True) for k in (1, 2)}
+    assert all(x["seconds_per_step"] > 0 and x["samples_per_s"] > 0 and x["mfu"] > 0 for x in r["runs"])
+    assert r["paths"]["fp16"]["losses_finite"] and len(r["paths"]["fp16"]["loss_scales"]) == 2
+    backoff = r["paths"]["oom_backoff"]
+    assert backoff["stepped"] == backoff["slots"] and backoff["group_size_after"] < backoff["slots"]

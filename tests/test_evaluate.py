@@ -117,3 +117,17 @@ def test_clip_metrics_are_the_papers_two_similarities(tiny_models, tmp_path, ima
         assert row["clip_text"] == pytest.approx(float(sample_f[i] @ text_f[i]), abs=1e-5)
     assert got.summary["clip_text"] == pytest.approx(np.mean([r["clip_text"] for r in got.per_image]))
     assert without_token("a {} on a table") == "a on a table"
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_half_precision_unet_with_fp32_text_encoders_trains_and_draws(tiny_models, images, kind):
+    from tinv.config import ConceptSpec, TrainConfig
+    from tinv.train import ConceptData, train_concepts
+
+    model = load_base_model(str(tiny_models[kind]), precision="bf16")
+    assert model.unet.dtype == torch.bfloat16 and {te.dtype for te in model.text_encoders} == {torch.float32}
+    spec = ConceptSpec("c", ("x",), initializer_token="cat")
+    (trained,) = train_concepts(model, [ConceptData(spec, images)], TrainConfig(steps=2, batch_size=2))
+    assert trained.failure is None
+    (drawn,) = Evaluator(model, CFG).run([EvalConcept("c", "<c>", trained.vectors, prompts=("a photo of a {}",))])
+    assert drawn.images.shape == (2, 32, 32, 3) and drawn.images.std() > 0

@@ -85,28 +85,26 @@ def weights(files: list[str]) -> dict[str, list[str]]:
     return out
 
 
+WEIGHTS = {"text_encoder": "model{}.safetensors", "unet": "diffusion_pytorch_model{}.safetensors",
+           "vae": "diffusion_pytorch_model{}.safetensors"}
+REPOS = {
+    "sd15": (sd15_files, SD15_INDEX, WEIGHTS),
+    # SDXL: the second text encoder too; and not a component, the one file of the repo's second VAE folder,
+    # which diffusers' choice keeps
+    "sdxl": (sdxl_files, SDXL_INDEX, {**WEIGHTS, "text_encoder_2": "model{}.safetensors",
+                                      "vae_1_0": "diffusion_pytorch_model{}.safetensors"}),
+}
+
+
 @pytest.mark.parametrize("variant", [None, "fp16"])
-def test_sd15_one_safetensors_per_component_and_nothing_else(monkeypatch, tmp_path, variant):
-    got = chosen(monkeypatch, tmp_path, sd15_files(), SD15_INDEX, variant)
+@pytest.mark.parametrize("repo", sorted(REPOS))
+def test_one_safetensors_per_component_and_nothing_else(monkeypatch, tmp_path, repo, variant):
+    files, index, expected = REPOS[repo]
+    got = chosen(monkeypatch, tmp_path, files(), index, variant)
     infix = ".fp16" if variant else ""
-    assert weights(got) == {"text_encoder": [f"model{infix}.safetensors"],
-                            "unet": [f"diffusion_pytorch_model{infix}.safetensors"],
-                            "vae": [f"diffusion_pytorch_model{infix}.safetensors"]}
+    assert weights(got) == {folder: [name.format(infix)] for folder, name in expected.items()}
     assert not any(f.startswith(("safety_checker/", "feature_extractor/")) for f in got)
     assert {"tokenizer/vocab.json", "scheduler/scheduler_config.json", "unet/config.json"} <= set(got)
-
-
-@pytest.mark.parametrize("variant", [None, "fp16"])
-def test_sdxl_one_safetensors_per_component_and_nothing_else(monkeypatch, tmp_path, variant):
-    got = chosen(monkeypatch, tmp_path, sdxl_files(), SDXL_INDEX, variant)
-    infix = ".fp16" if variant else ""
-    assert weights(got) == {"text_encoder": [f"model{infix}.safetensors"],
-                            "text_encoder_2": [f"model{infix}.safetensors"],
-                            "unet": [f"diffusion_pytorch_model{infix}.safetensors"],
-                            "vae": [f"diffusion_pytorch_model{infix}.safetensors"],
-                            # not a component: diffusers' choice keeps the one file of the repo's second VAE folder
-                            "vae_1_0": [f"diffusion_pytorch_model{infix}.safetensors"]}
-    assert {"tokenizer_2/vocab.json", "text_encoder_2/config.json"} <= set(got)
 
 
 def test_a_timeout_is_retried_with_backoff_and_a_missing_repo_is_invalid_input():

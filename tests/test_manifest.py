@@ -144,6 +144,7 @@ def test_a_manifest_never_trains_on_the_embedded_toy_model_by_accident(tmp_path,
 
 
 def test_embedding_files_are_drawn_with_the_model_named_not_the_toy_one(tmp_path):
-    cmd = [sys.executable, "-m", "jobs.evaluate", "--embeddings", str(tmp_path / "x.bin"), "--ray-address", "127.0.0.1:1"]
+    cmd = [sys.executable, "-m", "jobs.evaluate", "--embeddings", str(tmp_path / "x.bin"),
+           "--ray-address", "127.0.0.1:1"]
     proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--embeddings needs --model" in proc.stderr, proc.stderr[-2000:]

@@ -159,7 +159,8 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     assert "cannot decode image" in got["corrupt"]["error"] and "broken.png" in got["corrupt"]["error"]
     assert "image not found" in got["missing"]["error"] and "nowhere/404.png" in got["missing"]["error"]
     assert "'star' is already in the vocabulary" in got["clash"]["error"]
-    assert "diverged" in got["wild"]["error"]
+    assert "diverged" in got["wild"]["error"] and got["wild"]["error_type"] == "ConceptDivergedError"
+    assert {got[c]["error_type"] for c in ("corrupt", "missing", "clash")} == {"ConceptDataError"}
     assert all(got[c]["attempts"] == 1 and got[c]["embedding_uri"] is None
                for c in ("corrupt", "missing", "clash", "wild"))  # none of them is retried: another try fails alike
     assert tree(out) == expected_files({"good-1": "object", "good-2": "style"})

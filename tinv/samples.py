@@ -48,18 +48,26 @@ SCHEDULERS = {
 """Sampling schedulers by name; the default, multistep DPM-Solver++, is good at ~25 steps."""
 
 
-def pipeline(model: BaseModel, scheduler: str = "dpm++"):
-    """A diffusers pipeline over the loaded modules, with the named sampling scheduler."""
+def pipeline(model: BaseModel, scheduler: str = "dpm++", text_encoders: bool = False):
+    """A diffusers pipeline over the loaded modules, with the named sampling scheduler.
+
+    tinv encodes prompts itself (:func:`sample` passes ``prompt_embeds``), so by default the pipeline holds
+    no text encoder: it then keeps the embeddings in the UNet's dtype, where it would cast them to the
+    text encoders' (fp32) and the half-precision UNet would refuse them. ``text_encoders=True`` (for
+    ``load_textual_inversion`` and string prompts) gives a pipeline that encodes prompts itself.
+    """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
     scheduler = SCHEDULERS[scheduler].from_config(model.scheduler.config)
+    encoders = model.text_encoders if text_encoders else [None, None]
+    tokenizers = model.tokenizers if text_encoders else [None, None]
     if model.is_sdxl:
         pipe = StableDiffusionXLPipeline(
             vae=model.vae,
-            text_encoder=model.text_encoders[0],
-            text_encoder_2=model.text_encoders[1],
-            tokenizer=model.tokenizers[0],
-            tokenizer_2=model.tokenizers[1],
+            text_encoder=encoders[0],
+            text_encoder_2=encoders[1],
+            tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1],
             unet=model.unet,
             scheduler=scheduler,
             add_watermarker=False,
@@ -67,8 +75,8 @@ def pipeline(model: BaseModel, scheduler: str = "dpm++"):
     else:
         pipe = StableDiffusionPipeline(
             vae=model.vae,
-            text_encoder=model.text_encoders[0],
-            tokenizer=model.tokenizers[0],
+            text_encoder=encoders[0],
+            tokenizer=tokenizers[0],
             unet=model.unet,
             scheduler=scheduler,
             safety_checker=None,

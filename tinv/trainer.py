@@ -3,9 +3,8 @@
 Each active slot draws its own samples from its own random stream (image, flip, template, latent sample,
 noise, timestep), one batched text-encoder + UNet pass gives a mean loss per slot, and the sum of those
 losses gives every slot exactly its own gradient (Textual Inversion, Gal et al. 2022, arXiv 2208.01618).
-Each slot has its own AdamW state, learning rate and fp16 loss scale, so slots never couple: a slot whose
-loss or vectors turn non-finite is reported and dropped, and the others step as they would without it.
-:func:`tinv.train.train_concepts` runs the trainer over a stream of concepts.
+Each slot has its own AdamW state, learning rate and fp16 loss scale, so slots never couple (a slot that
+turns non-finite is dropped alone). :func:`tinv.train.train_concepts` runs it over a stream of concepts.
 """
 
 from __future__ import annotations
@@ -208,14 +207,14 @@ class PackedTrainer:
         return torch.stack([part.mean() for part in per_sample.split([len(b[0]) for b in batches])])
 
     def step(self, group: list[int] | None = None) -> tuple[dict[int, float], dict[int, ConceptError]]:
-        """One optimisation step of the slots in ``group`` (default: every active one): slot → loss for those
-        that stepped, and slot →
-        :class:`ConceptDivergedError` for those whose loss, gradient or vectors became non-finite (their
-        vectors are left as they were; the others step exactly as they would alone).
+        """One optimisation step of the slots in ``group`` (default: every active one).
 
-        In fp16 each slot's loss is multiplied by its own scale; a slot whose gradient overflows skips this
-        step and halves its scale, and ``loss_scale_growth_interval`` good steps double it (the rule of
-        ``torch.amp.GradScaler``, kept per slot because slots must not share a skipped step).
+        Returns slot → loss for the slots that stepped, and slot → :class:`ConceptDivergedError` for those
+        whose loss, gradient or vectors became non-finite (their vectors are left as they were; the others
+        step exactly as they would alone). In fp16 each slot's loss is multiplied by its own scale; a slot
+        whose gradient overflows skips this step and halves its scale, ``loss_scale_growth_interval`` good
+        steps double it (``torch.amp.GradScaler``'s rule, kept per slot because slots must not share a
+        skipped step), and a slot whose gradient overflows even below a scale of 1 has diverged.
         """
         group = self.active if group is None else group
         slots = [self.slots[s] for s in group]
@@ -239,6 +238,9 @@ class PackedTrainer:
                 failed[s] = ConceptDivergedError(slot.spec.concept_id, f"diverged: {what} at step {at}")
             elif fp16:
                 self._rescale(slot, finite)
+                if slot.loss_scale < 1.0:
+                    failed[s] = ConceptDivergedError(slot.spec.concept_id, "diverged: its fp16 gradient overflows "
+                                                     f"even at loss scale {slot.loss_scale}")
             if s in failed or not finite:
                 for p in self.vectors[s]:
                     p.grad = None  # this slot skips the step; the optimizer leaves it as it was

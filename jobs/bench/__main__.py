@@ -13,6 +13,7 @@ import torch
 
 from jobs.bench import __doc__ as PACKAGE_DOC
 from jobs.bench.driver import driver
+from jobs.bench.fingerprint import fingerprint_cost
 from jobs.bench.flops import projection, register_cpu_attention_flops
 from jobs.bench.generate import generation
 from jobs.bench.measure import HALF_NAMES, device_name, matmul_rate, measure, native_half, slug
@@ -21,6 +22,7 @@ from jobs.bench.report import markdown, save
 from jobs.bench.schedule import schedules
 from jobs.bench.shapes import SD15_TEXT, SD15_UNET, SD15_VAE, SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE, sd_shaped
 from jobs.bench.training import VARIANTS, train_report, train_variants, why_not
+from jobs.bench.writes import slow_storage
 from tinv.config import TrainConfig
 from tinv.embedded import EMBEDDED_MODEL
 from tinv.models import load_base_model
@@ -33,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="training resolution of the SD 1.5-shaped model (512 too)")
     p.add_argument("--reps", type=int, default=3, help="timed steps per variant (interleaved)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="SD 1.5 variants to time, comma-separated")
-    p.add_argument("--sections", default="toy,generate,train,schedule,driver,projection",
+    p.add_argument("--sections", default="toy,generate,train,schedule,driver,writes,fingerprint,projection",
                    help="comma-separated; matmul is always measured")
     p.add_argument("--driver-concepts", default="1000,10000", help="concept counts for the driver section")
     p.add_argument("--tinv-steps", type=int, default=TrainConfig().steps, help="tinv's steps per concept")
@@ -114,6 +116,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         counts = [50] if smoke else [int(c) for c in args.driver_concepts.split(",")]
         result["driver"] = driver(counts)
         log("driver", result["driver"])
+    if "writes" in sections:
+        result["writes"] = slow_storage(0.01, 2, 6, 1) if smoke else slow_storage()
+        log("writes", result["writes"]["ratio_slow_to_fast"])
+    if "fingerprint" in sections:
+        result["fingerprint"] = fingerprint_cost(smoke)
+        log("fingerprint", result["fingerprint"])
     if "projection" in sections and not smoke:
         result["projection"] = projection(samples_per_concept=args.tinv_steps * RECIPE["batch_size"])
         log("projection")

@@ -46,7 +46,7 @@ def flops_per_sample(unet_cfg: dict, text_cfgs: list[dict], latent: int, tokens:
             cond = torch.cat(hidden, -1)
             added = None
             if unet_cfg.get("addition_embed_type") == "text_time":
-                added = {"text_embeds": torch.randn(1, 1280), "time_ids": torch.randn(1, 6)}
+                added = {"text_embeds": torch.randn(1, text_cfgs[-1]["projection_dim"]), "time_ids": torch.randn(1, 6)}
             x = torch.randn(1, 4, latent, latent)
             out = unet(x, torch.tensor([500]), cond, added_cond_kwargs=added).sample
             out.sum().backward()

@@ -28,7 +28,7 @@ def generation(model: BaseModel, plain: BaseModel, concepts: int, steps: int, re
                for _ in range(concepts)]
     pairs = [(p, k) for p in model.eval_prompts["object"] for k in range(cfg.samples_per_prompt)]
     requests = [SampleRequest(c, p, k) for c in range(concepts) for p, k in pairs]
-    pipe, plain_pipe = pipeline(model, cfg.scheduler), pipeline(plain, cfg.scheduler)
+    pipe, plain_pipe = pipeline(model, cfg.scheduler), pipeline(plain, cfg.scheduler, text_encoders=True)
 
     def batched() -> None:
         sample(model, vectors, requests, steps=cfg.sample_steps, guidance=cfg.guidance,

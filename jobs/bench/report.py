@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SECTION_KEYS = ("matmul", "train", "toy_train", "generate", "schedule", "driver", "projection")
+SECTION_KEYS = ("matmul", "train", "toy_train", "generate", "schedule", "driver", "writes", "fingerprint", "projection")
 STAMP = ("command", "started", "threads")
 """What :func:`save` adds to each section it records."""
 
@@ -89,6 +89,16 @@ def sections(result: dict[str, Any]) -> list[str]:
         lines += [*schedule_table(result["schedule"]), ""]
     driver = result.get("driver")
     lines += driver_lines(driver["runs"] if isinstance(driver, dict) else driver or [])
+    if "writes" in result:
+        w = result["writes"]
+        delay = max(r["delay_s_per_write"] for r in w["runs"])
+        ratio = w["ratio_slow_to_fast"]
+        lines.append(f"Writes sleeping {delay} s each: the training thread's step rate is {ratio:.2f}× "
+                     "its rate with normal writes")
+    if "fingerprint" in result:
+        f = result["fingerprint"]
+        lines.append(f"Fingerprint of a {f['folder_gb']:.2f} GB model folder: {f['cold_s']:.1f} s the first time "
+                     f"({f['cold_gb_per_s']:.2f} GB/s), {f['cached_s']:.3f} s from the node's cache")
     return lines
 
 

@@ -1,7 +1,7 @@
 """Model shapes from the public configs (random weights: speed does not depend on the values).
 
 SD 1.5: runwayml/stable-diffusion-v1-5's config.json files; SDXL: stabilityai/stable-diffusion-xl-base-1.0's
-UNet (used only on the meta device, for FLOPs); ``SMOKE_*``: tiny shapes for ``--smoke``.
+(its VAE has SD 1.5's shape); ``SMOKE_*``: tiny shapes for ``--smoke``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from tinv.models import BaseModel, assemble
 from tinv.prompts import template_words
@@ -44,10 +44,32 @@ SDXL_TEXT = [SD15_TEXT,
 
 
 def sd_shaped(text: dict, unet: dict, vae: dict, device: torch.device, dtype: torch.dtype, seed: int = 0) -> BaseModel:
-    """A frozen SD 1.x-layout model of the given configs with random weights (no download)."""
+    """A frozen SD 1.x-layout model of the given configs with random weights (no download), built on ``device``."""
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer([*BASE_WORDS, *template_words()], size=text["vocab_size"])
     eos = tokenizer.eos_token_id
-    encoder = CLIPTextModel(CLIPTextConfig(**text, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos))
-    return assemble("random:sd1.5-shaped", Path("/nonexistent"), [tokenizer], [encoder], UNet2DConditionModel(**unet),
-                    AutoencoderKL(**vae), sd_scheduler(), device, dtype, fingerprint=f"random-weights-seed-{seed}")
+    with torch.device(device):
+        encoder = CLIPTextModel(CLIPTextConfig(**text, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos))
+        modules = UNet2DConditionModel(**unet), AutoencoderKL(**vae)
+    return assemble("random:sd1.5-shaped", Path("/nonexistent"), [tokenizer], [encoder], *modules, sd_scheduler(),
+                    device, dtype, fingerprint=f"random-weights-seed-{seed}")
+
+
+def sdxl_shaped(texts: list[dict], unet: dict, vae: dict, device: torch.device, dtype: torch.dtype,
+                seed: int = 0) -> BaseModel:
+    """A frozen SDXL-layout model (two text encoders, the second with its projection), random weights."""
+    torch.manual_seed(seed)
+    tokenizers = [clip_tokenizer([*BASE_WORDS, *template_words()], size=t["vocab_size"]) for t in texts]
+    eos = tokenizers[0].eos_token_id
+    ids = {"bos_token_id": eos - 1, "eos_token_id": eos, "pad_token_id": eos}
+    with torch.device(device):
+        encoders = [CLIPTextModel(CLIPTextConfig(**texts[0], **ids)),
+                    CLIPTextModelWithProjection(CLIPTextConfig(**texts[1], **ids))]
+        modules = UNet2DConditionModel(**unet), AutoencoderKL(**vae)
+    return assemble("random:sdxl-shaped", Path("/nonexistent"), tokenizers, encoders, *modules, sd_scheduler(),
+                    device, dtype, fingerprint=f"random-weights-seed-{seed}")
+
+
+SMOKE_SDXL_TEXT = [SMOKE_TEXT, SMOKE_TEXT]
+SMOKE_SDXL_UNET = dict(SMOKE_UNET, cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+                       projection_class_embeddings_input_dim=8 * 6 + 32)

@@ -12,11 +12,11 @@ import torch
 from jobs.bench.measure import HALF_NAMES, Variant, native_half
 from jobs.bench.recipe import RECIPE, recipe_step
 from tinv.config import ConceptSpec, TrainConfig
-from tinv.models import BaseModel, set_attention
+from tinv.models import BaseModel, enable_gradient_checkpointing, set_attention
 from tinv.train import ConceptData, PackedTrainer
 
 VARIANTS = ["recipe", "latent-cache", "tinv", "tinv-k4", "channels-last", "compile", "threads-1", "bf16", "bf16-unet",
-            "fp16", "fp16-unet", "xformers"]
+            "fp16", "fp16-unet", "checkpointing", "xformers"]
 
 
 def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int, steps: int) -> PackedTrainer:
@@ -35,6 +35,17 @@ def switch(model: BaseModel, modules: list[torch.nn.Module], dtype: torch.dtype)
             m.to(dtype)
         model.dtype = dtype
     return apply
+
+
+def checkpointing(model: BaseModel, on: bool) -> None:
+    """Switch gradient checkpointing of the UNet and the text encoders on or off."""
+    if on:
+        enable_gradient_checkpointing(model)
+        return
+    model.unet.disable_gradient_checkpointing()
+    for encoder in model.text_encoders:
+        encoder.gradient_checkpointing_disable()
+        encoder.eval()
 
 
 def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: list[str]) -> list[Variant]:
@@ -85,6 +96,10 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
                 out.append(Variant(variant, f"tinv K=1, {what} (vectors and AdamW fp32)", one.step, b, tinv_n,
                                    enter=switch(model, modules, half), leave=switch(model, modules, torch.float32),
                                    flops_from="tinv", dtype=name))
+    if want("checkpointing"):
+        out.append(Variant("checkpointing", "tinv K=1, gradient checkpointing in the UNet and text encoder",
+                           one.step, b, tinv_n, enter=lambda: checkpointing(model, True),
+                           leave=lambda: checkpointing(model, False), flops_from="tinv"))
     if want("xformers") and importlib.util.find_spec("xformers") is not None and model.device.type == "cuda":
         out.append(Variant("xformers", "tinv K=1, xformers attention instead of SDPA", one.step, b, tinv_n,
                            enter=lambda: set_attention([unet], "xformers"),
@@ -95,7 +110,7 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
 
 def why_not(variant: str, device: torch.device, smoke: bool) -> str:
     """Why a variant asked for was not timed on this device."""
-    if variant in ("bf16", "fp16"):
+    if variant.split("-")[0] in ("bf16", "fp16"):
         return f"{variant} is not native on this {device.type} (no AVX512-BF16/AMX or CUDA support)"
     if variant == "xformers":
         return "xformers needs CUDA and the xformers package" if importlib.util.find_spec("xformers") \

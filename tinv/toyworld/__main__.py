@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--samples", type=int, default=96,
                    help="samples per concept and prompt (a style spreads them over the 6 shape words: 16 each)")
     f.add_argument("--json", default=None, help="also write the table as JSON here")
+    f.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="the frozen UNet's")
+    f.add_argument("--text-encoder-precision", default="fp32", choices=["fp32", "same"],
+                   help="fp32 (tinv's policy) or the UNet's precision (the measurement that chose the policy)")
     cli.add_fields(f, TrainConfig, defaults={"steps": FIDELITY_STEPS})  # --seed also seeds pictures and samples
     args = p.parse_args(argv)
     if args.command == "train":
@@ -54,12 +57,17 @@ def train(args: argparse.Namespace) -> None:
 
 
 def fidelity(args: argparse.Namespace) -> None:
+    import torch
+
+    from tinv.models import PRECISIONS
     from tinv.toyworld.fidelity import fidelity_table, markdown
     from tinv.toyworld.scorer import load_scorer
 
     scorer = load_scorer(Path(args.model) / SCORER_FILE)
     cfg = cli.build(TrainConfig, args)
-    rows = fidelity_table(args.model, scorer, cfg, samples=args.samples, seed=cfg.seed)
+    text = torch.float32 if args.text_encoder_precision == "fp32" else PRECISIONS[args.precision]
+    rows = fidelity_table(args.model, scorer, cfg, samples=args.samples, seed=cfg.seed, precision=args.precision,
+                          text_encoder_dtype=text)
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))

@@ -149,10 +149,13 @@ def fidelity_table(
     concepts: tuple[Concept, ...] = CONCEPTS,
     samples: int = 32,
     seed: int = 0,
+    precision: str = "auto",
+    text_encoder_dtype: torch.dtype = torch.float32,
     **gen,
 ) -> list[Row]:
-    """Floor, best words and TI for each concept, all drawn in one batched run with fixed seeds."""
-    model = load_base_model(model_dir)
+    """Floor, best words and TI for each concept, all drawn in one batched run with fixed seeds; the model
+    loaded in ``precision`` (text encoders in ``text_encoder_dtype``), as the train job would."""
+    model = load_base_model(model_dir, precision=precision, text_encoder_dtype=text_encoder_dtype)
     learned = learn(model, concepts, cfg, seed=seed)
     table = model.text_encoders[0].get_input_embeddings().weight.detach().float()
     noise = torch.randn(1, table.shape[1], generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,175 @@
+"""The prepared GPU check: ``python -m jobs.bench.gpu_check`` (about 5 minutes on one H100/H200).
+
+For the SD 1.5 (512 px) and SDXL (1024 px) shapes with random weights, on the model tinv trains (UNet in
+bf16, text encoders in fp32): seconds per step, samples per second, utilisation against this run's own
+bf16 matmul rate, and peak GPU memory, for K ∈ {1, 2, 4, 8} concepts per step, with and without gradient
+checkpointing, with SDPA and (when installed) xformers. Then the CUDA-only paths once each: fp16 with the
+per-slot dynamic loss scale, and the out-of-memory back-off on a batch too big for the device. A
+configuration that runs out of memory is recorded as such; the budget (``--budget-s``) skips what is left
+rather than overrun. ``--smoke`` runs every path on CPU with tiny shapes (the test suite does). It is a
+measurement to run when a GPU is lent, not a test: it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+from jobs.bench.flops import flops_per_sample
+from jobs.bench.measure import device_name, matmul_rate, native_half, slug, sync
+from jobs.bench.shapes import (
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    SDXL_TEXT,
+    SDXL_UNET,
+    SMOKE_SDXL_TEXT,
+    SMOKE_SDXL_UNET,
+    SMOKE_TEXT,
+    SMOKE_UNET,
+    SMOKE_VAE,
+    sd_shaped,
+    sdxl_shaped,
+)
+from jobs.bench.training import checkpointing, tinv_trainer
+from tinv.models import BaseModel, set_attention
+from tinv.train import GuardedStep
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPES = {"sd15": (SD15_TEXT, SD15_UNET, 512), "sdxl": (SDXL_TEXT, SDXL_UNET, 1024)}
+SMOKE = {"sd15": (SMOKE_TEXT, SMOKE_UNET, 32), "sdxl": (SMOKE_SDXL_TEXT, SMOKE_SDXL_UNET, 32)}
+
+
+def build(name: str, smoke: bool, device: torch.device, dtype: torch.dtype) -> tuple[BaseModel, int, float]:
+    """The model, its resolution, and its FLOPs per training sample (counted on the meta device)."""
+    text, unet, size = (SMOKE if smoke else SHAPES)[name]
+    vae = SMOKE_VAE if smoke else SD15_VAE
+    model = sdxl_shaped(text, unet, vae, device, dtype) if name == "sdxl" else sd_shaped(text, unet, vae, device, dtype)
+    latent = size // 2 ** (len(vae["block_out_channels"]) - 1)
+    return model, size, flops_per_sample(unet, text if name == "sdxl" else [text], latent)
+
+
+def time_steps(model: BaseModel, size: int, k: int, steps: int) -> dict[str, Any]:
+    """One warm-up step, then ``steps`` timed steps of K concepts (4 samples each)."""
+    images = torch.rand(4, 3, size, size) * 2 - 1
+    trainer = tinv_trainer(model, images, k, size, 500)
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(model.device)
+    try:
+        trainer.step()
+        sync(model.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.step()
+        sync(model.device)
+    except torch.OutOfMemoryError:
+        return {"out_of_memory": True}
+    finally:
+        del trainer
+        if cuda:
+            torch.cuda.empty_cache()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated(model.device) / 2**30 if cuda else None
+    return {"out_of_memory": False, "seconds_per_step": seconds, "samples_per_s": 4 * k / seconds, "peak_gb": peak}
+
+
+def paths(model: BaseModel, size: int, smoke: bool) -> dict[str, Any]:
+    """The CUDA-only paths, once: fp16 with per-slot loss scales; the out-of-memory back-off."""
+    out: dict[str, Any] = {}
+    images = torch.rand(4, 3, size, size) * 2 - 1
+    unet_dtype = model.dtype
+    model.unet.to(torch.float16)
+    model.dtype = torch.float16
+    trainer = tinv_trainer(model, images, 2, size, 500)
+    losses = [trainer.step()[0] for _ in range(5)]
+    out["fp16"] = {"losses_finite": all(v == v and abs(v) != float("inf") for d in losses for v in d.values()),
+                   "loss_scales": [trainer.slots[s].loss_scale for s in trainer.active]}
+    model.unet.to(unet_dtype)
+    model.dtype = unet_dtype
+    big = 16  # 64 samples: more than an SDXL step at 1024 px fits on one GPU without checkpointing
+    trainer = tinv_trainer(model, images, big, size, 500)
+    step = GuardedStep(trainer)
+    forward = model.unet.forward
+    simulated = mock.patch.object(model.unet, "forward",
+                                  side_effect=lambda x, *a, **k: _small_only(forward, x, *a, **k))
+    with simulated if smoke else contextlib.nullcontext():  # smoke: a CPU has no device memory to run out of
+        try:
+            stepped, failed = step()
+            out["oom_backoff"] = {"slots": big, "stepped": len(stepped), "failed": len(failed),
+                                  "group_size_after": step.group_size, "simulated": smoke}
+        except torch.OutOfMemoryError as e:
+            out["oom_backoff"] = {"slots": big, "error": str(e)[:300], "simulated": smoke}
+    del trainer
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _small_only(forward: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    if len(sample) > 16:
+        raise torch.OutOfMemoryError("simulated: more than 16 samples")
+    return forward(sample, *args, **kwargs)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16 if torch.bfloat16 in native_half(device) and not args.smoke else torch.float32
+    started = time.monotonic()
+    result: dict[str, Any] = {"device": device_name(device), "torch": torch.__version__, "smoke": args.smoke,
+                              "unet_dtype": str(dtype), "text_encoder_dtype": "torch.float32",
+                              "matmul_flops": matmul_rate(device, dtype, 256 if args.smoke else 8192),
+                              "runs": [], "paths": {}}
+    attentions = ["sdpa"] + (["xformers"] if device.type == "cuda" and importlib.util.find_spec("xformers") else [])
+    ks = (1, 2) if args.smoke else (1, 2, 4, 8)
+    for name in ("sd15", "sdxl"):
+        model, size, flops = build(name, args.smoke, device, dtype)
+        for attention in attentions:
+            set_attention([model.unet], attention)
+            for ckpt in (False, True):
+                checkpointing(model, ckpt)
+                for k in ks:
+                    row = {"shape": name, "resolution": size, "attention": attention, "checkpointing": ckpt, "k": k}
+                    if time.monotonic() - started > args.budget_s:
+                        result["runs"].append({**row, "skipped": "over the time budget"})
+                        continue
+                    got = time_steps(model, size, k, 1 if args.smoke else 3)
+                    if not got["out_of_memory"]:
+                        got["mfu"] = flops * got["samples_per_s"] / result["matmul_flops"]
+                    result["runs"].append({**row, **got})
+                    print("[gpu-check]", json.dumps(result["runs"][-1]), file=sys.stderr, flush=True)
+        set_attention([model.unet], "sdpa")
+        checkpointing(model, False)
+        if name == "sdxl":
+            result["paths"] = paths(model, size, args.smoke)
+        del model
+    result["seconds"] = time.monotonic() - started
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.bench.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every path once (the test suite)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="skip the configurations left after this long")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/gpu-check-<device>.json)")
+    args = p.parse_args(argv)
+    result = run(args)
+    out = Path(args.out or REPO / "benchmarks" / f"gpu-check-{slug(result['device'])}.json")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for r in result["runs"]:
+        print(json.dumps(r))
+    print(json.dumps(result["paths"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
