@@ -167,3 +167,10 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["counts"] == {"total": 6, "succeeded": 2, "failed": 4, "skipped": 0}
     assert run["actors_replaced"] == 0  # a bad concept is not a lost node
+
+
+def test_a_missing_model_is_invalid_input_by_its_type_not_a_lost_node(ray_cluster, tmp_path):
+    proc = run_driver(ray_cluster, "--manifest", str(REPO / DEMO_MANIFEST), "--model", str(tmp_path / "no-such-model"),
+                      "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "could not load the model" in proc.stderr and "no model folder at" in proc.stderr

@@ -44,6 +44,7 @@ class Metric(Protocol):
 
 
 MetricFactory = Callable[[BaseModel, "str | None"], Metric]
+"""What a ``tinv.metrics`` entry point names: ``(model, argument) -> Metric``."""
 
 
 class UnknownMetricError(InvalidInputError):
@@ -87,7 +88,8 @@ def load_metrics(model: BaseModel, requests: Sequence[str] = ()) -> list[Metric]
         else:
             log.warning("%s names metric %r, which no installed package provides; skipped", model.uri, name)
     wanted |= dict(parse_requests(requests))
-    return [known[name].load()(model, argument) for name, argument in wanted.items()]
+    factories: dict[str, MetricFactory] = {name: known[name].load() for name in wanted}
+    return [factories[name](model, argument) for name, argument in wanted.items()]
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:
