@@ -57,12 +57,12 @@ class WorkerSetup:
     """:class:`tinv.samples.SampleConfig` fields for each concept's evaluation samples and metrics."""
 
 
-def load_model(setup: Any) -> BaseModel:
+def load_model(setup: Any, gradient_checkpointing: bool = False) -> BaseModel:
     """The actor's base model (the embedded toy model when none is named), with the setup's threads."""
     torch.set_num_threads(max(1, setup.threads))
     return load_base_model(
         setup.model or str(EMBEDDED_MODEL), precision=setup.precision, attention=setup.attention,
-        gradient_checkpointing=getattr(setup, "gradient_checkpointing", False), storage_options=setup.storage_options,
+        gradient_checkpointing=gradient_checkpointing, storage_options=setup.storage_options,
     )
 
 
@@ -88,7 +88,7 @@ class TrainerWorker:
         self.setup, self.name, self.load_error = setup, worker_name(), None
         try:
             self.cfg = TrainConfig(**setup.train)
-            self.model = load_model(setup)
+            self.model = load_model(setup, setup.gradient_checkpointing)
         except Exception as e:  # noqa: BLE001 — kept for info(): Ray drops a constructor's exception type
             self.load_error = e
             return

@@ -47,7 +47,8 @@ class ClusterConfig:
     cpus_per_actor: int | None = None
     """CPUs (torch threads) per actor; None: 1 with GPUs, else CPUs / actors."""
     precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
-    """Precision of the frozen model (auto: bf16 on CUDA, fp32 on CPU)."""
+    """Precision of the frozen UNet and VAE (auto: bf16 on a GPU with bf16, fp16 on one without, fp32 on CPU;
+    the text encoders stay fp32)."""
     attention: str = field(default="sdpa", metadata={"choices": ("sdpa", "xformers")})
     """Attention kernel: PyTorch SDPA, or xformers when installed."""
     gradient_checkpointing: bool = False

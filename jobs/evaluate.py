@@ -45,7 +45,7 @@ from jobs.eval_actor import EvalSetup, EvalSpec, EvalWorker
 from jobs.report import METRICS_TYPE, Progress
 from tinv import cli, outputs, storage
 from tinv.gallery import gallery_html
-from tinv.metrics import UnknownMetricError, parse_requests
+from tinv.metrics import parse_requests
 from tinv.samples import SampleConfig
 
 log = logging.getLogger("tinv.evaluate")
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: the run's folder; ./out/eval for --embeddings)")
     p.add_argument("--model", default=None, help="base model (default: the run's; needed with --embeddings)")
     cli.add_fields(p, SampleConfig, inherit=True)  # --run: what the train job drew with, unless given
-    cli.add_fields(p, ClusterConfig)
+    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing",))  # drawing takes no gradient
     cli.add_fields(p, DispatchConfig, skip=("num_actors",), defaults=DISPATCH_DEFAULTS)
     return p.parse_args(argv)
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    cluster = cli.build(ClusterConfig, args)
+    cluster = cli.build(ClusterConfig, args, gradient_checkpointing=False)
     storage_options = cluster.parsed_storage_options()
     recorded = None
     if args.run:
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         samples = sample_config(args, recorded)
         parse_requests(samples.metrics)
-    except (UnknownMetricError, ValueError) as e:
+    except ValueError as e:  # UnknownMetricError and SampleConfig's checks
         raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
     connect(cluster.ray_address)
     setup_kw = dict(model=model, output=output, samples=asdict(samples), storage_options=storage_options,

@@ -43,8 +43,8 @@ from jobs.report import Progress, counts, result_rows, skipped_row, write_result
 from tinv import cli, outputs, storage
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import DEMO_MANIFEST
-from tinv.manifest import ManifestError, read_manifest
-from tinv.metrics import UnknownMetricError, parse_requests
+from tinv.manifest import read_manifest
+from tinv.metrics import parse_requests
 from tinv.samples import SampleConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,7 +103,7 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
         parse_requests(samples.metrics)
         return Inputs(manifest, output, train, samples, cluster, storage_options,
                       read_manifest(manifest, storage_options))
-    except (ManifestError, UnknownMetricError, ValueError) as e:
+    except ValueError as e:  # ManifestError, UnknownMetricError and the configs' checks
         raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
 
 

@@ -40,7 +40,7 @@ from jobs.bench.shapes import (
     sd_shaped,
     sdxl_shaped,
 )
-from jobs.bench.training import checkpointing, tinv_trainer
+from jobs.bench.training import checkpointing, switch, tinv_trainer
 from tinv.models import BaseModel, set_attention
 from tinv.train import GuardedStep
 
@@ -88,14 +88,12 @@ def paths(model: BaseModel, size: int, smoke: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     images = torch.rand(4, 3, size, size) * 2 - 1
     unet_dtype = model.dtype
-    model.unet.to(torch.float16)
-    model.dtype = torch.float16
+    switch(model, [model.unet], torch.float16)()
     trainer = tinv_trainer(model, images, 2, size, 500)
     losses = [trainer.step()[0] for _ in range(5)]
     out["fp16"] = {"losses_finite": all(v == v and abs(v) != float("inf") for d in losses for v in d.values()),
                    "loss_scales": [trainer.slots[s].loss_scale for s in trainer.active]}
-    model.unet.to(unet_dtype)
-    model.dtype = unet_dtype
+    switch(model, [model.unet], unet_dtype)()
     big = 16  # 64 samples: more than an SDXL step at 1024 px fits on one GPU without checkpointing
     trainer = tinv_trainer(model, images, big, size, 500)
     step = GuardedStep(trainer)
