@@ -4,7 +4,12 @@ The driver keeps up to ``calls_in_flight`` calls queued on every actor, each of 
 concepts, so an actor's slots are refilled as soon as a concept finishes and a slow concept
 never holds the others back. When an actor dies (``RayActorError``: node lost, preempted,
 OOM-killed) or returns nothing for ``concept_timeout_s`` (hung), it is killed and replaced, and
-the concepts it held are re-queued, each at most ``max_attempts`` times in all.
+the concepts it held are re-queued, each charged at most ``max_attempts`` attempts in all.
+
+A loss shared by several concepts (an actor that held more than one, a call of several that
+raised) cannot be blamed on any one of them, so it is charged to none: each is re-queued as a
+*suspect* that runs alone on an otherwise idle actor, where the next loss is its own. One bad
+concept therefore never uses up its neighbours' attempts, and a concept is let off at most once.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ class Task:
     """A dataclass with ``concept_id`` and ``placeholder_token``: a ConceptSpec, or the evaluator's EvalSpec."""
     fingerprint: str = ""
     attempts: int = 0
+    """Times handed to an actor (the ``attempt`` the actor sees and reports)."""
+    charged: int = 0
+    """Failed attempts counted against ``max_attempts``: those that were this task's own."""
+    suspect: bool = False
+    """Lost with others: from now on it runs alone, so its next loss is its own."""
     last_error: str = ""
 
     def request(self) -> dict[str, Any]:
@@ -122,9 +132,23 @@ class Dispatcher:
         share = math.ceil(len(self.queue) / (len(self.actors) * self.cfg.calls_in_flight))
         return max(1, min(self.cfg.concepts_per_actor, share))
 
+    def _next_chunk(self, actor: _Actor) -> list[Task]:
+        """What ``actor`` takes next: a suspect alone when it is idle; otherwise, unless it runs a
+        suspect or one waits at the queue's head (busy actors drain so it finds an idle one), a chunk."""
+        if not self.queue or len(actor.calls) >= self.cfg.calls_in_flight:
+            return []
+        if self.queue[0].suspect:
+            return [self.queue.popleft()] if not actor.calls else []
+        if any(t.suspect for chunk in actor.calls.values() for t in chunk):
+            return []
+        take = self._chunk()
+        chunk = []
+        while self.queue and len(chunk) < take and not self.queue[0].suspect:
+            chunk.append(self.queue.popleft())
+        return chunk
+
     def _feed(self, actor: _Actor) -> None:
-        while self.queue and len(actor.calls) < self.cfg.calls_in_flight:
-            chunk = [self.queue.popleft() for _ in range(min(self._chunk(), len(self.queue)))]
+        while chunk := self._next_chunk(actor):
             for task in chunk:
                 task.attempts += 1
             if not actor.calls:
@@ -145,8 +169,8 @@ class Dispatcher:
             if ref == actor.info_ref:
                 self._replace(actor, f"the replacement could not load the model: {_first_line(e.cause or e)}")
                 return
-            for task in actor.calls.pop(ref):
-                self._retry(task, f"the call raised {_first_line(e.cause or e)}", (actor.info or {}).get("worker"))
+            self._lost(actor.calls.pop(ref), f"the call raised {_first_line(e.cause or e)}",
+                       (actor.info or {}).get("worker"))
             return
         except RayActorError as e:  # the actor (or its node) is gone
             self._replace(actor, _first_line(e))
@@ -179,19 +203,31 @@ class Dispatcher:
         if self.replaced > self.max_replacements:
             raise InfrastructureError(f"{self.replaced} actors lost (last: {reason}); giving up")
         self.actors[self.actors.index(actor)] = self._spawn()
-        for task in reversed(held):
-            self._retry(task, f"worker {worker} lost: {reason}", worker)
+        self._lost(held, f"worker {worker} lost: {reason}", worker)
+
+    def _lost(self, tasks: list[Task], reason: str, worker: str | None) -> None:
+        """Re-queue tasks lost together: a lone task is charged; several are let off, as suspects."""
+        shared = len(tasks) > 1
+        for task in reversed(tasks):
+            if shared and not task.suspect:
+                task.suspect, task.last_error = True, reason
+                log.warning("re-queueing %s to run alone (lost with %d others: %s)",
+                            task.spec.concept_id, len(tasks) - 1, reason)
+                self.queue.appendleft(task)
+            else:
+                self._retry(task, reason, worker)
 
     def _retry(self, task: Task, reason: str, worker: str | None) -> None:
-        task.last_error = reason
-        if task.attempts < self.cfg.max_attempts:
+        """Charge ``task`` one attempt; re-queue it, or report it failed once its attempts are spent."""
+        task.last_error, task.charged = reason, task.charged + 1
+        if task.charged < self.cfg.max_attempts:
             log.warning("re-queueing %s (attempt %d failed: %s)", task.spec.concept_id, task.attempts, reason)
             self.queue.appendleft(task)
             return
         self.on_result({
             "concept_id": task.spec.concept_id, "token": task.spec.placeholder_token, "status": "failed",
-            "error": f"gave up after {task.attempts} attempts; last: {reason}", "error_type": "AttemptsExhausted",
-            "attempts": task.attempts, "worker": worker,
+            "error": f"gave up after {task.charged} failed attempts; last: {reason}",
+            "error_type": "AttemptsExhausted", "attempts": task.attempts, "worker": worker,
         })
 
     def shutdown(self) -> None:
