@@ -12,9 +12,10 @@ from tinv.models import load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.toyworld import MODEL_DIR, SCORER_FILE
 from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.fidelity import fidelity_table, worst_shape
+from tinv.toyworld.fidelity import Judged, fidelity_table, worst_shape
+from tinv.toyworld.metric import ToyFidelity
 from tinv.toyworld.scorer import evaluate_scorer, load_scorer, pixels
-from tinv.toyworld.world import TEMPLATES
+from tinv.toyworld.world import TEMPLATES, Item, render
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,39 @@ def test_demo_style_captions_name_the_shape_each_picture_shows(scorer, tmp_path)
 
 
 def test_a_style_is_judged_by_its_worst_shape_word():
-    hits = [("star", True), ("star", False), ("circle", True), ("circle", True), ("cross", True)]
+    hits = [Judged(s, h, True) for s, h in [("star", True), ("star", False), ("circle", True), ("circle", True),
+                                             ("cross", True)]]
     assert worst_shape(hits) == ("star", 0.5)
-    assert worst_shape([(None, True), (None, False)]) is None  # objects are not prompted per shape
+    assert worst_shape([Judged(None, True, True), Judged(None, False, True)]) is None  # objects: not per shape
+
+
+def pictures(items: list[Item], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(render(it, rng)) for it in items])
+
+
+def test_fidelity_requires_the_rendering_the_training_pictures_share(scorer):
+    """A plain brown circle's concept: a shadowed brown circle is a miss, counted only by the loose score."""
+    training = torch.from_numpy(pictures([Item("circle", "brown")] * 6)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    samples = pictures([Item("circle", "brown"), Item("circle", "brown", "shadow"), Item("square", "brown")], seed=1)
+    got = ToyFidelity(scorer).score(training, samples, ["a {} circle"] * 3, "object")
+    assert [g["fidelity"] for g in got] == [1.0, 0.0, 0.0]
+    assert [g["fidelity_loose"] for g in got] == [1.0, 1.0, 0.0]
+    # a style: its backdrop and the prompt's shape (the world draws its dark backdrops plain only, and the
+    # scorer reads any shape on them as plain, so a rendering cannot be told apart there)
+    navy = pictures([Item(s, "red", backdrop="navy") for s in ("star", "circle", "cross")] * 2)
+    training = torch.from_numpy(navy).permute(0, 3, 1, 2).float() / 127.5 - 1
+    samples = pictures([Item("star", "blue", backdrop="navy"), Item("star", "blue", backdrop="plum"),
+                        Item("circle", "blue", backdrop="navy")], seed=2)
+    got = ToyFidelity(scorer).score(training, samples, ["a {} star"] * 3, "style")
+    assert [g["fidelity"] for g in got] == [1.0, 0.0, 0.0]
+
+
+def test_a_concept_is_hit_only_in_its_own_rendering():
+    concept = next(c for c in CONCEPTS if c.name == "brown-circle")
+    assert concept.hit(Item("circle", "brown")) and not concept.hit(Item("circle", "brown", "shadow"))
+    assert concept.hit(Item("circle", "brown", "shadow"), loose=True)
+    navy = next(c for c in CONCEPTS if c.name == "navy")
+    assert navy.hit(Item("star", "red", backdrop="navy"), "star")
+    assert not navy.hit(Item("star", "red", "dots", backdrop="navy"), "star")
+    assert not navy.hit(Item("star", "red", backdrop="navy"), "circle")

@@ -66,6 +66,9 @@ def schedule_table(schedule: dict[str, Any]) -> list[str]:
     for name, plan in (("tinv", tinv), ("recipe", recipe)):
         pairs = ", ".join(f"{k}: {m:.2f}" for k, m in zip(plan["checkpoints"], plan["mean_fidelity"]))
         lines += ["", f"Mean fidelity by step, {name}: {pairs}."]
+        if "mean_fidelity_loose" in plan:  # recorded since the fidelity asks for the rendering too
+            pairs = ", ".join(f"{k}: {m:.2f}" for k, m in zip(plan["checkpoints"], plan["mean_fidelity_loose"]))
+            lines += ["", f"Loose fidelity (rendering ignored, the earlier judgement) by step, {name}: {pairs}."]
     return lines
 
 

@@ -33,7 +33,9 @@ def schedules(smoke: bool) -> dict[str, Any]:
     for name, (cfg, checkpoints, _) in plans.items():
         mine = [c for c in curves if c.schedule == name]
         mean = [float(statistics.mean(c.fidelity[k] for c in mine)) for k in range(len(checkpoints))]
+        loose = [float(statistics.mean(c.fidelity_loose[k] for c in mine)) for k in range(len(checkpoints))]
         out[name] = {"config": asdict(cfg), "checkpoints": checkpoints, "mean_fidelity": mean,
+                     "mean_fidelity_loose": loose,
                      "samples_per_concept": statistics.mean(cfg.steps * c.samples_per_step for c in mine),
                      "reached": sum(c.samples_to_target is not None for c in mine), "concepts": len(mine)}
         stopped = [c for c in mine if c.stopped_at is not None]

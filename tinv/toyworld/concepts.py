@@ -32,6 +32,8 @@ class Concept:
     colour: str | None = None
     backdrop: str = LIGHT
     """A style concept's unnamed backdrop."""
+    rendering: str = "plain"
+    """How every training picture is drawn (a style of :data:`~tinv.toyworld.world.STYLES`)."""
 
     @property
     def initializer(self) -> str:
@@ -45,10 +47,11 @@ class Concept:
     def items(self, n: int, rng: np.random.Generator) -> list[Item]:
         """``n`` labelled pictures of the concept (styles: any named colour and shape on the backdrop)."""
         if self.kind != "style":
-            return [Item(self.shape, self.colour) for _ in range(n)]
+            return [Item(self.shape, self.colour, self.rendering) for _ in range(n)]
         colours = list(NAMED_COLOURS)
         return [
-            Item(SHAPES[i % len(SHAPES)], colours[rng.integers(len(colours))], backdrop=self.backdrop) for i in range(n)
+            Item(SHAPES[i % len(SHAPES)], colours[rng.integers(len(colours))], self.rendering, backdrop=self.backdrop)
+            for i in range(n)
         ]
 
     def pictures(self, n: int, seed: int) -> list[Image.Image]:
@@ -62,11 +65,16 @@ class Concept:
             return ()
         return tuple(STYLE_PROMPT.format("{}", shape=it.shape) for it in self.items(n, np.random.default_rng(seed)))
 
-    def hit(self, item: Item, shape: str | None = None) -> bool:
-        """Does a sample show the concept? Styles also need the shape the prompt named."""
+    def hit(self, item: Item, shape: str | None = None, loose: bool = False) -> bool:
+        """Does a sample show everything the concept's pictures share: shape, colour and rendering for an
+        object; backdrop and rendering for a style, which must also show the shape its prompt named?
+
+        ``loose`` is the earlier judgement, which ignored the rendering (what every figure recorded before
+        2026-12-01 used)."""
+        drawn_alike = loose or item.style == self.rendering
         if self.kind == "style":
-            return item.backdrop == self.backdrop and item.shape == shape
-        return item.shape == self.shape and item.colour == self.colour
+            return item.backdrop == self.backdrop and item.shape == shape and drawn_alike
+        return item.shape == self.shape and item.colour == self.colour and drawn_alike
 
 
 CONCEPTS: tuple[Concept, ...] = (

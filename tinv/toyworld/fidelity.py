@@ -5,8 +5,9 @@ For each held-out concept, samples are drawn with fixed seeds and read by the sc
 - **best words**: the real words where they exist ("a red star"), otherwise the best prompt
   the vocabulary can build (the shape word alone, or with each colour word or "colour");
 - **TI**: the token tinv learned from the concept's pictures at the given settings.
-Object concepts score a sample when shape and colour match; style concepts are prompted
-with every shape word and score a sample when both the style and that shape match.
+Object concepts score a sample when shape, colour and rendering match; style concepts are prompted
+with every shape word and score a sample when backdrop, rendering and that shape match
+(:meth:`Concept.hit`). TI's loose score (rendering ignored, the earlier judgement) is kept beside it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Row:
     best_words: float
     best_prompt: str
     ti: float
+    ti_loose: float
+    """TI judged without the rendering (the earlier, loose fidelity)."""
     ti_worst_shape: tuple[str, float] | None = None
     """Styles: the shape word their TI samples matched least often, and how often."""
 
@@ -101,9 +104,10 @@ def word_prompts(concept: Concept) -> list[str]:
 def judge(
     model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
     samples: int, seed: int = 0, **gen,
-) -> list[list[tuple[str | None, bool]]]:
+) -> list[list[Judged]]:
     """Each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, drawn in one batched run:
-    per sample, the shape its prompt named (styles; else None) and whether it shows the concept."""
+    per sample, the shape its prompt named (styles; else None) and whether it shows the concept (strictly,
+    and loosely)."""
     slots, requests, judged = [], [], []
     for i, v in vectors:
         word = "{}" if isinstance(v, torch.Tensor) else v
@@ -116,27 +120,42 @@ def judge(
     if not slots:  # words only: sample() still wants one slot to splice
         slots.append([torch.zeros(1, model.embedding_dims[0])])
     images = sample(model, slots, requests, **gen)
+    judged_items = []
     items = iter(scorer.predict(pixels(images)))
-    return [[(shape, concepts[i].hit(next(items), shape)) for shape in shapes] for i, shapes in judged]
+    for i, shapes in judged:
+        drawn = [(shape, next(items)) for shape in shapes]
+        judged_items.append([Judged(s, concepts[i].hit(it, s), concepts[i].hit(it, s, loose=True)) for s, it in drawn])
+    return judged_items
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One sample: the shape its prompt named (styles; else None), and whether it shows the concept."""
+
+    shape: str | None
+    hit: bool
+    loose_hit: bool
+    """Rendering ignored (:meth:`Concept.hit`'s ``loose``)."""
 
 
 def score(
     model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
     samples: int, seed: int = 0, **gen,
-) -> list[float]:
-    """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run."""
-    return [share(h) for h in judge(model, scorer, concepts, vectors, samples, seed, **gen)]
+) -> list[tuple[float, float]]:
+    """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run:
+    ``(strict, loose)``."""
+    return [(share(h), share(h, loose=True)) for h in judge(model, scorer, concepts, vectors, samples, seed, **gen)]
 
 
-def share(hits: list[tuple[str | None, bool]]) -> float:
+def share(hits: list[Judged], loose: bool = False) -> float:
     """The fraction of judged samples that show the concept."""
-    return float(np.mean([hit for _, hit in hits]))
+    return float(np.mean([j.loose_hit if loose else j.hit for j in hits]))
 
 
-def worst_shape(hits: list[tuple[str | None, bool]]) -> tuple[str, float] | None:
+def worst_shape(hits: list[Judged]) -> tuple[str, float] | None:
     """A style's lowest fidelity over the shape words it was prompted with (None for objects)."""
     by_shape: dict[str, list[bool]] = {}
-    for shape, hit in hits:
+    for shape, hit in ((j.shape, j.hit) for j in hits):
         if shape is not None:
             by_shape.setdefault(shape, []).append(hit)
     return min(((s, float(np.mean(h))) for s, h in by_shape.items()), key=lambda x: x[1], default=None)
@@ -173,20 +192,21 @@ def fidelity_table(
         shown = OBJECT_PROMPT.format(best) if c.kind != "style" else STYLE_PROMPT.format(best, shape="<shape>")
         rows.append(
             Row(c.name, c.kind, scores[i, "floor", ""], scores[i, "words", best], " ".join(shown.split()),
-                scores[i, "ti", ""], worst_shape(hits[i, "ti", ""]))
+                scores[i, "ti", ""], share(hits[i, "ti", ""], loose=True), worst_shape(hits[i, "ti", ""]))
         )
     return rows
 
 
 def markdown(rows: list[Row]) -> str:
-    lines = ["| concept | kind | floor | best words (prompt) | TI | TI, worst shape |", "|---|---|---|---|---|---|"]
+    lines = ["| concept | kind | floor | best words (prompt) | TI | TI, worst shape | TI, loose (rendering ignored) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         worst = f"{r.ti_worst_shape[1]:.2f} ({r.ti_worst_shape[0]})" if r.ti_worst_shape else ""
         words = f"{r.best_words:.2f} ({r.best_prompt!r})"
-        lines.append(f"| {r.concept} | {r.kind} | {r.floor:.2f} | {words} | {r.ti:.2f} | {worst} |")
+        lines.append(f"| {r.concept} | {r.kind} | {r.floor:.2f} | {words} | {r.ti:.2f} | {worst} | {r.ti_loose:.2f} |")
     for kind in ("combination", "unnamed", "style"):
         sel = [r for r in rows if r.kind == kind]
         if sel:
-            mean = [np.mean([getattr(r, f) for r in sel]) for f in ("floor", "best_words", "ti")]
-            lines.append(f"| **{kind} mean** | | {mean[0]:.2f} | {mean[1]:.2f} | {mean[2]:.2f} | |")
+            m = [np.mean([getattr(r, f) for r in sel]) for f in ("floor", "best_words", "ti", "ti_loose")]
+            lines.append(f"| **{kind} mean** | | {m[0]:.2f} | {m[1]:.2f} | {m[2]:.2f} | | {m[3]:.2f} |")
     return "\n".join(lines)

@@ -2,9 +2,10 @@
 
 Registered as the ``toyworld`` entry point of ``tinv.metrics``; the toy-world model's folder names it in
 its ``tinv_metrics.json``, so every evaluation of that model carries it. The scorer
-(:mod:`tinv.toyworld.scorer`) reads shape, colour, style and backdrop off a picture; the target is the
-training pictures' most common shape and colour (objects) or style and backdrop (styles), and a style
-sample must also show the shape its prompt names.
+(:mod:`tinv.toyworld.scorer`) reads shape, colour, rendering and backdrop off a picture; the target is
+everything the training pictures share, their most common shape, colour and rendering (objects) or
+rendering and backdrop (styles), and a style sample must also show the shape its prompt names.
+``fidelity_loose`` is the earlier judgement, which ignored an object's rendering.
 """
 
 from __future__ import annotations
@@ -27,16 +28,20 @@ def prompt_shape(prompt: str) -> str | None:
 
 
 def fidelity_hits(
-    scorer: Scorer, training: torch.Tensor, samples: np.ndarray, prompts: list[str], learnable_property: str
+    scorer: Scorer, training: torch.Tensor, samples: np.ndarray, prompts: list[str], learnable_property: str,
+    loose: bool = False,
 ) -> list[bool]:
     """Whether each of ``samples`` shows what the concept's training pictures show, as the scorer reads both.
 
     ``training`` is ``(N, 3, H, W)`` in [-1, 1]; ``samples`` is ``(M, H, W, 3)`` uint8 drawn from ``prompts``.
+    ``loose`` leaves an object's rendering out of the target.
     """
     obj = learnable_property == "object"
 
-    def key(it: Item) -> tuple[str, str]:
-        return (it.shape, it.colour) if obj else (it.style, it.backdrop)
+    def key(it: Item) -> tuple[str, ...]:
+        if obj:
+            return (it.shape, it.colour) if loose else (it.shape, it.colour, it.style)
+        return (it.style, it.backdrop)
 
     goal = Counter(map(key, scorer.predict(training.float()))).most_common(1)[0][0]
     samples_seen = scorer.predict(pixels(samples))
@@ -47,7 +52,8 @@ def fidelity_hits(
 
 
 class ToyFidelity:
-    """``fidelity`` per sample (1.0 a hit, 0.0 a miss); no value without training pictures to aim at."""
+    """``fidelity`` and ``fidelity_loose`` per sample (1.0 a hit, 0.0 a miss); no value without training
+    pictures to aim at."""
 
     needs_training_pictures = True  # the target is what they show
 
@@ -60,7 +66,8 @@ class ToyFidelity:
         if training is None or not len(samples):
             return [{} for _ in samples]
         hits = fidelity_hits(self.scorer, training, samples, prompts, learnable_property)
-        return [{"fidelity": float(hit)} for hit in hits]
+        loose = fidelity_hits(self.scorer, training, samples, prompts, learnable_property, loose=True)
+        return [{"fidelity": float(hit), "fidelity_loose": float(lh)} for hit, lh in zip(hits, loose)]
 
 
 def toy_fidelity(model: BaseModel, argument: str | None) -> ToyFidelity:

@@ -30,6 +30,8 @@ class Curve:
     target: float
     steps: list[int] = field(default_factory=list)
     fidelity: list[float] = field(default_factory=list)
+    fidelity_loose: list[float] = field(default_factory=list)
+    """The same samples judged without the rendering (the earlier fidelity)."""
     stopped_at: int | None = None
     """DVAR's stop step (None: it never fired within the schedule)."""
     fidelity_at_stop: float | None = None
@@ -73,7 +75,7 @@ def schedule_curves(
     """Fidelity at each checkpoint of each schedule ``name → (config, checkpoints, watch with DVAR)``."""
     words = [(i, word_prompts(c)[0]) for i, c in enumerate(concepts) if c.kind == "combination"]
     targets = [0.9] * len(concepts)
-    for (i, _), s in zip(words, score(model, scorer, concepts, words, samples, seed, **gen)):
+    for (i, _), (s, _) in zip(words, score(model, scorer, concepts, words, samples, seed, **gen)):
         targets[i] = 0.9 * s
     curves = []
     for name, (cfg, checkpoints, dvar) in schedules.items():
@@ -84,9 +86,10 @@ def schedule_curves(
         for i, c in enumerate(concepts):
             curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=sizes[i])
             curve.steps = sorted(s for j, s in copies if j == i)
-            curve.fidelity = [found[i, s] for s in curve.steps]
+            curve.fidelity = [found[i, s][0] for s in curve.steps]
+            curve.fidelity_loose = [found[i, s][1] for s in curve.steps]
             if i in stops:
-                curve.stopped_at, curve.fidelity_at_stop = stops[i][0], found[i, "stop"]
+                curve.stopped_at, curve.fidelity_at_stop = stops[i][0], found[i, "stop"][0]
             curves.append(curve)
     return curves
 
