@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tinv import outputs
+from tinv import classes, outputs
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import EMBEDDED_MODEL
 from tinv.errors import ConceptCrashedError, TinvError, TransientError, describe
@@ -148,7 +148,7 @@ class TrainerWorker:
                 images = load_images(spec.concept_id, spec.images, self.resolution, self.setup.storage_options)
                 if self.evaluator.needs_training_pictures:
                     self.images[spec.concept_id] = images
-                yield ConceptData(spec, images)
+                yield ConceptData(spec, images, self._class_pictures(spec))
             except ConceptDataError as e:
                 yield TrainedConcept(spec, None, failure=e)
             except OSError as e:  # storage still failing after its own retries: worth another attempt
@@ -158,6 +158,33 @@ class TrainerWorker:
             except queue.Empty:
                 entry = None
 
+    def _class_pictures(self, spec: ConceptSpec) -> torch.Tensor | None:
+        """Prior preservation: the class pictures the driver had drawn before training began."""
+        if not spec.class_prompt:
+            return None
+        cls = classes.class_set(spec.class_prompt, self.cfg, worker_info(self.model, self.resolution, self.name))
+        if not classes.is_done(self.setup.output, cls, self.setup.storage_options):
+            raise ConceptDataError(spec.concept_id, f"no class pictures of {spec.class_prompt!r} were drawn")
+        return classes.load(self.setup.output, cls, self.resolution, self.setup.storage_options)
+
+    def draw_classes(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Draw class sets ``{"spec": ClassSet fields, "attempt"}`` with the base model, in batches across
+        classes, before any training; one result per request (a failure is that class's alone)."""
+        torch.set_num_threads(max(1, self.setup.threads))
+        sets = [classes.ClassSet(**r["spec"]) for r in requests]
+        base = [{"concept_id": c.key, "token": c.prompt, "worker": self.name, "attempts": r["attempt"]}
+                for c, r in zip(sets, requests)]
+        try:
+            classes.generate(self.model, sets, self.setup.output, self.evaluator.cfg.sample_batch_size,
+                             self.setup.storage_options)
+        except OSError as e:  # storage still failing after its own retries: worth another attempt
+            return [{**b, "status": "failed", **describe(TransientError(f"could not write class pictures: {e!r}"))}
+                    for b in base]
+        except Exception as e:  # noqa: BLE001 — these classes fail; their concepts are told why
+            return [{**b, "status": "failed", "error": f"drawing class pictures: {e!r}", "error_type": type(e).__name__,
+                     "retryable": False} for b in base]
+        return [{**b, "status": "succeeded", "error": None, "retryable": False} for b in base]
+
     def _finish(self, request: dict[str, Any], future: Future, trained: TrainedConcept) -> None:
         """A failed concept's result now; a trained one's samples drawn here, its files handed to the writer."""
         spec = trained.spec
@@ -166,7 +193,7 @@ class TrainerWorker:
             future.set_result(self._failed(request, spec, trained.failure, trained.seconds))
             return
         concept = EvalConcept(spec.concept_id, spec.placeholder_token, trained.vectors, spec.learnable_property,
-                              spec.eval_prompts, images)
+                              spec.eval_prompts, images, lora=trained.lora)
         try:
             drawn = self.evaluator.run([concept])[0]
         except Exception as e:  # noqa: BLE001 — drawing this concept's samples raised: it alone fails

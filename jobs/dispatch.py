@@ -115,7 +115,18 @@ class Dispatcher:
         return infos
 
     # -- the loop ------------------------------------------------------------------------
-    def run(self, tasks: list[Task]) -> None:
+    def run(self, tasks: list[Task], method: str | None = None, on_result: Callable[[dict], None] | None = None
+            ) -> None:
+        """Run ``tasks`` to their results; ``method`` and ``on_result`` replace the dispatcher's own for this
+        run (the train job draws its class pictures, then trains, on the same actors)."""
+        default = self.method, self.on_result
+        self.method, self.on_result = method or self.method, on_result or self.on_result
+        try:
+            self._loop(tasks)
+        finally:
+            self.method, self.on_result = default
+
+    def _loop(self, tasks: list[Task]) -> None:
         self.queue.extend(tasks)
         while self.queue or any(a.calls for a in self.actors):
             for actor in list(self.actors):

@@ -16,6 +16,7 @@ from tinv import outputs, storage
 from tinv.errors import ConceptDataError, InvalidInputError, TinvError, TransientError, describe
 from tinv.evaluate import EvalConcept, Evaluator, read_embedding, training_files
 from tinv.images import load_images
+from tinv.lora_files import read_lora
 from tinv.metrics import load_metrics
 from tinv.models import BaseModel
 from tinv.samples import SampleConfig
@@ -33,6 +34,9 @@ class EvalSpec:
     images: tuple[str, ...] = ()
     """Training image URIs, for the metrics and the gallery (may be empty)."""
     embedding_uri: str = ""
+    """The concept's embedding file ("" for a ``lora`` concept, which has none)."""
+    lora_uri: str = ""
+    """Its LoRA file (either layout; a bundled embedding serves as its embedding), "" for ``ti``."""
 
 
 @dataclass(frozen=True)
@@ -108,18 +112,30 @@ class EvalWorker:
         """The embedding and pictures of ``spec``; a typed error when they cannot be had."""
         storage_options = self.setup.storage_options
         try:
-            token, vectors = read_embedding(spec.embedding_uri, spec.placeholder_token, storage_options)
-            check_fits(self.model, vectors, spec.embedding_uri)
+            token, vectors, lora = spec.placeholder_token, None, None
+            if spec.lora_uri:
+                read = read_lora(storage.read_bytes(spec.lora_uri, storage_options))
+                lora, token, vectors = read.state, token or read.token, read.vectors
+                if token is None:
+                    raise ConceptDataError(spec.concept_id, "a LoRA without a bundled embedding needs its --token",
+                                           spec.lora_uri)
+            if spec.embedding_uri:
+                token, vectors = read_embedding(spec.embedding_uri, token, storage_options)
+            if vectors is not None:
+                check_fits(self.model, vectors, spec.embedding_uri or spec.lora_uri)
             training = None  # read for the gallery (train/*.png) as well as for the metrics
             if spec.images:
                 training = load_images(spec.concept_id, spec.images, self.model.resolution, storage_options)
         except (ConceptDataError, EmbeddingMisfitError):
             raise
         except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ConceptDataError(spec.concept_id, f"unreadable embedding: {e}", spec.embedding_uri) from e
+            uri = spec.lora_uri or spec.embedding_uri
+            raise ConceptDataError(spec.concept_id, f"unreadable {'LoRA' if spec.lora_uri else 'embedding'}: {e}",
+                                   uri) from e
         except OSError as e:  # storage still failing after its own retries: worth another attempt
             raise TransientError(f"storage error: {e!r}") from e
-        return EvalConcept(spec.concept_id, token, vectors, spec.learnable_property, spec.eval_prompts, training)
+        return EvalConcept(spec.concept_id, token, vectors, spec.learnable_property, spec.eval_prompts, training,
+                           lora=lora)
 
 
 def check_fits(model: BaseModel, vectors: list[torch.Tensor], uri: str) -> None:

@@ -1,11 +1,12 @@
-"""Batched evaluation on a Ray cluster: ``python -m jobs.evaluate --run URI`` or ``--embeddings URI ...``.
+"""Batched evaluation on a Ray cluster: ``python -m jobs.evaluate --run URI``, ``--embeddings URI ...`` or
+``--lora URI ...``.
 
-Regenerates samples, grids and metrics for a training run's concepts (read from its
-``results.parquet`` and each concept's ``result.json``), or draws embedding files given directly
-(any format diffusers loads). Evaluation actors each hold one model and pipeline; the driver
-hands them concepts in chunks with the train job's dispatcher (same fault handling: a dead or
-hung actor is replaced and its concepts re-queued), and each call draws all of its concepts'
-images in batches that mix concepts. Writes ``concepts/{id}/samples/*.png``, ``grid.png``,
+Regenerates samples, grids and metrics for a training run's concepts of every method (read from its
+``results.parquet`` and each concept's ``result.json``), or draws embedding or LoRA files given directly
+(any embedding format diffusers loads; a LoRA in diffusers' or kohya's layout). Evaluation actors each
+hold one model and pipeline; the driver hands them concepts in chunks with the train job's dispatcher
+(same fault handling: a dead or hung actor is replaced and its concepts re-queued), and each call draws
+all of its concepts' images in batches that mix concepts. Writes ``concepts/{id}/samples/*.png``, ``grid.png``,
 ``train/*.png``, then ``eval.parquet`` (a row per image and per concept) and ``index.html``.
 
 Exit status: 0 every concept drawn; 1 some failed (their reasons are in eval.parquet); 2 invalid
@@ -70,7 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a training run's output folder URI (reads results.parquet)")
     src.add_argument("--embeddings", nargs="+", help="embedding file URIs (diffusers, A1111, SDXL clip_l/clip_g)")
-    p.add_argument("--token", nargs="+", default=None, help="with --embeddings: the token of each file")
+    src.add_argument("--lora", nargs="+", help="LoRA file URIs (diffusers or kohya layout; a pivotal one's "
+                     "bundled embedding is its token)")
+    p.add_argument("--token", nargs="+", default=None, help="with --embeddings / --lora: the token of each file "
+                   "(a LoRA without a bundled embedding needs its trigger word)")
     p.add_argument("--property", default="object", choices=["object", "style"], help="with --embeddings")
     p.add_argument("--prompt", nargs="+", default=None, help="prompts with {} for the token (default: per property)")
     p.add_argument("--output", default=None, help="where samples, eval.parquet and index.html go "
@@ -98,9 +102,9 @@ def run_tasks(
         result = outputs.read_result(run, row["concept_id"], storage_options)
         if result is None:
             raise JobExit(EXIT_INVALID, f"invalid input: {row['concept_id']} has no readable result.json in {run}")
+        uris = [storage.resolve(result[k], run) if result.get(k) else "" for k in ("embedding_uri", "lora_uri")]
         spec = EvalSpec(row["concept_id"], result["token"], result.get("learnable_property", "object"),
-                        tuple(prompts or result.get("eval_prompts", ())), tuple(result.get("images", ())),
-                        storage.resolve(result["embedding_uri"], run))
+                        tuple(prompts or result.get("eval_prompts", ())), tuple(result.get("images", ())), *uris)
         tasks.append(Task(spec))
     return tasks, record
 
@@ -118,18 +122,19 @@ def sample_config(args: argparse.Namespace, recorded: dict[str, Any] | None) -> 
 
 
 def file_tasks(args: argparse.Namespace) -> list[Task]:
-    """A task per embedding file given on the command line."""
-    tokens = args.token or [None] * len(args.embeddings)
-    if len(tokens) != len(args.embeddings):
-        raise JobExit(EXIT_INVALID, f"invalid input: {len(tokens)} --token for {len(args.embeddings)} --embeddings")
+    """A task per embedding or LoRA file given on the command line."""
+    files, flag = (args.embeddings, "--embeddings") if args.embeddings else (args.lora, "--lora")
+    tokens = args.token or [None] * len(files)
+    if len(tokens) != len(files):
+        raise JobExit(EXIT_INVALID, f"invalid input: {len(tokens)} --token for {len(files)} {flag}")
     tasks, seen = [], set()
-    for uri, token in zip(args.embeddings, tokens):
+    for uri, token in zip(files, tokens):
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1].split(".")[0]).strip("-.")
         cid = stem if stem not in seen else f"{stem}-{len(seen)}"
         seen.add(cid)
-        spec = EvalSpec(cid or "concept", token, args.property, tuple(args.prompt or ()), (), local_abs(uri))
-        tasks.append(Task(spec))  # token None: the file's own
-    return tasks
+        uris = (local_abs(uri), "") if args.embeddings else ("", local_abs(uri))
+        tasks.append(Task(EvalSpec(cid or "concept", token, args.property, tuple(args.prompt or ()), (), *uris)))
+    return tasks  # token None: the file's own
 
 
 def eval_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,9 +172,10 @@ def run(args: argparse.Namespace) -> int:
         model, recorded = args.model or run_model(record), record.get("samples")
         output = local_abs(args.output or source)
     else:
+        flag = "--embeddings" if args.embeddings else "--lora"
         if not args.model:
-            raise JobExit(EXIT_INVALID, "invalid input: --embeddings needs --model, the base model to draw them with")
-        source, tasks, model = "embedding files", file_tasks(args), args.model
+            raise JobExit(EXIT_INVALID, f"invalid input: {flag} needs --model, the base model to draw them with")
+        source, tasks, model = f"{flag.removeprefix('--')} files", file_tasks(args), args.model
         output = local_abs(args.output or "out/eval")
     try:
         samples = sample_config(args, recorded)

@@ -40,7 +40,7 @@ from jobs.common import (
 )
 from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.report import Progress, counts, result_rows, skipped_row, write_results, write_run
-from tinv import cli, outputs, storage
+from tinv import classes, cli, outputs, storage
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import DEMO_MANIFEST
 from tinv.manifest import read_manifest
@@ -125,6 +125,37 @@ def plan(
     return todo, results
 
 
+def draw_classes(
+    dispatcher: Dispatcher, todo: list[Task], cfg: TrainConfig, model: dict, output: str,
+    storage_options: dict | None,
+) -> tuple[list[Task], dict[str, dict], dict[str, int]]:
+    """Draw each class set the concepts to train need and do not have yet, once, on the trainer actors,
+    batched across classes (DreamBooth's prior preservation, the bulk way). The concepts of a class whose
+    drawing failed fail with its reason; the rest train. Returns the tasks left, those failures, counts."""
+    wanted: dict[str, tuple[classes.ClassSet, list[Task]]] = {}
+    for task in todo:
+        if task.spec.class_prompt:
+            cls = classes.class_set(task.spec.class_prompt, cfg, model)
+            wanted.setdefault(cls.key, (cls, []))[1].append(task)
+    missing = [cls for cls, _ in wanted.values() if not classes.is_done(output, cls, storage_options)]
+    log.info("class pictures: %d classes wanted, %d to draw", len(wanted), len(missing))
+    drawn: dict[str, dict] = {}
+    if missing:
+        dispatcher.run([Task(cls) for cls in missing], method="draw_classes",
+                       on_result=lambda r: drawn.__setitem__(r["concept_id"], r))
+    failed = {}
+    for key, (cls, tasks) in wanted.items():
+        outcome = drawn.get(key, {"status": "succeeded"})
+        for task in tasks if outcome["status"] != "succeeded" else []:
+            failed[task.spec.concept_id] = {
+                "concept_id": task.spec.concept_id, "token": task.spec.placeholder_token, "status": "failed",
+                "error": f"its class pictures ({cls.prompt!r}) could not be drawn: {outcome.get('error')}",
+                "error_type": outcome.get("error_type"), "attempts": 0, "worker": outcome.get("worker")}
+    counts = {"wanted": len(wanted), "drawn": sum(r["status"] == "succeeded" for r in drawn.values()),
+              "failed": sum(r["status"] != "succeeded" for r in drawn.values())}
+    return [t for t in todo if t.spec.concept_id not in failed], failed, counts
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_main(run, parse_args, argv)
 
@@ -159,8 +190,11 @@ def run(args: argparse.Namespace) -> int:
     results.update(skipped)
     progress.total, progress.started = len(todo), time.monotonic()
     log.info("plan: %d to train, %d skipped (already done)", len(todo), len(skipped))
-    infra_error = None
+    infra_error, class_counts = None, {"wanted": 0, "drawn": 0, "failed": 0}
     try:
+        todo, class_failed, class_counts = draw_classes(dispatcher, todo, cfg, model, output, storage_options)
+        for result in class_failed.values():
+            on_result(result)
         dispatcher.run(todo)
     except InfrastructureError as e:
         infra_error = str(e)
@@ -177,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         "base_model": model["base_model"], "base_model_fingerprint": model["base_model_fingerprint"],
         "model": {k: model[k] for k in ("resolution", "dtype", "device")}, "actors": n_actors,
         "actors_replaced": dispatcher.replaced, "counts": summary, "exit_code": code, "infra_error": infra_error,
+        "classes": class_counts,
         "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3),
                     "load_seconds": round(loaded - started, 3), "train_seconds": round(finished - loaded, 3)},
     }

@@ -43,17 +43,20 @@ def run_driver(
                           timeout=timeout)
 
 
-FILES = {"learned_embeds.safetensors", "{cid}.a1111.safetensors", "result.json", "grid.png"}
+FILES = {"result.json", "grid.png"}
+EMBEDDING_FILES = {"learned_embeds.safetensors", "{cid}.a1111.safetensors"}
+LORA_FILES = {"pytorch_lora_weights.safetensors", "{cid}.safetensors"}
+METHOD_FILES = {"ti": EMBEDDING_FILES, "lora": LORA_FILES, "pivotal": EMBEDDING_FILES | LORA_FILES}
 
 
-def concept_files(cid: str, prompts: str | int = "object") -> set[str]:
-    """One concept's exact files: embeddings, marker, grid, 2 seeds per eval prompt.
+def concept_files(cid: str, prompts: str | int = "object", method: str = "ti") -> set[str]:
+    """One concept's exact files: embeddings and/or LoRA by method, marker, grid, 2 seeds per eval prompt.
 
     ``prompts`` is the number of eval prompts, or a property whose defaults (the embedded model's) apply.
     """
     n = prompts if isinstance(prompts, int) else len(read_templates(default_model())[1][prompts])
     samples = {f"samples/{p:02d}_{s:02d}.png" for p in range(n) for s in range(2)}
-    return {name.format(cid=cid) for name in FILES} | samples
+    return {name.format(cid=cid) for name in FILES | METHOD_FILES[method]} | samples
 
 
 def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, ...] = ()) -> str:
@@ -62,7 +65,7 @@ def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, .
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps(runtime_env), "--submission-id", submission_id,
            "--", "python", "-m", "jobs.train", *args]
-    for _ in range(30):  # right after `ray start` the job agent may not be up yet
+    for _ in range(90):  # right after `ray start` (on a busy machine, minutes) the job agent may not be up yet
         proc = subprocess.run(cmd, env=cluster["env"], capture_output=True, text=True, timeout=300)
         if "No available agent to submit job" not in proc.stderr:
             break
@@ -70,7 +73,9 @@ def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, .
     return proc.stdout + proc.stderr
 
 
-def expected_files(props: dict[str, str | int]) -> set[str]:
-    """concept_id → property or number of eval prompts, to the exact file set of the run."""
-    files = {f"concepts/{c}/{name}" for c, prop in props.items() for name in concept_files(c, prop)}
+def expected_files(props: dict[str, str | int], methods: dict[str, str] | None = None) -> set[str]:
+    """concept_id → property or number of eval prompts (and → method, default ti), to the run's exact files."""
+    methods = methods or {}
+    files = {f"concepts/{c}/{name}" for c, prop in props.items()
+             for name in concept_files(c, prop, methods.get(c, "ti"))}
     return files | {"results.parquet", "run.json"}

@@ -64,6 +64,29 @@ def test_every_bad_row_is_reported_at_once():
     assert not any(p.startswith("row 0 ") for p in found)
 
 
+def test_bad_method_columns_are_refused_with_the_other_schema_errors(tmp_path):
+    rows = [
+        GOOD,
+        {"concept_id": "m", "images": ["a.png"], "method": "dreambooth"},
+        {"concept_id": "r", "images": ["a.png"], "method": "lora", "lora_rank": 0},
+        {"concept_id": "c", "images": ["a.png"], "class_prompt": "a dog"},  # ti: a class loss trains nothing
+        {"concept_id": "w", "images": ["a.png"], "method": "pivotal", "class_prompt": "a dog",
+         "prior_loss_weight": -1.0},
+        {"concept_id": "b", "images": ["a.png"], "method": "lora", "class_prompt": "a {} dog"},
+        {"concept_id": "ok", "images": ["a.png"], "method": "pivotal", "lora_rank": 8, "class_prompt": "a dog",
+         "prior_loss_weight": 0.5},
+    ]
+    found = problems_of(rows)
+    expect = {1: "method must be one of", 2: "lora_rank must be in 1..1024", 3: "class_prompt needs method lora",
+              4: "prior_loss_weight must be >= 0", 5: "class_prompt must be plain text"}
+    for row, text in expect.items():
+        assert any(p.startswith(f"row {row} ") and text in p for p in found), (row, text, found)
+    assert not any(p.startswith(("row 0 ", "row 6 ")) for p in found)
+    write_manifest([rows[-1]], str(tmp_path / "m.parquet"))
+    (ok,) = read_manifest(str(tmp_path / "m.parquet"))
+    assert (ok.method, ok.lora_rank, ok.class_prompt, ok.prior_loss_weight) == ("pivotal", 8, "a dog", 0.5)
+
+
 def test_wrong_column_types_and_unknown_columns_are_named():
     schema = pa.schema([("concept_id", pa.int64()), ("images", pa.string()), ("steps", pa.string()),
                         ("colour", pa.string())])
@@ -98,6 +121,18 @@ def test_fingerprint_changes_with_what_changes_the_result(monkeypatch):
     assert config_fingerprint(spec, TrainConfig(loss_scale_growth_interval=9), model) == fp
     assert config_fingerprint(spec, TrainConfig(loss_scale_growth_interval=9), fp16) != config_fingerprint(
         spec, TrainConfig(), fp16)
+    # the LoRA and prior settings count for the methods they act in, and leave a ti concept's hash as it was
+    assert config_fingerprint(spec, TrainConfig(lora_rank=9, class_images=5), model) == fp
+    lora = ConceptSpec("c", ("a.png",), method="lora")
+    fl = config_fingerprint(lora, TrainConfig(), model)
+    assert fl != fp and fl != config_fingerprint(ConceptSpec("c", ("a.png",), method="pivotal"), TrainConfig(), model)
+    assert fl != config_fingerprint(lora, TrainConfig(lora_rank=8), model)
+    assert fl != config_fingerprint(lora, TrainConfig(lora_learning_rate=1e-3), model)
+    assert fl == config_fingerprint(lora, TrainConfig(class_images=5), model)  # no class prompt: no class pictures
+    prior = ConceptSpec("c", ("a.png",), method="lora", class_prompt="a dog")
+    fprior = config_fingerprint(prior, TrainConfig(), model)
+    assert fprior != fl and fprior != config_fingerprint(prior, TrainConfig(class_images=5), model)
+    assert fprior != config_fingerprint(prior, TrainConfig(prior_loss_weight=0.5), model)
     monkeypatch.setattr("tinv.outputs.FINGERPRINT_VERSION", 1)  # a result of another format version: redone
     assert config_fingerprint(spec, TrainConfig(), model) != fp
     monkeypatch.undo()

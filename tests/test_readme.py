@@ -9,7 +9,11 @@ import re
 import torch
 from jobtools import REPO
 
+from tinv.config import LORA_TARGETS
 from tinv.formats import DIFFUSERS_NAME, embedding_files
+from tinv.lora import Adapters
+from tinv.lora_files import LORA_NAME, lora_files
+from tinv.models import load_base_model
 
 README = (REPO / "README.md").read_text()
 
@@ -19,7 +23,7 @@ def snippets() -> list[str]:
 
 
 def test_the_diffusers_snippets_run_as_written(tiny_models, tmp_path, monkeypatch):
-    blocks = [b for b in snippets() if "load_textual_inversion" in b]
+    blocks = [b for b in snippets() if "load_textual_inversion" in b and "load_lora_weights" not in b]
     assert len(blocks) == 2
     for kind, dims in (("sd1", [32]), ("sdxl", [32, 32])):
         folder = tmp_path / kind / "out" / "mine" / "concepts" / "my-cat"
@@ -44,3 +48,23 @@ def test_links_resolve_and_commands_exist():
     assert {"jobs.train", "jobs.manifest", "jobs.evaluate", "jobs.bench"} <= modules
     assert all(importlib.util.find_spec(m) for m in modules), modules
     assert os.path.exists(REPO / "cluster.yaml")
+
+
+def test_the_lora_snippet_runs_as_written(tiny_models, tmp_path, monkeypatch):
+    (block,) = [b for b in snippets() if "load_lora_weights" in b]
+    hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    folder = tmp_path / "out" / "mine" / "concepts" / "my-dog"
+    folder.mkdir(parents=True)
+    unet = load_base_model(str(tiny_models["sd1"])).unet
+    adapters = Adapters.of(unet)
+    adapters.add("my-dog", 4, LORA_TARGETS, seed=0)
+    vectors = [torch.randn(1, 32)]
+    files = {**embedding_files("my-dog", "<my-dog>", vectors, {}),
+             **lora_files("my-dog", "<my-dog>", "pivotal", 4, adapters.state_dict("my-dog"), vectors, {})}
+    for name in (DIFFUSERS_NAME, LORA_NAME):
+        (folder / name).write_bytes(files[name])
+    assert hub_id in block
+    code = block.replace(hub_id, str(tiny_models["sd1"])).replace("torch.float16", "torch.float32")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace('.to("cuda")', '.to("cpu")'), "README (lora)", "exec"), {})
+    assert (tmp_path / "my-dog.png").stat().st_size > 0

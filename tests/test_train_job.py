@@ -12,13 +12,16 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from jobtools import REPO, TOY, concept_files, expected_files, run_driver, submit
+from PIL import Image
 from safetensors.torch import load_file
 
+from tinv.config import TrainConfig
 from tinv.demo import DEMO_MANIFEST, DEMO_STEPS, default_model
 from tinv.fingerprint import model_fingerprint
 from tinv.manifest import read_manifest, write_manifest
@@ -50,7 +53,9 @@ def demo_run(ray_cluster, tmp_path_factory):
 def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers(demo_run, tmp_path):
     out, log = demo_run
     assert "succeeded" in log, log[-4000:]
-    assert tree(out) == expected_files({cid: len(spec.eval_prompts) for cid, spec in DEMO.items()})
+    methods = {cid: spec.method for cid, spec in DEMO.items()}
+    assert "pivotal" in methods.values()  # the demo shows the methods beside TI
+    assert tree(out) == expected_files({cid: len(spec.eval_prompts) for cid, spec in DEMO.items()}, methods)
     rows = results(out)
     assert {r["status"] for r in rows.values()} == {"succeeded"} and all(r["attempts"] == 1 for r in rows.values())
     run = json.loads((out / "run.json").read_text())
@@ -68,7 +73,9 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
         result = json.loads((out / "concepts" / cid / "result.json").read_text())
         assert result["base_model_fingerprint"] == run["base_model_fingerprint"]
         assert result["steps"] == DEMO_STEPS and result["token"] == f"<{cid}>" and result["config_fingerprint"]
-        assert result["metrics"] == dict(rows[cid]["metrics"]) == {"fidelity": fidelity[cid]}
+        assert result["metrics"] == dict(rows[cid]["metrics"])
+        assert set(result["metrics"]) == {"fidelity", "fidelity_loose"}
+        assert result["metrics"]["fidelity"] == fidelity[cid] <= result["metrics"]["fidelity_loose"]
         vector = load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"]
         for name, kw in (("learned_embeds.safetensors", {}), (f"{cid}.a1111.safetensors", {"token": f"<{cid}>"})):
             pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
@@ -80,6 +87,22 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
             assert ids[-2] == new_id
             row = pipe.text_encoder.get_input_embeddings().weight[new_id]
             torch.testing.assert_close(row, vector[0])
+
+    # the pivotal concept: its LoRA is recorded, and diffusers with its two files draws the job's own sample
+    (piv,) = [cid for cid, m in methods.items() if m == "pivotal"]
+    result = json.loads((out / "concepts" / piv / "result.json").read_text())
+    assert result["method"] == rows[piv]["method"] == "pivotal" and result["lora_rank"] == TrainConfig().lora_rank
+    assert result["lora_uri"] == rows[piv]["lora_uri"] == f"concepts/{piv}/pytorch_lora_weights.safetensors"
+    assert all(rows[c]["lora_uri"] is None and rows[c]["method"] == "ti" for c in DEMO if c != piv)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # what the job draws with
+    pipe.load_textual_inversion(str(out / "concepts" / piv / "learned_embeds.safetensors"))
+    pipe.load_lora_weights(str(out / "concepts" / piv))
+    drawn = pipe(DEMO[piv].eval_prompts[0].format(f"<{piv}>"), num_inference_steps=SampleConfig().sample_steps,
+                 guidance_scale=SampleConfig().guidance, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images[0]
+    job = np.asarray(Image.open(out / "concepts" / piv / "samples" / "00_00.png"), float)
+    assert np.abs((drawn * 255).round() - job).max() <= 2
 
 
 def test_resubmitting_skips_finished_concepts_and_touches_none_of_their_files(demo_run, ray_cluster):
@@ -174,3 +197,34 @@ def test_a_missing_model_is_invalid_input_by_its_type_not_a_lost_node(ray_cluste
                       "--output", str(tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "could not load the model" in proc.stderr and "no model folder at" in proc.stderr
+
+
+def test_class_pictures_are_drawn_once_per_class_shared_and_kept_for_later_runs(ray_cluster, tmp_path):
+    shutil.copytree(REPO / "manifests" / "demo", tmp_path / "demo")
+    pics = {c: [f"demo/{c}/{j}.png" for j in range(3)] for c in ("red-star", "teal-cross")}
+    rows = [{"concept_id": "star-a", "images": pics["red-star"], "method": "lora", "placeholder_token": "star",
+             "class_prompt": "a star"},
+            {"concept_id": "star-b", "images": pics["red-star"], "method": "pivotal", "initializer_token": "star",
+             "class_prompt": "a star", "prior_loss_weight": 0.5},
+            {"concept_id": "cross", "images": pics["teal-cross"], "method": "pivotal", "initializer_token": "cross",
+             "class_prompt": "a cross"},
+            {"concept_id": "plain", "images": pics["teal-cross"], "initializer_token": "cross"}]
+    write_manifest(rows, str(tmp_path / "m.parquet"))
+    out = tmp_path / "out"
+    args = ("--manifest", str(tmp_path / "m.parquet"), "--model", TOY, "--output", str(out), "--batch-size", "2",
+            "--class-images", "3", "--class-sample-steps", "4", "--samples-per-prompt", "1")
+    proc = run_driver(ray_cluster, *args, "--steps", "6")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {r["status"] for r in results(out).values()} == {"succeeded"}
+    folders = sorted((out / "classes").iterdir())
+    assert len(folders) == 2  # two classes for three concepts: "a star" drawn once for both of its concepts
+    markers = {json.loads((f / "class.json").read_text())["prompt"]: f for f in folders}
+    assert set(markers) == {"a star", "a cross"} and all(len(list(f.glob("*.png"))) == 3 for f in folders)
+    assert json.loads((out / "run.json").read_text())["classes"] == {"wanted": 2, "drawn": 2, "failed": 0}
+    before = {p: p.stat().st_mtime_ns for f in folders for p in f.iterdir()}
+    # more steps: every concept is redone, against the class pictures already there
+    proc = run_driver(ray_cluster, *args, "--steps", "7")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {r["status"] for r in results(out).values()} == {"succeeded"}
+    assert json.loads((out / "run.json").read_text())["classes"] == {"wanted": 2, "drawn": 0, "failed": 0}
+    assert {p: p.stat().st_mtime_ns for f in folders for p in f.iterdir()} == before

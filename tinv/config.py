@@ -8,6 +8,11 @@ from dataclasses import dataclass
 CONCEPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PROPERTIES = ("object", "style")
 DEFAULT_INITIALIZER = {"object": "object", "style": "style"}
+METHODS = ("ti", "lora", "pivotal")
+"""Textual Inversion (new token vectors); DreamBooth-LoRA (an adapter on the UNet, the token read as
+plain text); pivotal tuning (new token vectors and an adapter, trained together)."""
+LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+"""The UNet's attention projections: the targets of diffusers' ``train_dreambooth_lora.py``."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,16 @@ class ConceptSpec:
     """One training prompt per image, ``{}`` standing for the token (``a {} on a red star``): each
     image is trained under its own caption instead of the property's templates, so what the caption
     names (the content under a style) stays with its words and out of the new one. Empty: templates."""
+    method: str = "ti"
+    """``ti``, ``lora`` or ``pivotal`` (:data:`METHODS`). For ``lora`` the token is not a new word: the
+    tokenizer reads it as ordinary text (pick a rare one, DreamBooth's ``sks``), and only the adapter learns."""
+    lora_rank: int | None = None
+    """LoRA rank (``lora``, ``pivotal``); ``None`` takes the run's default."""
+    class_prompt: str = ""
+    """Turns DreamBooth's prior preservation on (``lora``, ``pivotal``): the bare class prompt, e.g. ``a photo
+    of a dog``, whose pictures the base model draws once per run and class."""
+    prior_loss_weight: float | None = None
+    """Weight of the class pictures' loss beside the concept's own; ``None`` takes the run's default."""
 
     def __post_init__(self) -> None:
         errors = self.problems()
@@ -57,6 +72,16 @@ class ConceptSpec:
             out.append(f"concept_id must match {CONCEPT_ID.pattern}")
         if not 1 <= len(self.images) <= 64:
             out.append(f"images must hold 1..64 URIs, got {len(self.images)}")
+        if self.method not in METHODS:
+            out.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.lora_rank is not None and not 1 <= self.lora_rank <= 1024:
+            out.append(f"lora_rank must be in 1..1024, got {self.lora_rank}")
+        if self.class_prompt and self.method == "ti":
+            out.append("class_prompt needs method lora or pivotal (the class loss of a frozen model trains nothing)")
+        if not isinstance(self.class_prompt, str) or "{" in self.class_prompt or "}" in self.class_prompt:
+            out.append(f"class_prompt must be plain text without braces (the bare class), got {self.class_prompt!r}")
+        if self.prior_loss_weight is not None and not self.prior_loss_weight >= 0:
+            out.append(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         if self.learnable_property not in PROPERTIES:
             out.append(f"learnable_property must be one of {PROPERTIES}, got {self.learnable_property!r}")
         if self.placeholder_token and (
@@ -150,6 +175,21 @@ class TrainConfig:
     """DVAR: steps between fixed-batch evaluations."""
     dvar_samples: int = 8
     """DVAR: size of the fixed batch (images, flips, templates, noise and timesteps drawn once)."""
+    lora_rank: int = 4
+    """Default LoRA rank of ``lora`` / ``pivotal`` concepts (alpha = rank); diffusers' DreamBooth-LoRA default."""
+    lora_learning_rate: float = 1e-4
+    """AdamW learning rate of a concept's LoRA (its token vectors keep ``learning_rate``); the value of
+    diffusers' DreamBooth-LoRA examples, not tuned here."""
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    """Module names (suffixes) of the UNet that get LoRA layers."""
+    prior_loss_weight: float = 1.0
+    """Default weight of the class pictures' loss for concepts with a ``class_prompt`` (diffusers' default)."""
+    class_images: int = 100
+    """Pictures the base model draws per class prompt for prior preservation (diffusers' default)."""
+    class_sample_steps: int = 25
+    """Denoising steps per class picture (multistep DPM-Solver++)."""
+    class_guidance: float = 5.0
+    """Classifier-free guidance of the class pictures."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -169,6 +209,12 @@ class TrainConfig:
             "dvar_samples >= 1": self.dvar_samples >= 1,
             "loss_scale > 0": self.loss_scale > 0,
             "loss_scale_growth_interval >= 1": self.loss_scale_growth_interval >= 1,
+            "lora_rank >= 1": self.lora_rank >= 1,
+            "lora_learning_rate > 0": self.lora_learning_rate > 0,
+            "lora_targets not empty": bool(self.lora_targets),
+            "prior_loss_weight >= 0": self.prior_loss_weight >= 0,
+            "class_images >= 1": self.class_images >= 1,
+            "class_sample_steps >= 1": self.class_sample_steps >= 1,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -189,6 +235,14 @@ class Resolved:
     """Samples per step: ``style_batch_size`` for a style, else ``batch_size``."""
     timestep_power: float
     """How far its timesteps lean to the noisy end (1: uniform)."""
+    lora_rank: int | None = None
+    """Its adapter's rank; None for ``ti`` (no adapter)."""
+    prior_loss_weight: float | None = None
+    """Its class loss's weight; None without a ``class_prompt`` (no prior preservation)."""
+
+    @property
+    def trains_vectors(self) -> bool:
+        return self.spec.method != "lora"
 
 
 def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
@@ -202,4 +256,7 @@ def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
         flip_p=cfg.flip_p if spec.flip_p is None else spec.flip_p,
         batch_size=cfg.style_batch_size if style else cfg.batch_size,
         timestep_power=cfg.style_timestep_power if style else 1.0,
+        lora_rank=None if spec.method == "ti" else spec.lora_rank or cfg.lora_rank,
+        prior_loss_weight=None if not spec.class_prompt else
+        cfg.prior_loss_weight if spec.prior_loss_weight is None else spec.prior_loss_weight,
     )

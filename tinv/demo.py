@@ -2,7 +2,8 @@
 
 ``make_demo`` writes ``manifests/demo.parquet`` and its 32 px PNGs: every held-out concept of the
 toy world (combinations, unnamed colours, unnamed styles), a few pictures each, with tokens that
-are not words of the world. ``default_model`` is the toy-world model shipped inside the package.
+are not words of the world; one of them (:data:`DEMO_METHODS`) by pivotal tuning, the rest by TI.
+``default_model`` is the toy-world model shipped inside the package.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from tinv.toyworld.concepts import CONCEPTS, Concept
 from tinv.toyworld.fidelity import token
 from tinv.toyworld.world import EVAL_PROMPTS, OBJECT_PROMPT
 
-__all__ = ["DEMO_MANIFEST", "DEMO_STEPS", "default_model", "make_demo"]
+__all__ = ["DEMO_MANIFEST", "DEMO_METHODS", "DEMO_STEPS", "default_model", "make_demo"]
 DEMO_STEPS = 150
 DEMO_IMAGES = 6
+DEMO_METHODS = {"black-triangle": "pivotal"}
+"""Concepts the demo trains with another method than ``ti``: pivotal tuning (its token and a LoRA)."""
 
 
 def default_model() -> Path:
@@ -53,6 +56,7 @@ def demo_rows(folder: str | Path, n_images: int = DEMO_IMAGES, seed: int = 0) ->
                 "steps": DEMO_STEPS,
                 "eval_prompts": eval_prompts(concept),
                 **({"captions": list(captions)} if captions else {}),
+                **({"method": DEMO_METHODS[concept.name]} if concept.name in DEMO_METHODS else {}),
             }
         )
     return rows

@@ -2,8 +2,9 @@
 
 Used by the train job's actors (each concept's samples right after training) and by
 ``jobs/evaluate.py`` (regenerating a run, or any embedding files). All concepts of a call sit
-in slots of one spliced text encoder, so a generation batch mixes concepts freely; an image
-depends only on its concept, prompt and seed.
+in slots of one spliced text encoder, their LoRAs in adapters of the UNet that only their own samples
+pass through, so a generation batch mixes concepts freely; an image depends only on its concept,
+prompt and seed.
 
 Metrics, per image and per concept (the mean), come from the metric plug-ins the evaluator is given
 (:mod:`tinv.metrics`: the model folder's own, e.g. the toy world's ``fidelity``, and any asked for,
@@ -35,13 +36,15 @@ class EvalConcept:
 
     concept_id: str
     token: str
-    vectors: list[torch.Tensor]
-    """Per text encoder, ``(num_vectors, dim)``."""
+    vectors: list[torch.Tensor] | None
+    """Per text encoder, ``(num_vectors, dim)``; None for a ``lora`` concept, whose token is plain text."""
     learnable_property: str = "object"
     prompts: tuple[str, ...] = ()
     """Prompts with ``{}`` for the token; empty: the model's defaults for the property."""
     training: torch.Tensor | None = None
     """``(N, 3, H, W)`` training pictures in [-1, 1] at the model's size, for metrics."""
+    lora: dict[str, torch.Tensor] | None = None
+    """``lora`` / ``pivotal``: its UNet LoRA in peft's naming, which its samples go through."""
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Evaluator:
             images = sample(
                 self.model, [c.vectors for c in concepts], requests, steps=self.cfg.sample_steps,
                 guidance=self.cfg.guidance, batch_size=self.cfg.sample_batch_size, pipe=self.pipe,
+                words=[c.token for c in concepts], loras=[c.lora for c in concepts],
             )
         out, start = [], 0
         for concept, pairs in zip(concepts, plan):

@@ -40,6 +40,10 @@ COLUMNS: dict[str, tuple[str, tuple[Callable[[pa.DataType], bool], ...]]] = {
     "flip_p": ("double", _FLOAT),
     "eval_prompts": ("list<string>", (_list_of_strings,)),
     "captions": ("list<string>", (_list_of_strings,)),
+    "method": ("string", _STRING),
+    "lora_rank": ("int", _INT),
+    "class_prompt": ("string", _STRING),
+    "prior_loss_weight": ("double", _FLOAT),
 }
 """Column → (type name for messages, predicates on the Arrow type)."""
 REQUIRED = ("concept_id", "images")

@@ -17,6 +17,7 @@ from tinv import storage
 from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig, resolve
 from tinv.fingerprint import FINGERPRINT_VERSION
 from tinv.formats import DIFFUSERS_NAME, embedding_files
+from tinv.lora_files import LORA_NAME, lora_files
 from tinv.train import TrainedConcept
 
 RESULT_NAME = "result.json"
@@ -25,6 +26,12 @@ TRAIN_FIELDS = ("weight_decay", "adam_betas", "adam_eps", "min_timestep_fraction
 
 K (``concepts_per_actor``) and ``max_vectors`` do not: a packed concept equals a solo one.
 """
+LORA_SPEC_FIELDS = ("method", "lora_rank", "class_prompt", "prior_loss_weight")
+"""Spec fields that only count for a lora / pivotal concept."""
+LORA_FIELDS = ("lora_learning_rate", "lora_targets")
+"""Run fields that only count for a lora / pivotal concept."""
+CLASS_FIELDS = ("class_images", "class_sample_steps", "class_guidance")
+"""Run fields that only count for a concept with prior preservation (they make its class pictures)."""
 DVAR_FIELDS = ("early_stop", "dvar_window", "dvar_threshold", "dvar_every", "dvar_samples")
 
 
@@ -49,13 +56,21 @@ def config_fingerprint(
     the fp16 loss scale under fp16, the DVAR settings with early stopping on.
     """
     settings = resolve(spec, cfg)
-    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k != "eval_prompts"}
+    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("eval_prompts", *LORA_SPEC_FIELDS)}
     spec_part |= {k: getattr(settings, k) for k in ("steps", "learning_rate", "seed", "flip_p")}
+    if spec.method != "ti":  # a ti concept hashes as it did before methods existed
+        spec_part |= {"method": spec.method, "lora_rank": settings.lora_rank}
+    if spec.class_prompt:  # and so does a concept without prior preservation
+        spec_part |= {"class_prompt": spec.class_prompt, "prior_loss_weight": settings.prior_loss_weight}
     if manifest_dir:
         prefix = manifest_dir.rstrip("/") + "/"
         spec_part["images"] = [u.removeprefix(prefix) for u in spec.images]
     train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
     train_part |= {"batch_size": settings.batch_size, "timestep_power": settings.timestep_power}
+    if spec.method != "ti":
+        train_part |= {k: getattr(cfg, k) for k in LORA_FIELDS}
+    if spec.class_prompt:
+        train_part |= {k: getattr(cfg, k) for k in CLASS_FIELDS}
     if model["dtype"] == "torch.float16":
         train_part |= {"loss_scale": cfg.loss_scale, "loss_scale_growth_interval": cfg.loss_scale_growth_interval}
     if cfg.early_stop:
@@ -102,11 +117,17 @@ def write_concept(
     ``metrics`` (e.g. the toy world's ``fidelity``) go into ``result.json`` and the results table; the
     property, image URIs and ``eval_prompts`` drawn are kept too, so a later evaluation can redo them.
     """
-    if trained.vectors is None:
-        raise ValueError(f"concept {trained.spec.concept_id!r} has no vectors: {trained.error}")
+    if trained.vectors is None and trained.lora is None:
+        raise ValueError(f"concept {trained.spec.concept_id!r} has nothing learned: {trained.error}")
     spec, folder = trained.spec, concept_dir(output, trained.spec.concept_id)
     meta = {**model_info, "config_fingerprint": fingerprint}
-    files = {**embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, meta), **(extra_files or {})}
+    files = {}
+    if trained.vectors is not None:
+        files |= embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, meta)
+    if trained.lora is not None:
+        files |= lora_files(spec.concept_id, spec.placeholder_token, spec.method, trained.lora_rank, trained.lora,
+                            trained.vectors, meta)
+    files |= extra_files or {}
     for name, data in files.items():
         storage.write_bytes(storage.join(folder, name), data, storage_options)
     record = {
@@ -127,7 +148,10 @@ def write_concept(
         "worker": worker,
         "attempts": attempts,
         "files": sorted(files),
-        "embedding_uri": relative_uri(spec.concept_id, DIFFUSERS_NAME),
+        "method": spec.method,
+        "embedding_uri": relative_uri(spec.concept_id, DIFFUSERS_NAME) if trained.vectors is not None else None,
+        "lora_uri": relative_uri(spec.concept_id, LORA_NAME) if trained.lora is not None else None,
+        "lora_rank": trained.lora_rank,
     }
     data = json.dumps(record, indent=2, sort_keys=True).encode()
     storage.write_bytes(storage.join(folder, RESULT_NAME), data, storage_options)  # LAST: marks complete

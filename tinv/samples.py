@@ -1,14 +1,19 @@
 """Samples of learned concepts, batched across concepts, with fixed seeds.
 
-Every concept's vectors sit in a slot of one spliced text encoder, so a generation batch can
-mix any concepts; no pipeline is rebuilt and no embedding is loaded per concept. The UNet,
+Every concept's vectors sit in a slot of one spliced text encoder, and every concept's LoRA is an
+adapter of the UNet that only its own samples pass through (:mod:`tinv.lora`), so a generation batch
+can mix any concepts of any method; no pipeline is rebuilt and no file is loaded per concept. The UNet,
 VAE and text encoders are the ones already loaded for training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from tinv.conditioning import encode_prompts
+from tinv.lora import BASE, Adapters
 from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 
@@ -63,6 +69,7 @@ def pipeline(model: BaseModel, scheduler: str = "dpm++", text_encoders: bool = F
     tokenizers = model.tokenizers if text_encoders else [None, None]
     if model.is_sdxl:
         pipe = StableDiffusionXLPipeline(
+            force_zeros_for_empty_prompt=_force_zeros(model),
             vae=model.vae,
             text_encoder=encoders[0],
             text_encoder_2=encoders[1],
@@ -87,25 +94,67 @@ def pipeline(model: BaseModel, scheduler: str = "dpm++", text_encoders: bool = F
     return pipe
 
 
+def _force_zeros(model: BaseModel) -> bool:
+    """The model folder's ``force_zeros_for_empty_prompt`` (SDXL's pipeline default when unsaid: True): an
+    empty negative prompt is then all zeros, not the encoding of ``""`` (SDXL base says so)."""
+    index = Path(model.local_dir) / "model_index.json"
+    config = json.loads(index.read_text()) if index.is_file() else {}
+    return bool(config.get("force_zeros_for_empty_prompt", True))
+
+
 @torch.no_grad()
 def sample(
     model: BaseModel,
-    vectors: list[list[torch.Tensor]],
+    vectors: list[list[torch.Tensor] | None],
     requests: list[SampleRequest],
     *,
     steps: int = 25,
     guidance: float = 5.0,
     batch_size: int = 16,
     pipe=None,
+    words: list[str] | None = None,
+    loras: list[dict[str, torch.Tensor] | None] | None = None,
 ) -> np.ndarray:
-    """Draw each request: ``(N, H, W, 3)`` uint8. ``vectors[c][e]`` is concept c's ``(n, D_e)``.
+    """Draw each request: ``(N, H, W, 3)`` uint8. ``vectors[c][e]`` is concept c's ``(n, D_e)``; None for
+    a concept without a new token, whose ``{}`` reads ``words[c]`` as plain text. ``loras[c]``, if given,
+    is concept c's UNet LoRA (peft naming), which its samples and only its go through.
 
-    An image depends only on its own prompt, vectors and seed: the initial noise comes from
+    An image depends only on its own prompt, vectors, LoRA and seed: the initial noise comes from
     its own ``torch.Generator(seed)``, whatever else shares the batch.
     """
     pipe = pipe or pipeline(model)
+    loras = loras or [None] * len(vectors)
+    with _adapters(model, loras) as routes:
+        return _sample(model, vectors, requests, steps, guidance, batch_size, pipe, words, routes)
+
+
+@contextlib.contextmanager
+def _adapters(model: BaseModel, loras: list[dict[str, torch.Tensor] | None]) -> Iterator[list[str]]:
+    """Load each concept's LoRA as adapter ``sample{c}`` for the duration; yield each concept's route."""
+    routes = [BASE if lora is None else f"sample{c}" for c, lora in enumerate(loras)]
+    if all(lora is None for lora in loras):
+        yield routes
+        return
+    adapters = Adapters.of(model.unet)
+    try:
+        for name, lora in zip(routes, loras):
+            if lora is not None:
+                adapters.load(name, lora)
+        yield routes
+    finally:
+        for name in set(routes) - {BASE}:
+            adapters.remove(name)
+
+
+def _sample(model: BaseModel, vectors: list[list[torch.Tensor] | None], requests: list[SampleRequest], steps: int,
+            guidance: float, batch_size: int, pipe, words: list[str] | None, routes: list[str]) -> np.ndarray:
+    if any(v is None for v in vectors) and words is None:
+        raise ValueError("a concept without vectors needs its word")
+    plain = [words[c] if v is None else None for c, v in enumerate(vectors)]
+    vectors = [v if v is not None else [torch.zeros(1, d) for d in model.embedding_dims] for v in vectors]
     max_vectors = max(v.shape[0] for row in vectors for v in row)
     names = slot_token_names(len(vectors), max_vectors)
+    said = [plain[c] or " ".join(names[c][: vectors[c][0].shape[0]]) for c in range(len(vectors))]
     ids = register_slot_tokens(model, names)
     slots = [
         [
@@ -122,21 +171,25 @@ def sample(
     with spliced(model, slots, ids):
         for i in range(0, len(requests), batch_size):
             chunk = requests[i : i + batch_size]
-            texts = [r.prompt.format(" ".join(names[r.concept][: vectors[r.concept][0].shape[0]])) for r in chunk]
+            texts = [r.prompt.format(said[r.concept]) for r in chunk]  # {}: the slot's tokens, or plain text
             cond = _embed(model, texts, size)
-            uncond = _embed(model, [""] * len(chunk), size)
+            if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL: as diffusers does, no prompt
+                uncond = (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]))
+            else:
+                uncond = _embed(model, [""] * len(chunk), size)
             kwargs = {"prompt_embeds": cond[0], "negative_prompt_embeds": uncond[0]}
             if model.is_sdxl:
                 kwargs |= {"pooled_prompt_embeds": cond[1], "negative_pooled_prompt_embeds": uncond[1]}
-            images = pipe(
-                **kwargs,
-                generator=[torch.Generator().manual_seed(r.seed) for r in chunk],
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=size,
-                width=size,
-                output_type="np",
-            ).images  # (b, H, W, 3) in [0, 1]
+            with Adapters.of(model.unet).routed([routes[r.concept] for r in chunk]):
+                images = pipe(
+                    **kwargs,
+                    generator=[torch.Generator().manual_seed(r.seed) for r in chunk],
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=size,
+                    width=size,
+                    output_type="np",
+                ).images  # (b, H, W, 3) in [0, 1]
             out.append((images * 255).round().astype(np.uint8))
     return np.concatenate(out)
 

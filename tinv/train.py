@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from tinv.concept import ConceptData, TrainedConcept
 from tinv.config import TrainConfig
 from tinv.errors import ConceptCrashedError, ConceptError, ConceptOutOfMemoryError
 from tinv.models import BaseModel
-from tinv.trainer import ConceptData, PackedTrainer, TrainedConcept
+from tinv.trainer import PackedTrainer
 
 __all__ = ["ConceptData", "PackedTrainer", "StepInfo", "TrainedConcept", "train_concepts"]
 
@@ -81,7 +82,7 @@ class GuardedStep:
         """Undo a failed step: the slots' random streams as before it, no gradient left behind."""
         for s, state in zip(group, states):
             self.trainer.slots[s].generator.set_state(state)
-            for p in self.trainer.vectors[s]:
+            for p in self.trainer.slot_parameters(s):
                 p.grad = None
         if self.trainer.model.device.type == "cuda":
             torch.cuda.empty_cache()

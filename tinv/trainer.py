@@ -4,79 +4,32 @@ Each active slot draws its own samples from its own random stream (image, flip, 
 noise, timestep), one batched text-encoder + UNet pass gives a mean loss per slot, and the sum of those
 losses gives every slot exactly its own gradient (Textual Inversion, Gal et al. 2022, arXiv 2208.01618).
 Each slot has its own AdamW state, learning rate and fp16 loss scale, so slots never couple (a slot that
-turns non-finite is dropped alone). :func:`tinv.train.train_concepts` runs it over a stream of concepts.
+turns non-finite is dropped alone). A ``lora`` or ``pivotal`` concept's slot also owns a LoRA adapter on
+the UNet (:mod:`tinv.lora`, DreamBooth's bulk form, Ruiz et al. 2022, arXiv 2208.12242), through which
+only that concept's samples pass, with its own learning rate. :func:`tinv.train.train_concepts` runs it
+over a stream of concepts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinv.concept import ConceptData, Slot, TrainedConcept
 from tinv.conditioning import encode_prompts
 from tinv.config import ConceptSpec, Resolved, TrainConfig, resolve
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
+from tinv.lora import BASE, Adapters
 from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 
 VAE_PIXELS_PER_CHUNK = 8 * 512 * 512
 """Pixels the VAE encodes in one call at admission: 8 images at 512 px, 2 at 1024 px, more when small."""
-
-
-@dataclass
-class ConceptData:
-    """A concept ready to train: its spec and decoded images ``(N, 3, H, W)`` in [-1, 1]."""
-
-    spec: ConceptSpec
-    images: torch.Tensor
-
-
-@dataclass
-class TrainedConcept:
-    """What training a concept produced (``vectors`` is None when ``failure`` says why)."""
-
-    spec: ConceptSpec
-    vectors: list[torch.Tensor] | None
-    """Per text encoder, ``(num_vectors, dim)`` fp32 on CPU."""
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    failure: ConceptError | None = None
-
-    @property
-    def error(self) -> str | None:
-        return None if self.failure is None else str(self.failure)
-
-    @property
-    def final_loss(self) -> float:
-        """Mean loss over the last tenth of the steps (NaN if none)."""
-        tail = self.losses[-max(1, len(self.losses) // 10) :]
-        return sum(tail) / len(tail) if tail else math.nan
-
-
-@dataclass
-class _Slot:
-    settings: Resolved
-    """The concept's spec with the run's defaults filled in (steps, seed, flip, batch, timesteps)."""
-    generator: torch.Generator
-    latents: tuple[torch.Tensor, torch.Tensor]
-    """Latent mean and std, ``(2N, C, h, w)``: the N images, then their flips."""
-    prompt_ids: list[torch.Tensor]
-    """Per text encoder, ``(n_prompts, T)`` token ids of every template, or of every image's caption."""
-    loss_scale: float = 1.0
-    """fp16 only: this slot's dynamic loss scale (grows after a run of good steps, halves on overflow)."""
-    good_steps: int = 0
-    losses: list[float] = field(default_factory=list)
-    fixed_batch_losses: list[float] = field(default_factory=list)
-    """Fixed-batch losses every ``dvar_every`` steps (early stopping only)."""
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def spec(self) -> ConceptSpec:
-        return self.settings.spec
 
 
 class PackedTrainer:
@@ -94,8 +47,12 @@ class PackedTrainer:
         self.optimizer = torch.optim.AdamW(
             groups, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )
-        self.slots: list[_Slot | None] = [None] * cfg.concepts_per_actor
+        self.slots: list[Slot | None] = [None] * cfg.concepts_per_actor
         self.step_count = 0
+        self.adapters: Adapters | None = None
+        """Created with the first lora / pivotal concept: a ti-only run leaves the UNet as it is."""
+        self.lora_groups: dict[int, dict] = {}
+        """slot → its adapter's optimizer parameter group."""
 
     @property
     def active(self) -> list[int]:
@@ -106,26 +63,55 @@ class PackedTrainer:
     def admit(self, s: int, data: ConceptData) -> None:
         """Put a concept into slot ``s``: check its tokens, cache latents, reset vectors and state."""
         spec, cfg = data.spec, self.cfg
+        settings = resolve(spec, cfg)
         if spec.num_vectors > cfg.max_vectors:
             raise ConceptDataError(spec.concept_id, f"num_vectors {spec.num_vectors} > max_vectors {cfg.max_vectors}")
         if tuple(data.images.shape[-2:]) != (self.resolution, self.resolution):
             raise ValueError(f"images are {tuple(data.images.shape[-2:])}, the trainer needs {self.resolution} px")
-        init = [self._initializer(spec, e) for e in range(len(self.model.tokenizers))]
+        n_encoders = len(self.model.tokenizers)
+        init = [self._initializer(spec, e) for e in range(n_encoders)] if settings.trains_vectors else []
         latents = self._encode_latents(data.images)
         templates = spec.captions or self.model.templates[spec.learnable_property]
-        slot_word = " ".join(self.names[s][: spec.num_vectors])
-        prompts = [t.format(slot_word) for t in templates]
-        prompt_ids = [self._tokenize(tok, prompts) for tok in self.model.tokenizers]
+        word = " ".join(self.names[s][: spec.num_vectors]) if settings.trains_vectors else spec.placeholder_token
+        prompt_ids = [self._tokenize(tok, [t.format(word) for t in templates]) for tok in self.model.tokenizers]
+        for p in self.slot_parameters(s):
+            self.optimizer.state.pop(p, None)
         with torch.no_grad():
             for e, row in enumerate(init):
                 self.vectors[s][e].zero_()
                 self.vectors[s][e][: spec.num_vectors] = row
-        for p in self.vectors[s]:
-            self.optimizer.state.pop(p, None)
-        settings = resolve(spec, cfg)
         self.optimizer.param_groups[s]["lr"] = settings.learning_rate
+        prior = {}
+        if settings.prior_loss_weight is not None:
+            if data.class_images is None:
+                raise ConceptDataError(spec.concept_id, f"no class pictures of {spec.class_prompt!r} were given")
+            prior = {"class_latents": self._encode_latents(data.class_images),
+                     "class_ids": [self._tokenize(tok, [spec.class_prompt]) for tok in self.model.tokenizers]}
+        adapter = self._adapter(s, settings)
         generator = torch.Generator().manual_seed(settings.seed)
-        self.slots[s] = _Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.loss_scale)
+        self.slots[s] = Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.loss_scale, adapter=adapter,
+                              **prior)
+
+    def _adapter(self, s: int, settings: Resolved) -> str | None:
+        """Give slot ``s`` a fresh LoRA adapter (seeded by the concept) if its method has one."""
+        name = f"slot{s}"
+        if settings.lora_rank is None:
+            if s in self.lora_groups:
+                self.adapters.remove(name)
+                self.lora_groups[s]["params"] = []
+            return None
+        if self.adapters is None:
+            self.adapters = Adapters.of(self.model.unet)
+        params = self.adapters.add(name, settings.lora_rank, self.cfg.lora_targets, seed=settings.seed)
+        if s not in self.lora_groups:
+            self.optimizer.add_param_group({"params": params, "lr": self.cfg.lora_learning_rate})
+            self.lora_groups[s] = self.optimizer.param_groups[-1]
+        self.lora_groups[s]["params"] = params
+        return name
+
+    def slot_parameters(self, s: int) -> list[nn.Parameter]:
+        """Everything slot ``s`` trains: its token vectors and its adapter, if it has one."""
+        return [*self.vectors[s], *(self.lora_groups[s]["params"] if s in self.lora_groups else [])]
 
     def _initializer(self, spec: ConceptSpec, e: int) -> torch.Tensor:
         tokenizer, encoder = self.model.tokenizers[e], self.model.text_encoders[e]
@@ -163,14 +149,24 @@ class PackedTrainer:
     def resolution(self) -> int:
         return self.cfg.resolution or self.model.resolution
 
-    def _draw(self, slot: _Slot, generator: torch.Generator, n: int) -> tuple[torch.Tensor, ...]:
-        """``n`` samples from the slot's data, in a fixed order of draws from ``generator``."""
-        mean, std = slot.latents
+    def _draw(self, slot: Slot, generator: torch.Generator, n: int) -> tuple:
+        """``n`` samples of the concept, then (prior preservation) ``n`` of its class pictures under the class
+        prompt, in a fixed order of draws from ``generator``: ``(latents, noise, t, ids, n)``."""
+        own = self._rows(slot, slot.latents, slot.prompt_ids, generator, n, bool(slot.spec.captions))
+        if slot.class_latents is None:
+            return (*own, n)
+        prior = self._rows(slot, slot.class_latents, slot.class_ids, generator, n, False)
+        ids = [torch.cat([a, b]) for a, b in zip(own[3], prior[3])]
+        return (*(torch.cat([a, b]) for a, b in zip(own[:3], prior[:3])), ids, n)
+
+    def _rows(self, slot: Slot, latents: tuple[torch.Tensor, torch.Tensor], prompt_ids: list[torch.Tensor],
+              generator: torch.Generator, n: int, captioned: bool) -> tuple[torch.Tensor, ...]:
+        mean, std = latents
         n_images = mean.shape[0] // 2
         image = torch.randint(n_images, (n,), generator=generator)
         flip = torch.rand(n, generator=generator) < slot.settings.flip_p
-        template = torch.randint(slot.prompt_ids[0].shape[0], (n,), generator=generator)
-        if slot.spec.captions:  # image i is trained under prompt i, its caption
+        template = torch.randint(prompt_ids[0].shape[0], (n,), generator=generator)
+        if captioned:  # image i is trained under prompt i, its caption
             template = image  # drawn anyway, so a concept's other draws do not depend on its captions
         shape = (n, *mean.shape[1:])
         eps = torch.randn(shape, generator=generator).to(mean.device)
@@ -180,7 +176,7 @@ class PackedTrainer:
         latents = mean[row] + std[row] * eps  # (n, C, h, w): a fresh sample of q(z|x)
         vae = self.model.vae.config
         latents = (latents - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
-        ids = [p[template.to(p.device)] for p in slot.prompt_ids]
+        ids = [p[template.to(p.device)] for p in prompt_ids]
         return latents, noise, t.to(mean.device), ids
 
     def _timesteps(self, power: float, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -192,7 +188,7 @@ class PackedTrainer:
         u = torch.rand(n, generator=generator)
         return (lo + (timesteps - lo) * u ** (1 / power)).long().clamp(max=timesteps - 1)
 
-    def _losses(self, batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    def _losses(self, slots: list[Slot], batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Per-concept mean losses ``(K_active,)`` for a list of per-concept draws."""
         latents, noise, t = (torch.cat([b[i] for b in batches]) for i in range(3))  # (B_total, ...)
         ids = [torch.cat([b[3][e] for b in batches]) for e in range(len(self.model.text_encoders))]
@@ -202,9 +198,21 @@ class PackedTrainer:
         hidden, added = encode_prompts(self.model, ids, self.resolution)
         dtype = self.model.dtype
         added = {k: v.to(dtype) for k, v in added.items()} if added else None  # SDXL's pooled text, time ids
-        pred = self.model.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added).sample
+        with self._routed(slots, batches):
+            pred = self.model.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added).sample
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B_total,)
-        return torch.stack([part.mean() for part in per_sample.split([len(b[0]) for b in batches])])
+        losses = []
+        for slot, b, part in zip(slots, batches, per_sample.split([len(b[0]) for b in batches])):
+            own, prior = part[: b[4]], part[b[4] :]  # DreamBooth: its own loss + w × its class pictures'
+            weight = slot.settings.prior_loss_weight
+            losses.append(own.mean() + weight * prior.mean() if len(prior) else own.mean())
+        return torch.stack(losses)
+
+    def _routed(self, slots: list[Slot], batches: list[tuple]):
+        """Every sample of ``batches`` through its own concept's adapter (``__base__`` for a ti concept's)."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.routed([slot.adapter or BASE for slot, b in zip(slots, batches) for _ in b[0]])
 
     def step(self, group: list[int] | None = None) -> tuple[dict[int, float], dict[int, ConceptError]]:
         """One optimisation step of the slots in ``group`` (default: every active one).
@@ -222,15 +230,18 @@ class PackedTrainer:
         fp16 = self.model.dtype == torch.float16
         scales = torch.tensor([slot.loss_scale if fp16 else 1.0 for slot in slots], device=self.model.device)
         with spliced(self.model, self.vectors, self.token_ids):
-            losses = self._losses(batches)  # (G,)
+            losses = self._losses(slots, batches)  # (G,)
             (losses * scales).sum().backward()
-        for s, row in enumerate(self.vectors):
-            if s not in group:  # the spliced lookup gives every slot a zero gradient: AdamW must not step it
-                for p in row:
+        for s in range(len(self.slots)):  # AdamW must not step what did not train:
+            if s not in group:  # the spliced lookup gives every slot a zero gradient, a routed layer every adapter
+                for p in self.slot_parameters(s):
+                    p.grad = None
+            elif not self.slots[s].settings.trains_vectors:  # a lora concept's token is plain text
+                for p in self.vectors[s]:
                     p.grad = None
         values, failed = {}, {}
         for s, slot, loss, scale in zip(group, slots, losses.tolist(), scales.tolist()):
-            grads = [p.grad.div_(scale) for p in self.vectors[s] if p.grad is not None]
+            grads = [p.grad.div_(scale) for p in self.slot_parameters(s) if p.grad is not None]
             finite = all(torch.isfinite(g).all() for g in grads)
             if not math.isfinite(loss) or (not finite and not fp16):
                 what = f"loss {loss}" if not math.isfinite(loss) else "non-finite gradients"
@@ -242,18 +253,18 @@ class PackedTrainer:
                     failed[s] = ConceptDivergedError(slot.spec.concept_id, "diverged: its fp16 gradient overflows "
                                                      f"even at loss scale {slot.loss_scale}")
             if s in failed or not finite:
-                for p in self.vectors[s]:
+                for p in self.slot_parameters(s):
                     p.grad = None  # this slot skips the step; the optimizer leaves it as it was
             if s not in failed:
                 values[s] = loss  # an fp16 overflow is a step taken, as GradScaler counts it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         for s in values:
-            if not all(torch.isfinite(p).all() for p in self.vectors[s]):
-                failed[s] = ConceptDivergedError(self.slots[s].spec.concept_id, "vectors became non-finite")
+            if not all(torch.isfinite(p).all() for p in self.slot_parameters(s)):
+                failed[s] = ConceptDivergedError(self.slots[s].spec.concept_id, "weights became non-finite")
         return {s: v for s, v in values.items() if s not in failed}, failed
 
-    def _rescale(self, slot: _Slot, finite: bool) -> None:
+    def _rescale(self, slot: Slot, finite: bool) -> None:
         if not finite:
             slot.loss_scale, slot.good_steps = slot.loss_scale / 2, 0
             return
@@ -266,7 +277,7 @@ class PackedTrainer:
         """Loss of slot ``s``'s current vectors on a fixed draw (same noise, timesteps, images)."""
         draw = self._draw(self.slots[s], torch.Generator().manual_seed(seed), n)
         with spliced(self.model, self.vectors, self.token_ids):
-            return self._losses([draw]).item()
+            return self._losses([self.slots[s]], [draw]).item()
 
     def flattened(self, s: int) -> bool:
         """DVAR: after this step, has slot ``s``'s fixed-batch loss stopped moving?
@@ -290,8 +301,10 @@ class PackedTrainer:
         """Take the finished concept out of slot ``s``."""
         slot = self.slots[s]
         vectors = [row[: slot.spec.num_vectors].detach().cpu().clone() for row in self.vectors[s]]
+        lora = self.adapters.state_dict(slot.adapter) if slot.adapter else None
         self.slots[s] = None
-        return TrainedConcept(slot.spec, vectors, slot.losses, time.perf_counter() - slot.started)
+        return TrainedConcept(slot.spec, vectors if slot.settings.trains_vectors else None, slot.losses,
+                              time.perf_counter() - slot.started, lora=lora, lora_rank=slot.settings.lora_rank)
 
     def fail(self, s: int, failure: ConceptError) -> TrainedConcept:
         """Take the failed concept out of slot ``s`` (its losses so far are kept, its vectors are not)."""

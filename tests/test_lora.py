@@ -1,0 +1,115 @@
+"""LoRA and pivotal concepts in the packed trainer: frozen base, own adapters, packed == solo."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train import snapshot
+
+from tinv.config import ConceptSpec, TrainConfig
+from tinv.lora import BASE, Adapters
+from tinv.models import load_base_model
+from tinv.train import ConceptData, PackedTrainer, train_concepts
+
+
+def spec(cid: str, **kw) -> ConceptSpec:
+    return ConceptSpec(cid, ("memory://unused.png",), **{"initializer_token": "cat", **kw})
+
+
+def lora_snapshot(model) -> dict[str, torch.Tensor]:
+    """The base weights only: peft's wrappers rename a targeted layer's weight ``…base_layer.weight``."""
+    return {k.replace(".base_layer", ""): v for k, v in snapshot(model).items() if "lora_" not in k}
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_base_weights_are_bit_identical_and_only_adapters_and_vectors_train(tiny_models, images, kind):
+    model = load_base_model(str(tiny_models[kind]))
+    before = snapshot(model)
+    cfg = TrainConfig(steps=4, concepts_per_actor=3, batch_size=2, lora_learning_rate=1e-2)
+    specs = [spec("t"), spec("l", method="lora", placeholder_token="sks"), spec("p", method="pivotal", lora_rank=2)]
+    out = {o.spec.concept_id: o for o in train_concepts(model, [ConceptData(s, images) for s in specs], cfg)}
+    assert [out[c].error for c in "tlp"] == [None] * 3
+    after = lora_snapshot(model)
+    assert before.keys() == after.keys() and [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert all(not p.requires_grad for n, p in model.unet.named_parameters() if "lora_" not in n)
+    assert out["t"].lora is None and out["t"].vectors is not None
+    assert out["l"].vectors is None and out["p"].vectors is not None  # a lora token is plain text
+    for c, rank in (("l", 4), ("p", 2)):
+        lora = out[c].lora
+        assert out[c].lora_rank == rank and {v.shape[0] for k, v in lora.items() if "lora_A" in k} == {rank}
+        ups = [v for k, v in lora.items() if "lora_B" in k]
+        assert ups and all(v.dtype == torch.float32 for v in lora.values())
+        assert max(v.abs().max() for v in ups) > 0  # B starts at zero: it moved
+    init = model.text_encoders[0].get_input_embeddings().weight[model.tokenizers[0].convert_tokens_to_ids("cat</w>")]
+    assert (out["p"].vectors[0] - init).abs().max() > 1e-4  # pivotal: the token learns beside the adapter
+
+
+def test_a_packed_lora_concept_equals_it_trained_alone(tiny_models, images):
+    """Each sample goes through its own concept's adapter: packing changes nothing, nor does a slot's reuse."""
+    model = load_base_model(str(tiny_models["sd1"]))
+    specs = [
+        spec("a", method="lora", placeholder_token="sks", steps=5, seed=1),
+        spec("b", method="pivotal", steps=7, seed=2, lora_rank=2, class_prompt="a photo of a toy"),  # + prior
+        spec("c", steps=3, seed=3),  # ti: through the base weights, beside two adapters
+        spec("d", method="pivotal", steps=4, seed=4, num_vectors=2),  # refills the slot "c" leaves
+    ]
+    data = {s.concept_id: ConceptData(s, images[: 2 + i % 3], images[1:] if s.class_prompt else None)
+            for i, s in enumerate(specs)}
+    cfg = TrainConfig(concepts_per_actor=3, batch_size=2, lora_learning_rate=1e-2)
+    packed = {o.spec.concept_id: o for o in train_concepts(model, data.values(), cfg)}
+    for s in specs:
+        solo = next(train_concepts(model, [data[s.concept_id]], TrainConfig(concepts_per_actor=1, batch_size=2,
+                                                                            lora_learning_rate=1e-2)))
+        p = packed[s.concept_id]
+        assert len(p.losses) == s.steps
+        torch.testing.assert_close(torch.tensor(p.losses), torch.tensor(solo.losses), rtol=1e-4, atol=1e-5)
+        if p.vectors is not None:
+            torch.testing.assert_close(p.vectors[0], solo.vectors[0], rtol=0, atol=1e-5)
+        assert (p.lora is None) == (solo.lora is None) == (s.method == "ti")
+        # AdamW moves an element by about its learning rate whatever the size of its gradient, so where a
+        # gradient is near zero the float noise of another batch composition shows: a bound of 1% of one
+        # step's move on any element, and a mean difference a hundred times smaller
+        if p.lora is not None:
+            diffs = torch.cat([(p.lora[k] - solo.lora[k]).abs().flatten() for k in p.lora])
+            assert diffs.max() <= 1e-4 and diffs.mean() <= 1e-6, (s.concept_id, diffs.max(), diffs.mean())
+
+
+def test_pivotal_trains_vectors_and_adapter_at_their_own_learning_rates(tiny_models, images):
+    model = load_base_model(str(tiny_models["sd1"]))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=2, learning_rate=3e-3, lora_learning_rate=7e-4))
+    trainer.admit(0, ConceptData(spec("p", method="pivotal"), images))
+    trainer.admit(1, ConceptData(spec("t", learning_rate=2e-3), images))
+    groups = trainer.optimizer.param_groups
+    lora = trainer.lora_groups[0]
+    assert groups[0]["lr"] == 3e-3 and groups[1]["lr"] == 2e-3 and lora["lr"] == 7e-4
+    assert {id(p) for p in lora["params"]} == {id(p) for p in trainer.adapters.parameters("slot0")}
+    assert 1 not in trainer.lora_groups  # a ti slot has no adapter
+    trainer.admit(0, ConceptData(spec("t2"), images))  # a ti concept takes the pivotal slot: its adapter goes
+    assert trainer.adapters.parameters("slot0") == [] and trainer.lora_groups[0]["params"] == []
+
+
+def test_routing_sends_each_sample_through_its_own_adapter_only(tiny_models):
+    model = load_base_model(str(tiny_models["sd1"]))
+    unet = model.unet
+    g = torch.Generator().manual_seed(0)
+    x, h = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 77, 32, generator=g)
+    t = torch.tensor([100, 500, 900])
+    base = unet(x, t, h).sample
+    adapters = Adapters.of(unet)
+    for name, seed in (("slot0", 1), ("slot1", 2)):
+        with torch.no_grad():
+            for p in adapters.add(name, 4, ("to_q", "to_v"), seed=seed):
+                p.normal_(generator=g)  # B too, so each adapter really changes its samples
+    torch.testing.assert_close(unet(x, t, h).sample, base, rtol=0, atol=0)  # no routing: base weights alone
+    with adapters.routed(["slot0", BASE, "slot1"]):
+        mixed = unet(x, t, h).sample
+    with adapters.routed(["slot1"] * 3):
+        ones = unet(x, t, h).sample
+    with adapters.routed(["slot0"] * 3):
+        zeros = unet(x, t, h).sample
+    torch.testing.assert_close(mixed[1], base[1], rtol=0, atol=0)
+    torch.testing.assert_close(mixed[0], zeros[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[2], ones[2], rtol=1e-5, atol=1e-5)
+    assert (zeros[0] - base[0]).abs().max() > 1e-3 and (ones[2] - zeros[2]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="routes"), adapters.routed(["slot0"]):
+        unet(x, t, h)

@@ -1,0 +1,87 @@
+"""LoRA files load in diffusers unchanged (both layouts), and then draw what tinv's trained model draws."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tinv.config import ConceptSpec, TrainConfig
+from tinv.formats import DIFFUSERS_NAME, embedding_files
+from tinv.lora_files import LORA_NAME, kohya_name, lora_files
+from tinv.models import load_base_model
+from tinv.samples import SampleRequest, sample
+from tinv.train import ConceptData, train_concepts
+
+PROMPT = "a photo of a {} on a table"
+
+
+def trained_concepts(model, images):
+    specs = [ConceptSpec("piv", ("x",), initializer_token="toy", method="pivotal", lora_rank=2),
+             ConceptSpec("sks", ("x",), placeholder_token="sks", method="lora")]
+    cfg = TrainConfig(steps=8, concepts_per_actor=2, batch_size=2, learning_rate=0.05, lora_learning_rate=0.05)
+    return {t.spec.concept_id: t for t in train_concepts(model, [ConceptData(s, images) for s in specs], cfg)}
+
+
+def theirs(model_dir, folder, t, file: str | None, steps: int = 3) -> np.ndarray:
+    """What a diffusers user draws with the concept's files: the embedding (pivotal), then the LoRA."""
+    pipe = DiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    token = t.spec.placeholder_token
+    if t.vectors is not None:
+        state = load_file(folder / DIFFUSERS_NAME)
+        if len(t.vectors) == 1:
+            pipe.load_textual_inversion(state)
+        else:
+            for key, tok, enc in (("clip_l", pipe.tokenizer, pipe.text_encoder),
+                                  ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
+                pipe.load_textual_inversion(state[key], token=token, tokenizer=tok, text_encoder=enc)
+    if file == LORA_NAME:
+        pipe.load_lora_weights(str(folder))
+    elif file is not None:  # diffusers wants every key to be a LoRA's: a bundled embedding is A1111's to read
+        pipe.load_lora_weights({k: v for k, v in load_file(folder / file).items() if not k.startswith("bundle_emb.")})
+    image = pipe(PROMPT.format(token), num_inference_steps=steps, guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(7)).images[0]
+    return (image * 255).round()
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_draws(tiny_models, images, tmp_path,
+                                                                                   kind):
+    model = load_base_model(str(tiny_models[kind]))
+    for cid, t in trained_concepts(model, images).items():
+        folder = tmp_path / cid
+        folder.mkdir()
+        files = lora_files(cid, t.spec.placeholder_token, t.spec.method, t.lora_rank, t.lora, t.vectors,
+                           {"base_model_fingerprint": "fp"})
+        if t.vectors is not None:
+            files |= embedding_files(cid, t.spec.placeholder_token, t.vectors, {})
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        with safe_open(folder / kohya_name(cid), "pt") as f:
+            meta, keys = f.metadata(), list(f.keys())
+        assert meta["method"] == t.spec.method and meta["lora_rank"] == str(t.lora_rank)
+        assert meta["base_model_fingerprint"] == "fp" and meta["token"] == t.spec.placeholder_token
+        assert keys and all(k.startswith(("lora_unet_", "bundle_emb.")) for k in keys)
+        assert any(k.endswith(".alpha") for k in keys) and any(".lora_down." in k for k in keys)
+        bundled = [k for k in keys if k.startswith("bundle_emb.")]
+        if t.vectors is None:
+            assert bundled == []
+        else:  # AUTOMATIC1111's bundled embedding: the token's vectors under its name
+            keys = ["string_to_param.*"] if kind == "sd1" else ["clip_l", "clip_g"]
+            state = load_file(folder / kohya_name(cid))
+            for key, vectors in zip(keys, t.vectors):
+                assert torch.equal(state[f"bundle_emb.<piv>.{key}"], vectors)
+            assert len(bundled) == len(keys)
+
+        ours = sample(model, [t.vectors], [SampleRequest(0, PROMPT, 7)], steps=3, guidance=5.0,
+                      words=[t.spec.placeholder_token], loras=[t.lora])[0].astype(float)
+        base = theirs(tiny_models[kind], folder, t, None)
+        assert np.abs(ours - base).max() > 8, cid  # the LoRA changes the drawing
+        for file in (LORA_NAME, kohya_name(cid)):
+            drawn = theirs(tiny_models[kind], folder, t, file)
+            assert np.abs(drawn - ours).max() <= 2, (cid, file)

@@ -1,0 +1,77 @@
+"""A concept on its way through the trainer: its data going in, what training made of it coming out."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tinv.config import ConceptSpec, Resolved
+from tinv.errors import ConceptError
+
+
+@dataclass
+class ConceptData:
+    """A concept ready to train: its spec and decoded images ``(N, 3, H, W)`` in [-1, 1]."""
+
+    spec: ConceptSpec
+    images: torch.Tensor
+    class_images: torch.Tensor | None = None
+    """Prior preservation: the base model's pictures of its ``class_prompt``, ``(M, 3, H, W)``."""
+
+
+@dataclass
+class TrainedConcept:
+    """What training a concept produced (``vectors`` is None when ``failure`` says why)."""
+
+    spec: ConceptSpec
+    vectors: list[torch.Tensor] | None
+    """Per text encoder, ``(num_vectors, dim)`` fp32 on CPU; None for a ``lora`` concept (no new token)."""
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    failure: ConceptError | None = None
+    lora: dict[str, torch.Tensor] | None = None
+    """``lora`` / ``pivotal``: the UNet adapter in peft's naming (``…to_q.lora_A.weight``), fp32 on CPU."""
+    lora_rank: int | None = None
+
+    @property
+    def error(self) -> str | None:
+        return None if self.failure is None else str(self.failure)
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last tenth of the steps (NaN if none)."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return sum(tail) / len(tail) if tail else math.nan
+
+
+@dataclass
+class Slot:
+    """A trainer slot's concept: its settings, random stream, cached latents and prompts, and progress."""
+
+    settings: Resolved
+    """The concept's spec with the run's defaults filled in (steps, seed, flip, batch, timesteps)."""
+    generator: torch.Generator
+    latents: tuple[torch.Tensor, torch.Tensor]
+    """Latent mean and std, ``(2N, C, h, w)``: the N images, then their flips."""
+    prompt_ids: list[torch.Tensor]
+    """Per text encoder, ``(n_prompts, T)`` token ids of every template, or of every image's caption."""
+    loss_scale: float = 1.0
+    """fp16 only: this slot's dynamic loss scale (grows after a run of good steps, halves on overflow)."""
+    good_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    fixed_batch_losses: list[float] = field(default_factory=list)
+    """Fixed-batch losses every ``dvar_every`` steps (early stopping only)."""
+    started: float = field(default_factory=time.perf_counter)
+    adapter: str | None = None
+    """Its LoRA adapter's name on the UNet (``lora`` / ``pivotal``)."""
+    class_latents: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Prior preservation: its class pictures' latent mean and std, as ``latents``."""
+    class_ids: list[torch.Tensor] | None = None
+    """Per text encoder, ``(1, T)``: the class prompt."""
+
+    @property
+    def spec(self) -> ConceptSpec:
+        return self.settings.spec

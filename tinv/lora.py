@@ -1,0 +1,113 @@
+"""Per-concept LoRA adapters on the UNet, through peft, with every sample routed to its own concept's.
+
+DreamBooth (Ruiz et al. 2022, arXiv 2208.12242) fine-tunes the denoiser on a subject's pictures bound to a
+rare token; its bulk-practical form trains low-rank adapters (LoRA, Hu et al. 2021, arXiv 2106.09685) in
+place of the weights, and pivotal tuning trains a new token's vectors and a LoRA together. Here each
+trainer slot owns one peft adapter (``slot{s}``) on the UNet's attention projections. A forward pre-hook
+on every LoRA layer hands it the adapter name of each sample in the batch (peft's mixed-batch forward),
+so a packed batch sends each sample through its own concept's adapter and no other; samples of other
+concepts (Textual Inversion) go through the base weights alone (``__base__``), also outside any routing.
+The base weights are never touched: peft wraps each targeted layer and only the adapters train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+BASE = "__base__"
+"""peft's name for "no adapter" in a mixed batch."""
+DEFAULT_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+"""The UNet's attention projections: the targets of diffusers' ``train_dreambooth_lora.py``."""
+
+
+class Adapters:
+    """The LoRA adapters of one UNet, one per trainer slot, and the routing of samples to them."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        """Use :meth:`of`: one UNet has one router (a second one's hooks would override the first's routes)."""
+        self.unet = unet
+        self.routes: list[str] | None = None
+        self._hooked: set[int] = set()
+
+    @classmethod
+    def of(cls, unet: nn.Module) -> Adapters:
+        """The adapters of ``unet``, made on first use."""
+        if getattr(unet, "_tinv_adapters", None) is None:
+            unet._tinv_adapters = cls(unet)
+        return unet._tinv_adapters
+
+    def layers(self) -> list[LoraLayer]:
+        return [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+
+    def add(self, name: str, rank: int, targets: Sequence[str], seed: int, alpha: float | None = None
+            ) -> list[nn.Parameter]:
+        """A fresh adapter ``name`` of ``rank`` (alpha = rank unless given, so its scale is 1) on ``targets``,
+        replacing any adapter of that name; initialised from ``seed`` alone (A Gaussian, B zero: it starts
+        as no change), so a concept starts the same in whichever slot it lands. Returns its parameters (fp32)."""
+        self.remove(name)
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets),
+                            init_lora_weights="gaussian")
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Already found a `peft_config`")  # one adapter per slot, by design
+            torch.manual_seed(seed)
+            inject_adapter_in_model(config, self.unet, adapter_name=name)
+        for layer in self.layers():
+            if id(layer) not in self._hooked:
+                layer.register_forward_pre_hook(self._route, with_kwargs=True)
+                self._hooked.add(id(layer))
+        params = self.parameters(name)
+        for p in params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
+
+    def load(self, name: str, state: dict[str, torch.Tensor], alpha: float | None = None) -> None:
+        """Adapter ``name`` holding ``state`` (peft naming, as :meth:`state_dict` gives), on the modules it
+        names; ``alpha`` None means alpha = rank (a scale of 1)."""
+        ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
+        if len(ranks) != 1:
+            raise ValueError(f"a LoRA state of one rank expected, got ranks {sorted(ranks)}")
+        targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+        self.add(name, ranks.pop(), targets, seed=0, alpha=alpha)
+        set_peft_model_state_dict(self.unet, state, adapter_name=name)
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """Adapter ``name``'s trainable tensors, in a fixed order."""
+        return [p for layer in self.layers() if name in layer.lora_A
+                for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+
+    def remove(self, name: str) -> None:
+        for layer in self.layers():
+            if name in layer.lora_A:
+                layer.delete_adapter(name)
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s weights in peft's naming (``…to_q.lora_A.weight``), fp32 copies on the CPU."""
+        state = get_peft_model_state_dict(self.unet, adapter_name=name)
+        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+
+    @contextlib.contextmanager
+    def routed(self, names: list[str]) -> Iterator[None]:
+        """Inside, sample ``i`` of every batch goes through adapter ``names[i]`` (or :data:`BASE`)."""
+        previous, self.routes = self.routes, names
+        try:
+            yield
+        finally:
+            self.routes = previous
+
+    def _route(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A batch twice the routes' length is classifier-free guidance's (unconditional, then conditional
+        halves, as diffusers' pipelines stack them): both halves of a sample take its adapter."""
+        batch, routes = len(args[0]), self.routes
+        if routes is not None and batch == 2 * len(routes):
+            routes = routes * 2
+        if routes is not None and len(routes) != batch:
+            raise ValueError(f"{len(routes)} routes for a batch of {batch} at a LoRA layer")
+        return args, {**kwargs, "adapter_names": routes or [BASE] * batch}
