@@ -36,6 +36,12 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
         assert rows["tinv-k4"]["samples_per_step"] == 4 * rows["tinv"]["samples_per_step"]
         # the VAE encode per step is real work: the recipe counts more FLOPs per sample than its cached twin
         assert rows["recipe"]["flops_per_sample"] > rows["latent-cache"]["flops_per_sample"]
+    for section in ("methods_toy", "methods_sd15"):  # every method at K=1 and K=4, each concept its own adapter
+        rows = {v["variant"]: v for v in r[section]["variants"]}
+        assert {"tinv", "tinv-k4", "lora", "lora-k4", "pivotal", "pivotal-k4"} <= rows.keys()
+        assert all(v["samples_per_s"] > 0 for v in rows.values())
+        assert rows["lora-k4"]["samples_per_step"] == 4 * rows["lora"]["samples_per_step"]
+        assert rows["lora"]["flops_per_sample"] > rows["tinv"]["flops_per_sample"]  # the adapters are counted
     g = r["generate"]
     assert g["batched"]["images_per_s"] > 0 and g["per_concept"]["images_per_s"] > 0
     d = r["driver"]["runs"][0]

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SECTION_KEYS = ("matmul", "train", "toy_train", "generate", "schedule", "driver", "writes", "fingerprint", "projection")
+SECTION_KEYS = ("matmul", "train", "toy_train", "methods_toy", "methods_sd15", "generate", "schedule", "driver",
+                "writes", "fingerprint", "projection")
 STAMP = ("command", "started", "threads")
 """What :func:`save` adds to each section it records."""
 
@@ -82,7 +83,8 @@ def sections(result: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if "matmul" in result:
         lines += matmul_line(result["matmul"])
-    trains = [k for k in result if k == "train" or k.startswith("train_")] + ["toy_train"]
+    trains = [k for k in result if k == "train" or k.startswith("train_")]
+    trains += ["toy_train", "methods_toy", "methods_sd15"]
     for key in trains:
         if key in result:
             lines += train_table(result[key])

@@ -17,13 +17,18 @@ from tinv.train import ConceptData, PackedTrainer
 
 VARIANTS = ["recipe", "latent-cache", "tinv", "tinv-k4", "channels-last", "compile", "threads-1", "bf16", "bf16-unet",
             "fp16", "fp16-unet", "checkpointing", "xformers"]
+METHOD_VARIANTS = ["tinv", "tinv-k4", "lora", "lora-k4", "pivotal", "pivotal-k4", "bf16-unet", "lora-bf16-unet",
+                   "pivotal-bf16-unet"]
+"""The methods section: each method at K=1 and K=4 (a packed batch of K concepts, each its own adapter)."""
 
 
-def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int, steps: int) -> PackedTrainer:
+def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int, steps: int,
+                 method: str = "ti") -> PackedTrainer:
     cfg = TrainConfig(steps=steps, concepts_per_actor=k, batch_size=RECIPE["batch_size"], resolution=resolution)
     trainer = PackedTrainer(model, cfg)
     for s in range(k):
-        spec = ConceptSpec(f"bench{s}", ("bench:0",), placeholder_token=f"<bench{s}>")
+        token = f"<bench{s}>" if method != "lora" else f"bench{s}"
+        spec = ConceptSpec(f"bench{s}", ("bench:0",), placeholder_token=token, method=method, seed=s)
         trainer.admit(s, ConceptData(spec, images))
     return trainer
 
@@ -96,6 +101,20 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
                 out.append(Variant(variant, f"tinv K=1, {what} (vectors and AdamW fp32)", one.step, b, tinv_n,
                                    enter=switch(model, modules, half), leave=switch(model, modules, torch.float32),
                                    flops_from="tinv", dtype=name))
+    for method in ("lora", "pivotal"):  # DreamBooth-LoRA and pivotal tuning, rank 4 on the attention projections
+        what = {"lora": "LoRA on the UNet's attention, no new token", "pivotal": "new token + LoRA"}[method]
+        if want(method) or want(f"{method}-bf16-unet"):
+            alone = tinv_trainer(model, images, 1, resolution, tinv_steps, method)
+            if want(method):
+                out.append(Variant(method, f"{method}, K=1: {what}", alone.step, b, tinv_n))
+            if want(f"{method}-bf16-unet") and torch.bfloat16 in native_half(model.device):
+                out.append(Variant(f"{method}-bf16-unet", f"{method}, K=1, frozen UNet in bf16 (LoRA and AdamW fp32)",
+                                   alone.step, b, tinv_n, enter=switch(model, [unet], torch.bfloat16),
+                                   leave=switch(model, [unet], torch.float32), flops_from=method, dtype="bf16"))
+        if want(f"{method}-k4"):
+            packed = tinv_trainer(model, images, 4, resolution, tinv_steps, method)
+            out.append(Variant(f"{method}-k4", f"{method}, K=4 packed, each sample through its own adapter",
+                               packed.step, 4 * b, tinv_n))
     if want("checkpointing"):
         out.append(Variant("checkpointing", "tinv K=1, gradient checkpointing in the UNet and text encoder",
                            one.step, b, tinv_n, enter=lambda: checkpointing(model, True),
