@@ -46,14 +46,12 @@ class Adapters:
     def layers(self) -> list[LoraLayer]:
         return [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
 
-    def add(self, name: str, rank: int, targets: Sequence[str], seed: int, alpha: float | None = None
-            ) -> list[nn.Parameter]:
-        """A fresh adapter ``name`` of ``rank`` (alpha = rank unless given, so its scale is 1) on ``targets``,
-        replacing any adapter of that name; initialised from ``seed`` alone (A Gaussian, B zero: it starts
-        as no change), so a concept starts the same in whichever slot it lands. Returns its parameters (fp32)."""
+    def add(self, name: str, rank: int, targets: Sequence[str], seed: int) -> list[nn.Parameter]:
+        """A fresh adapter ``name`` of ``rank`` (alpha = rank, so its scale is 1) on ``targets``, replacing
+        any adapter of that name; initialised from ``seed`` alone (A Gaussian, B zero: it starts as no
+        change), so a concept starts the same in whichever slot it lands. Returns its parameters (fp32)."""
         self.remove(name)
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets),
-                            init_lora_weights="gaussian")
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights="gaussian")
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Already found a `peft_config`")  # one adapter per slot, by design
             torch.manual_seed(seed)
@@ -68,14 +66,14 @@ class Adapters:
             p.requires_grad_(True)
         return params
 
-    def load(self, name: str, state: dict[str, torch.Tensor], alpha: float | None = None) -> None:
-        """Adapter ``name`` holding ``state`` (peft naming, as :meth:`state_dict` gives), on the modules it
-        names; ``alpha`` None means alpha = rank (a scale of 1)."""
+    def load(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Adapter ``name`` holding ``state`` (peft naming, as :meth:`state_dict` gives, scaled to alpha = rank
+        as :func:`tinv.lora_files.read_lora` gives a file's), on the modules it names."""
         ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
         if len(ranks) != 1:
             raise ValueError(f"a LoRA state of one rank expected, got ranks {sorted(ranks)}")
         targets = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-        self.add(name, ranks.pop(), targets, seed=0, alpha=alpha)
+        self.add(name, ranks.pop(), targets, seed=0)
         set_peft_model_state_dict(self.unet, state, adapter_name=name)
 
     def parameters(self, name: str) -> list[nn.Parameter]:
