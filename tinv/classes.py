@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from tinv import storage
 from tinv.config import TrainConfig
+from tinv.evaluate import png_bytes_of
 from tinv.images import load_images
 from tinv.models import BaseModel
-from tinv.samples import SampleRequest, png_bytes, sample
+from tinv.samples import SampleRequest, pipeline, sample
 
 MARKER = "class.json"
 CLASS_SCHEDULER = "dpm++"
@@ -93,13 +93,13 @@ def generate(
     # a class prompt holds no braces (the manifest refuses them), so it formats to itself
     requests = [SampleRequest(c, cls.prompt, i) for c, cls in enumerate(sets) for i in range(cls.count)]
     images = sample(model, [None] * len(sets), requests, steps=steps, guidance=guidance, batch_size=batch_size,
-                    words=[""] * len(sets))
+                    pipe=pipeline(model, CLASS_SCHEDULER), words=[""] * len(sets))
     start = 0
     for cls in sets:
         mine: np.ndarray = images[start : start + cls.count]
         start += cls.count
         for uri, image in zip(cls.uris(output), mine):
-            storage.write_bytes(uri, png_bytes(Image.fromarray(image)), storage_options)
+            storage.write_bytes(uri, png_bytes_of(image), storage_options)
         marker = {"key": cls.key, **asdict(cls), "scheduler": CLASS_SCHEDULER}
         storage.write_bytes(storage.join(cls.folder(output), MARKER), json.dumps(marker, indent=2).encode(),
                             storage_options)

@@ -11,13 +11,14 @@ DIFFUSERS_NAME = "learned_embeds.safetensors"
 SDXL_KEYS = ("clip_l", "clip_g")
 
 
-def _tensors(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+def cpu_fp32(vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached fp32 copies on the CPU, contiguous (as safetensors writes them)."""
     return [v.detach().to("cpu", torch.float32).contiguous().clone() for v in vectors]
 
 
 def diffusers_embedding(token: str, vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """SD: ``{token: (n, D)}``. SDXL: ``{"clip_l": (n, 768), "clip_g": (n, 1280)}``."""
-    tensors = _tensors(vectors)
+    tensors = cpu_fp32(vectors)
     if len(tensors) == 1:
         return {token: tensors[0]}
     return dict(zip(SDXL_KEYS, tensors))
@@ -25,7 +26,7 @@ def diffusers_embedding(token: str, vectors: list[torch.Tensor]) -> dict[str, to
 
 def a1111_embedding(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """A1111 ``.safetensors`` layout: SD ``{"emb_params": (n, D)}``; SDXL the clip_l/clip_g pair."""
-    tensors = _tensors(vectors)
+    tensors = cpu_fp32(vectors)
     if len(tensors) == 1:
         return {"emb_params": tensors[0]}
     return dict(zip(SDXL_KEYS, tensors))

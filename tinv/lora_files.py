@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, convert_unet_state_dict_to_peft
 from safetensors.torch import load as load_safetensors
 
-from tinv.formats import SDXL_KEYS, to_bytes
+from tinv.formats import SDXL_KEYS, cpu_fp32, to_bytes
 
 LORA_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' file name for a pipeline's LoRA (``load_lora_weights(folder)`` finds it)."""
@@ -43,7 +43,7 @@ def kohya_lora(
     if vectors is not None:
         if "." in token:
             raise ValueError(f"a bundled embedding's token cannot hold a '.' (AUTOMATIC1111 splits on it): {token!r}")
-        tensors = [v.detach().to("cpu", torch.float32).contiguous() for v in vectors]
+        tensors = cpu_fp32(vectors)
         keys = ["string_to_param.*"] if len(tensors) == 1 else list(SDXL_KEYS)
         out |= {f"bundle_emb.{token}.{k}": v for k, v in zip(keys, tensors)}
     return out
@@ -65,7 +65,7 @@ def lora_files(
 
 @dataclass
 class LoraFile:
-    """A LoRA file read back: the UNet adapter in peft's naming, its alpha, and a bundled embedding if any."""
+    """A LoRA file read back: the UNet adapter in peft's naming, and a bundled embedding if any."""
 
     state: dict[str, torch.Tensor]
     """Scaled to alpha = rank: a kohya file's ``alpha / rank`` is folded into its ``lora_B`` weights."""
@@ -106,4 +106,4 @@ def read_lora(data: bytes) -> LoraFile:
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    return dict(zip(state, cpu_fp32(list(state.values()))))
