@@ -148,7 +148,7 @@ class TrainerWorker:
                 images = load_images(spec.concept_id, spec.images, self.resolution, self.setup.storage_options)
                 if self.evaluator.needs_training_pictures:
                     self.images[spec.concept_id] = images
-                yield ConceptData(spec, images, self._class_pictures(spec))
+                yield ConceptData(spec, images, *self._class_pictures(spec))
             except ConceptDataError as e:
                 yield TrainedConcept(spec, None, failure=e)
             except OSError as e:  # storage still failing after its own retries: worth another attempt
@@ -158,14 +158,18 @@ class TrainerWorker:
             except queue.Empty:
                 entry = None
 
-    def _class_pictures(self, spec: ConceptSpec) -> torch.Tensor | None:
-        """Prior preservation: the class pictures the driver had drawn before training began."""
-        if not spec.class_prompt:
-            return None
-        cls = classes.class_set(spec.class_prompt, self.cfg, worker_info(self.model, self.resolution, self.name))
-        if not classes.is_done(self.setup.output, cls, self.setup.storage_options):
-            raise ConceptDataError(spec.concept_id, f"no class pictures of {spec.class_prompt!r} were drawn")
-        return classes.load(self.setup.output, cls, self.resolution, self.setup.storage_options)
+    def _class_pictures(self, spec: ConceptSpec) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+        """Prior preservation: the class pictures the driver had drawn before training began, of every class
+        prompt, and each one's prompt."""
+        if not spec.class_prompts:
+            return None, ()
+        info = worker_info(self.model, self.resolution, self.name)
+        sets = [classes.class_set(p, self.cfg, info) for p in spec.class_prompts]
+        for cls in sets:
+            if not classes.is_done(self.setup.output, cls, self.setup.storage_options):
+                raise ConceptDataError(spec.concept_id, f"no class pictures of {cls.prompt!r} were drawn")
+        pictures = [classes.load(self.setup.output, cls, self.resolution, self.setup.storage_options) for cls in sets]
+        return torch.cat(pictures), tuple(cls.prompt for cls, p in zip(sets, pictures) for _ in range(len(p)))
 
     def draw_classes(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Draw class sets ``{"spec": ClassSet fields, "attempt"}`` with the base model, in batches across

@@ -134,8 +134,8 @@ def draw_classes(
     drawing failed fail with its reason; the rest train. Returns the tasks left, those failures, counts."""
     wanted: dict[str, tuple[classes.ClassSet, list[Task]]] = {}
     for task in todo:
-        if task.spec.class_prompt:
-            cls = classes.class_set(task.spec.class_prompt, cfg, model)
+        for prompt in task.spec.class_prompts:
+            cls = classes.class_set(prompt, cfg, model)
             wanted.setdefault(cls.key, (cls, []))[1].append(task)
     missing = [cls for cls, _ in wanted.values() if not classes.is_done(output, cls, storage_options)]
     log.info("class pictures: %d classes wanted, %d to draw", len(wanted), len(missing))

@@ -49,6 +49,9 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
     s = r["schedule"]
     assert {c["schedule"] for c in s["curves"]} == {"recipe", "tinv"}
     assert all(len(c["fidelity"]) == len(c["steps"]) == 2 for c in s["curves"])
+    m = r["schedule_methods"]  # every method's curve over the same concepts and checkpoints
+    assert {c["schedule"] for c in m["curves"]} == {"ti", "lora", "pivotal"}
+    assert all(c["steps"] == m["checkpoints"] for c in m["curves"]) and len(m["curves"]) == 3 * 2
     assert r["writes"]["ratio_slow_to_fast"] > 0 and len(r["writes"]["runs"]) == 2
     assert r["fingerprint"]["folder_gb"] > 0 and r["fingerprint"]["cold_s"] > 0
     # the recorded file (every section stamped with its command) renders exactly what the run printed

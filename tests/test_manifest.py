@@ -73,18 +73,33 @@ def test_bad_method_columns_are_refused_with_the_other_schema_errors(tmp_path):
         {"concept_id": "w", "images": ["a.png"], "method": "pivotal", "class_prompt": "a dog",
          "prior_loss_weight": -1.0},
         {"concept_id": "b", "images": ["a.png"], "method": "lora", "class_prompt": "a {} dog"},
+        {"concept_id": "t", "images": ["a.png"], "method": "lora", "placeholder_token": "sks {} dog"},
+        {"concept_id": "p", "images": ["a.png"], "method": "pivotal", "placeholder_token": "sks dog"},
+        {"concept_id": "d", "images": ["a.png"], "method": "lora", "placeholder_token": "sks dog"},  # DreamBooth's
         {"concept_id": "ok", "images": ["a.png"], "method": "pivotal", "lora_rank": 8, "class_prompt": "a dog",
          "prior_loss_weight": 0.5},
     ]
     found = problems_of(rows)
     expect = {1: "method must be one of", 2: "lora_rank must be in 1..1024", 3: "class_prompt needs method lora",
-              4: "prior_loss_weight must be >= 0", 5: "class_prompt must be plain text"}
+              4: "prior_loss_weight must be >= 0", 5: "class_prompt must be plain text",
+              6: "a lora concept's placeholder_token is plain text", 7: "placeholder_token must be one word"}
     for row, text in expect.items():
         assert any(p.startswith(f"row {row} ") and text in p for p in found), (row, text, found)
-    assert not any(p.startswith(("row 0 ", "row 6 ")) for p in found)
+    assert not any(p.startswith(("row 0 ", "row 8 ", "row 9 ")) for p in found)
     write_manifest([rows[-1]], str(tmp_path / "m.parquet"))
     (ok,) = read_manifest(str(tmp_path / "m.parquet"))
     assert (ok.method, ok.lora_rank, ok.class_prompt, ok.prior_loss_weight) == ("pivotal", 8, "a dog", 0.5)
+
+
+def test_class_prompt_may_be_a_list_of_prompts(tmp_path):
+    rows = [{"concept_id": "both", "images": ["a.png"], "method": "lora", "class_prompt": ["a dog", "a cat"]},
+            {"concept_id": "one", "images": ["a.png"], "method": "pivotal", "class_prompt": ["a dog"]},
+            {"concept_id": "none", "images": ["a.png"]}]
+    write_manifest(rows, str(tmp_path / "m.parquet"))
+    both, one, none = read_manifest(str(tmp_path / "m.parquet"))
+    assert (both.class_prompt, one.class_prompt, none.class_prompts) == (("a dog", "a cat"), "a dog", ())
+    found = problems_of([{"concept_id": "x", "images": ["a.png"], "method": "lora", "class_prompt": ["a", "a"]}])
+    assert any("class_prompt holds a prompt twice" in p for p in found)
 
 
 def test_wrong_column_types_and_unknown_columns_are_named():

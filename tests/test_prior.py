@@ -95,6 +95,36 @@ def test_a_prior_concept_without_its_class_pictures_fails_alone(tiny_models, ima
     assert by_id["b"].error is None and "class pictures" in by_id["a"].error
 
 
+def test_several_class_prompts_each_train_their_own_pictures_under_their_own_prompt(tiny_models, images):
+    model = load_base_model(str(tiny_models["sd1"]))
+    prompts = ("a photo of a dog", "a photo of a house")
+    dogs, houses = (class_pictures(model, p, 2) for p in prompts)
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1, batch_size=16))
+    trainer.admit(0, ConceptData(spec("c", class_prompt=prompts), images, torch.cat([dogs, houses]),
+                                 (prompts[0],) * 2 + (prompts[1],) * 2))
+    slot = trainer.slots[0]
+    mean, std = slot.class_latents
+    slot.class_latents = (mean, torch.zeros_like(std))  # no posterior noise: a row is its picture's latent mean
+    latents, _, _, ids, n = trainer._draw(slot, torch.Generator().manual_seed(0), 16)
+    dog_ids, house_ids = (trainer._tokenize(model.tokenizers[0], [p]) for p in prompts)
+    rows, class_ids = latents[n:] / model.vae.config.scaling_factor, ids[0][n:]
+    is_dog, is_house = ((class_ids == t).all(dim=1) for t in (dog_ids, house_ids))
+    assert (is_dog | is_house).all() and is_dog.any() and is_house.any()  # every class row under one of them
+    picture = [next(i for i, m in enumerate(mean) if torch.allclose(m, row)) % 4 for row in rows]  # 4: then flips
+    assert [p < 2 for p in picture] == is_dog.tolist()  # and each row's picture is its own prompt's
+    with pytest.raises(ValueError, match="one prompt each"):  # several prompts need each picture's own
+        trainer.admit(0, ConceptData(spec("c", class_prompt=prompts), images, torch.cat([dogs, houses])))
+
+
+def test_a_list_of_one_class_prompt_is_that_prompt_and_lists_are_checked():
+    assert spec("x", class_prompt=["a dog"]) == spec("x", class_prompt="a dog")
+    assert spec("x", class_prompt=["a dog", "a cat"]).class_prompts == ("a dog", "a cat")
+    assert spec("x").class_prompts == ()
+    for bad in (["a dog", "a dog"], ["a dog", ""], ["a {} dog", "a cat"]):
+        with pytest.raises(ValueError, match="class_prompt"):
+            spec("x", class_prompt=bad)
+
+
 @pytest.mark.parametrize("bad,message", [
     ({"method": "ti", "class_prompt": "a dog"}, "class_prompt needs method lora or pivotal"),
     ({"class_prompt": "a {} dog"}, "class_prompt"),

@@ -19,11 +19,13 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from jobtools import REPO, TOY, concept_files, expected_files, run_driver, submit
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tinv.config import TrainConfig
 from tinv.demo import DEMO_MANIFEST, DEMO_STEPS, default_model
 from tinv.fingerprint import model_fingerprint
+from tinv.lora_files import LORA_NAME
 from tinv.manifest import read_manifest, write_manifest
 from tinv.models import SD_PARTS
 from tinv.samples import SampleConfig
@@ -202,12 +204,13 @@ def test_a_missing_model_is_invalid_input_by_its_type_not_a_lost_node(ray_cluste
 def test_class_pictures_are_drawn_once_per_class_shared_and_kept_for_later_runs(ray_cluster, tmp_path):
     shutil.copytree(REPO / "manifests" / "demo", tmp_path / "demo")
     pics = {c: [f"demo/{c}/{j}.png" for j in range(3)] for c in ("red-star", "teal-cross")}
-    rows = [{"concept_id": "star-a", "images": pics["red-star"], "method": "lora", "placeholder_token": "star",
-             "class_prompt": "a star"},
+    # a list<string> column: a list of one is that prompt; "cross" trains against both classes' pictures
+    rows = [{"concept_id": "star-a", "images": pics["red-star"], "method": "lora", "placeholder_token": "sks star",
+             "class_prompt": ["a star"]},
             {"concept_id": "star-b", "images": pics["red-star"], "method": "pivotal", "initializer_token": "star",
-             "class_prompt": "a star", "prior_loss_weight": 0.5},
+             "class_prompt": ["a star"], "prior_loss_weight": 0.5},
             {"concept_id": "cross", "images": pics["teal-cross"], "method": "pivotal", "initializer_token": "cross",
-             "class_prompt": "a cross"},
+             "class_prompt": ["a cross", "a star"]},
             {"concept_id": "plain", "images": pics["teal-cross"], "initializer_token": "cross"}]
     write_manifest(rows, str(tmp_path / "m.parquet"))
     out = tmp_path / "out"
@@ -221,6 +224,10 @@ def test_class_pictures_are_drawn_once_per_class_shared_and_kept_for_later_runs(
     markers = {json.loads((f / "class.json").read_text())["prompt"]: f for f in folders}
     assert set(markers) == {"a star", "a cross"} and all(len(list(f.glob("*.png"))) == 3 for f in folders)
     assert json.loads((out / "run.json").read_text())["classes"] == {"wanted": 2, "drawn": 2, "failed": 0}
+    for cid, prompts in (("star-a", ["a star"]), ("cross", ["a cross", "a star"])):  # named in the LoRA files
+        for name in (LORA_NAME, f"{cid}.safetensors"):
+            with safe_open(str(out / "concepts" / cid / name), "pt") as f:
+                assert json.loads(f.metadata()["class_prompt"]) == prompts
     before = {p: p.stat().st_mtime_ns for f in folders for p in f.iterdir()}
     # more steps: every concept is redone, against the class pictures already there
     proc = run_driver(ray_cluster, *args, "--steps", "7")

@@ -19,7 +19,9 @@ class ConceptData:
     spec: ConceptSpec
     images: torch.Tensor
     class_images: torch.Tensor | None = None
-    """Prior preservation: the base model's pictures of its ``class_prompt``, ``(M, 3, H, W)``."""
+    """Prior preservation: the base model's pictures of its class prompts, ``(M, 3, H, W)``."""
+    class_captions: tuple[str, ...] = ()
+    """Each class picture's prompt (one per picture); empty: every one under the spec's single class prompt."""
 
 
 @dataclass
@@ -70,7 +72,7 @@ class Slot:
     class_latents: tuple[torch.Tensor, torch.Tensor] | None = None
     """Prior preservation: its class pictures' latent mean and std, as ``latents``."""
     class_ids: list[torch.Tensor] | None = None
-    """Per text encoder, ``(1, T)``: the class prompt."""
+    """Per text encoder, ``(M, T)``: each class picture's prompt."""
 
     @property
     def spec(self) -> ConceptSpec:

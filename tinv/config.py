@@ -24,7 +24,8 @@ class ConceptSpec:
     images: tuple[str, ...]
     """Absolute image URIs (1..64)."""
     placeholder_token: str = ""
-    """The new word; default ``<concept_id>``. Must not already be in the vocabulary."""
+    """The new word (``ti``, ``pivotal``); default ``<concept_id>``. Must not already be in the vocabulary. For
+    ``lora`` plain text the tokenizer reads as it is, one or more words (``sks dog``)."""
     initializer_token: str = ""
     """A single-token word whose embedding seeds every vector; default by property."""
     learnable_property: str = "object"
@@ -47,12 +48,15 @@ class ConceptSpec:
     names (the content under a style) stays with its words and out of the new one. Empty: templates."""
     method: str = "ti"
     """``ti``, ``lora`` or ``pivotal`` (:data:`METHODS`). For ``lora`` the token is not a new word: the
-    tokenizer reads it as ordinary text (pick a rare one, DreamBooth's ``sks``), and only the adapter learns."""
+    tokenizer reads it as ordinary text, and may be several words: DreamBooth's rare identifier and the class
+    noun, ``sks dog``, which the prompts ``{}`` then carry (``a photo of a {}``); only the adapter learns."""
     lora_rank: int | None = None
     """LoRA rank (``lora``, ``pivotal``); ``None`` takes the run's default."""
-    class_prompt: str = ""
+    class_prompt: str | tuple[str, ...] = ""
     """Turns DreamBooth's prior preservation on (``lora``, ``pivotal``): the bare class prompt, e.g. ``a photo
-    of a dog``, whose pictures the base model draws once per run and class."""
+    of a dog``, whose pictures the base model draws once per run and class; or several (a list), each drawn
+    once and shared the same way, every class picture trained under its own prompt (kohya's captioned
+    regularization images): a style's subjects, ``a dog``, ``a house``. A list of one is that one string."""
     prior_loss_weight: float | None = None
     """Weight of the class pictures' loss beside the concept's own; ``None`` takes the run's default."""
 
@@ -60,6 +64,9 @@ class ConceptSpec:
         errors = self.problems()
         if errors:
             raise ValueError(f"concept {self.concept_id!r}: " + "; ".join(errors))
+        if not isinstance(self.class_prompt, str):  # a list of one is its string: the same concept, hashed the same
+            prompts = tuple(self.class_prompt)
+            object.__setattr__(self, "class_prompt", prompts[0] if len(prompts) == 1 else prompts)
         if not self.placeholder_token:
             object.__setattr__(self, "placeholder_token", f"<{self.concept_id}>")
         if not self.initializer_token:
@@ -78,16 +85,21 @@ class ConceptSpec:
             out.append(f"lora_rank must be in 1..1024, got {self.lora_rank}")
         if self.class_prompt and self.method == "ti":
             out.append("class_prompt needs method lora or pivotal (the class loss of a frozen model trains nothing)")
-        if not isinstance(self.class_prompt, str) or "{" in self.class_prompt or "}" in self.class_prompt:
+        prompts = self.class_prompts
+        if any(not isinstance(p, str) or not p.strip() or "{" in p or "}" in p for p in prompts):
             out.append(f"class_prompt must be plain text without braces (the bare class), got {self.class_prompt!r}")
+        elif len(set(prompts)) != len(prompts):
+            out.append(f"class_prompt holds a prompt twice: {self.class_prompt!r}")
         if self.prior_loss_weight is not None and not self.prior_loss_weight >= 0:
             out.append(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         if self.learnable_property not in PROPERTIES:
             out.append(f"learnable_property must be one of {PROPERTIES}, got {self.learnable_property!r}")
-        if self.placeholder_token and (
-            len(self.placeholder_token.split()) != 1 or self.placeholder_token != self.placeholder_token.strip()
-        ):
-            out.append(f"placeholder_token must be one word without spaces, got {self.placeholder_token!r}")
+        token = self.placeholder_token
+        if token and self.method == "lora" and (token != " ".join(token.split()) or "{" in token or "}" in token):
+            out.append(f"a lora concept's placeholder_token is plain text (DreamBooth's 'sks dog'), single-spaced "
+                       f"and without braces, got {token!r}")
+        elif token and self.method != "lora" and (len(token.split()) != 1 or token != token.strip()):
+            out.append(f"placeholder_token must be one word without spaces, got {token!r}")
         if self.initializer_token and len(self.initializer_token.split()) != 1:
             out.append(f"initializer_token must be one word, got {self.initializer_token!r}")
         if not 1 <= self.num_vectors <= 64:
@@ -105,6 +117,13 @@ class ConceptSpec:
         if any(not isinstance(c, str) or not c.count("{") == c.count("}") == c.count("{}") == 1 for c in self.captions):
             out.append("every caption must contain {} for the token exactly once, and no other brace")
         return out
+
+    @property
+    def class_prompts(self) -> tuple[str, ...]:
+        """Its class prompts: none without prior preservation, else one or more."""
+        if isinstance(self.class_prompt, str):
+            return (self.class_prompt,) if self.class_prompt else ()
+        return tuple(self.class_prompt)
 
     @property
     def tokens(self) -> list[str]:

@@ -42,7 +42,7 @@ COLUMNS: dict[str, tuple[str, tuple[Callable[[pa.DataType], bool], ...]]] = {
     "captions": ("list<string>", (_list_of_strings,)),
     "method": ("string", _STRING),
     "lora_rank": ("int", _INT),
-    "class_prompt": ("string", _STRING),
+    "class_prompt": ("string or list<string>", (*_STRING, _list_of_strings)),
     "prior_loss_weight": ("double", _FLOAT),
 }
 """Column → (type name for messages, predicates on the Arrow type)."""
@@ -113,6 +113,8 @@ def _row_spec(row: dict[str, Any], base_dir: str) -> tuple[ConceptSpec | None, l
     fields["images"] = tuple(storage.resolve(u, base_dir) for u in images)
     fields["eval_prompts"] = tuple(fields.get("eval_prompts", ()))
     fields["captions"] = tuple(fields.get("captions", ()))
+    if isinstance(fields.get("class_prompt"), list):
+        fields["class_prompt"] = tuple(fields["class_prompt"])
     try:
         return ConceptSpec(**fields), []
     except ValueError:  # ConceptSpec names every problem; take them one by one

@@ -120,14 +120,7 @@ def write_concept(
     if trained.vectors is None and trained.lora is None:
         raise ValueError(f"concept {trained.spec.concept_id!r} has nothing learned: {trained.error}")
     spec, folder = trained.spec, concept_dir(output, trained.spec.concept_id)
-    meta = {**model_info, "config_fingerprint": fingerprint}
-    files = {}
-    if trained.vectors is not None:
-        files |= embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, meta)
-    if trained.lora is not None:
-        files |= lora_files(spec.concept_id, spec.placeholder_token, spec.method, trained.lora_rank, trained.lora,
-                            trained.vectors, meta)
-    files |= extra_files or {}
+    files = learned_files(trained, {**model_info, "config_fingerprint": fingerprint}) | (extra_files or {})
     for name, data in files.items():
         storage.write_bytes(storage.join(folder, name), data, storage_options)
     record = {
@@ -156,6 +149,18 @@ def write_concept(
     data = json.dumps(record, indent=2, sort_keys=True).encode()
     storage.write_bytes(storage.join(folder, RESULT_NAME), data, storage_options)  # LAST: marks complete
     return record
+
+
+def learned_files(trained: TrainedConcept, metadata: dict[str, str]) -> dict[str, bytes]:
+    """File name → bytes of what a concept learned: its embedding files (a new token) and LoRA files."""
+    spec, files = trained.spec, {}
+    if trained.vectors is not None:
+        files |= embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, metadata)
+    if trained.lora is not None:
+        prompts = {"class_prompt": json.dumps(list(spec.class_prompts))} if spec.class_prompts else {}
+        files |= lora_files(spec.concept_id, spec.placeholder_token, spec.method, trained.lora_rank, trained.lora,
+                            trained.vectors, metadata | prompts)
+    return files
 
 
 def relative_uri(concept_id: str, name: str) -> str:

@@ -85,8 +85,13 @@ class PackedTrainer:
         if settings.prior_loss_weight is not None:
             if data.class_images is None:
                 raise ConceptDataError(spec.concept_id, f"no class pictures of {spec.class_prompt!r} were given")
+            one = spec.class_prompts[0] if len(spec.class_prompts) == 1 else None
+            captions = list(data.class_captions) or [one] * len(data.class_images)
+            if len(captions) != len(data.class_images) or None in captions:
+                raise ConceptDataError(spec.concept_id, f"{len(data.class_images)} class pictures need one prompt each "
+                                       f"of {spec.class_prompts}, got {len(data.class_captions)}")
             prior = {"class_latents": self._encode_latents(data.class_images),
-                     "class_ids": [self._tokenize(tok, [spec.class_prompt]) for tok in self.model.tokenizers]}
+                     "class_ids": [self._tokenize(tok, captions) for tok in self.model.tokenizers]}
         adapter = self._adapter(s, settings)
         generator = torch.Generator().manual_seed(settings.seed)
         self.slots[s] = Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.loss_scale, adapter=adapter,
@@ -155,7 +160,7 @@ class PackedTrainer:
         own = self._rows(slot, slot.latents, slot.prompt_ids, generator, n, bool(slot.spec.captions))
         if slot.class_latents is None:
             return (*own, n)
-        prior = self._rows(slot, slot.class_latents, slot.class_ids, generator, n, False)
+        prior = self._rows(slot, slot.class_latents, slot.class_ids, generator, n, True)  # each under its prompt
         ids = [torch.cat([a, b]) for a, b in zip(own[3], prior[3])]
         return (*(torch.cat([a, b]) for a, b in zip(own[:3], prior[:3])), ids, n)
 

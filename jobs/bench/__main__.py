@@ -19,11 +19,11 @@ from jobs.bench.generate import generation
 from jobs.bench.measure import HALF_NAMES, device_name, matmul_rate, measure, native_half, slug
 from jobs.bench.recipe import RECIPE
 from jobs.bench.report import markdown, save
-from jobs.bench.schedule import schedules
+from jobs.bench.schedule import method_schedules, schedules
 from jobs.bench.shapes import SD15_TEXT, SD15_UNET, SD15_VAE, SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE, sd_shaped
 from jobs.bench.training import METHOD_VARIANTS, VARIANTS, train_report, train_variants, why_not
 from jobs.bench.writes import slow_storage
-from tinv.config import TrainConfig
+from tinv.config import METHODS, TrainConfig
 from tinv.embedded import EMBEDDED_MODEL
 from tinv.models import load_base_model
 
@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="training resolution of the SD 1.5-shaped model (512 too)")
     p.add_argument("--reps", type=int, default=3, help="timed steps per variant (interleaved)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="SD 1.5 variants to time, comma-separated")
-    p.add_argument("--sections", default="toy,methods,generate,train,schedule,driver,writes,fingerprint,projection",
+    p.add_argument("--sections", default="toy,methods,generate,train,schedule,schedule_methods,driver,writes,"
+                                         "fingerprint,projection",
                    help="comma-separated; matmul is always measured")
     p.add_argument("--driver-concepts", default="1000,10000", help="concept counts for the driver section")
     p.add_argument("--tinv-steps", type=int, default=TrainConfig().steps, help="tinv's steps per concept")
@@ -127,6 +128,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "schedule" in sections:
         result["schedule"] = schedules(smoke)
         log("schedule", {k: v for k, v in result["schedule"].items() if k != "curves"})
+    if "schedule_methods" in sections:
+        result["schedule_methods"] = method_schedules(smoke)
+        log("schedule_methods", {m: result["schedule_methods"][m] for m in METHODS})
     if "driver" in sections:
         counts = [50] if smoke else [int(c) for c in args.driver_concepts.split(",")]
         result["driver"] = driver(counts)

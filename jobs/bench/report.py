@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SECTION_KEYS = ("matmul", "train", "toy_train", "methods_toy", "methods_sd15", "generate", "schedule", "driver",
-                "writes", "fingerprint", "projection")
+SECTION_KEYS = ("matmul", "train", "toy_train", "methods_toy", "methods_sd15", "generate", "schedule",
+                "schedule_methods", "driver", "writes", "fingerprint", "projection")
 STAMP = ("command", "started", "threads")
 """What :func:`save` adds to each section it records."""
 
@@ -73,6 +73,26 @@ def schedule_table(schedule: dict[str, Any]) -> list[str]:
     return lines
 
 
+def method_schedule_table(schedule: dict[str, Any]) -> list[str]:
+    """Samples to target per concept and method, and each method's mean fidelity by step."""
+    curves = {(c["concept"], c["schedule"]): c for c in schedule["curves"]}
+    methods = list(dict.fromkeys(c["schedule"] for c in schedule["curves"]))
+    last = schedule["checkpoints"][-1]
+    head = ["concept", "kind", "target", *(f"{m}: samples to target" for m in methods),
+            *(f"{m} @ {last}" for m in methods)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in dict.fromkeys(c["concept"] for c in schedule["curves"]):
+        row = [curves[name, m] for m in methods]
+        reach = [f"{c['samples_to_target']:,}" if c["samples_to_target"] is not None else "not reached" for c in row]
+        lines.append(f"| {name} | {row[0]['kind']} | {row[0]['target']:.2f} | " + " | ".join(reach) + " | "
+                     + " | ".join(f"{c['fidelity'][-1]:.2f}" for c in row) + " |")
+    for m in methods:
+        pairs = ", ".join(f"{k}: {f:.2f}" for k, f in zip(schedule["checkpoints"], schedule[m]["mean_fidelity"]))
+        reached = f"{schedule[m]['reached']} of {schedule[m]['concepts']} reached"
+        lines += ["", f"Mean fidelity by step, {m} ({reached}): {pairs}."]
+    return lines
+
+
 def driver_lines(runs: list[dict[str, Any]]) -> list[str]:
     return [f"Driver, {d['concepts']} concepts: {d['ms_per_concept']:.2f} ms/concept, RSS +"
             f"{d['rss_growth_mb']:.0f} MB, results.parquet {d['results_parquet_mb']:.2f} MB" for d in runs]
@@ -92,6 +112,8 @@ def sections(result: dict[str, Any]) -> list[str]:
         lines += generate_line(result["generate"])
     if "schedule" in result:
         lines += [*schedule_table(result["schedule"]), ""]
+    if "schedule_methods" in result:
+        lines += [*method_schedule_table(result["schedule_methods"]), ""]
     driver = result.get("driver")
     lines += driver_lines(driver["runs"] if isinstance(driver, dict) else driver or [])
     if "writes" in result:

@@ -7,10 +7,11 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from jobs.bench.recipe import recipe_config
-from tinv.config import TrainConfig
+from tinv.config import METHODS, TrainConfig
 from tinv.embedded import EMBEDDED_MODEL
 from tinv.models import load_base_model
 from tinv.toyworld.concepts import CONCEPTS
+from tinv.toyworld.methods import TOY_LORA_LEARNING_RATES
 from tinv.toyworld.schedule import schedule_curves
 from tinv.toyworld.scorer import find_scorer
 
@@ -46,4 +47,30 @@ def schedules(smoke: bool) -> dict[str, Any]:
                     c.fidelity_at_stop if c.stopped_at is not None else c.fidelity[-1] for c in mine),
                 "mean_fidelity_fixed": mean[-1],
                 "mean_samples": statistics.mean((c.stopped_at or cfg.steps) * c.samples_per_step for c in mine)}
+    return out
+
+
+METHOD_CHECKPOINTS = [25, 50, 100, 150, 200, 300, 400, 500]
+
+
+def method_schedules(smoke: bool) -> dict[str, Any]:
+    """Fidelity against samples seen for each method (ti, lora, pivotal) under tinv's defaults, no early
+    stopping, the LoRA at each method's toy-world learning rate: the same concepts, pictures, checkpoints
+    and sample seeds for every method."""
+    model = load_base_model(str(EMBEDDED_MODEL), precision="fp32")
+    cfg, checkpoints, concepts, samples = TrainConfig(), METHOD_CHECKPOINTS, CONCEPTS, 32
+    gen: dict[str, Any] = {"steps": 25, "batch_size": 64}
+    if smoke:
+        cfg, checkpoints, concepts, samples, gen = replace(cfg, steps=4), [2, 4], CONCEPTS[:2], 2, {"steps": 2}
+    out: dict[str, Any] = {"samples_per_checkpoint": samples, "checkpoints": checkpoints, "config": asdict(cfg),
+                           "curves": []}
+    scorer = find_scorer(EMBEDDED_MODEL)
+    for method in METHODS:  # each at its toy-world LoRA learning rate, as the method table
+        mine = replace(cfg, lora_learning_rate=TOY_LORA_LEARNING_RATES.get(method, cfg.lora_learning_rate))
+        curves = schedule_curves(model, scorer, {method: (mine, checkpoints, False)}, concepts, samples,
+                                 method=method, **gen)
+        out["curves"] += [asdict(c) | {"samples_to_target": c.samples_to_target} for c in curves]
+        out[method] = {
+            "mean_fidelity": [float(statistics.mean(c.fidelity[k] for c in curves)) for k in range(len(checkpoints))],
+            "reached": sum(c.samples_to_target is not None for c in curves), "concepts": len(curves)}
     return out

@@ -1,4 +1,4 @@
-"""``python -m tinv.toyworld train --out DIR`` | ``python -m tinv.toyworld fidelity [--model DIR]``."""
+"""``python -m tinv.toyworld train --out DIR`` | ``… fidelity [--model DIR]`` | ``… methods [--model DIR]``."""
 
 from __future__ import annotations
 
@@ -32,11 +32,17 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--text-encoder-precision", default="fp32", choices=["fp32", "same"],
                    help="fp32 (tinv's policy) or the UNet's precision (the measurement that chose the policy)")
     cli.add_fields(f, TrainConfig, defaults={"steps": FIDELITY_STEPS})  # --seed also seeds pictures and samples
+    m = sub.add_parser("methods", help="ti / lora / pivotal (with and without prior preservation) per held-out "
+                                       "concept: fidelity, language drift, bytes, seconds")
+    m.add_argument("--model", default=str(MODEL_DIR))
+    m.add_argument("--samples", type=int, default=96, help="samples per concept and prompt set, as for fidelity")
+    m.add_argument("--json", default=None, help="also write the rows as JSON here")
+    m.add_argument("--toy-lora-rates", action=argparse.BooleanOptionalAction, default=True,
+                   help="each method's toy-world LoRA learning rate (tinv.toyworld.methods.TOY_LORA_LEARNING_RATES) "
+                        "instead of --lora-learning-rate")
+    cli.add_fields(m, TrainConfig, defaults={"steps": FIDELITY_STEPS})
     args = p.parse_args(argv)
-    if args.command == "train":
-        train(args)
-    else:
-        fidelity(args)
+    {"train": train, "fidelity": fidelity, "methods": methods}[args.command](args)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -71,6 +77,19 @@ def fidelity(args: argparse.Namespace) -> None:
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
+
+
+def methods(args: argparse.Namespace) -> None:
+    from tinv.toyworld.methods import TOY_LORA_LEARNING_RATES, compare, markdown
+    from tinv.toyworld.scorer import load_scorer
+
+    cfg = cli.build(TrainConfig, args)
+    rates = TOY_LORA_LEARNING_RATES if args.toy_lora_rates else None
+    rows = compare(args.model, load_scorer(Path(args.model) / SCORER_FILE), cfg, samples=args.samples, seed=cfg.seed,
+                   lora_learning_rates=rates, batch_size=64)
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) | {"drift": r.drift} for r in rows], indent=1))
 
 
 if __name__ == "__main__":

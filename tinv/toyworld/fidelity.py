@@ -33,8 +33,9 @@ from tinv.toyworld.world import (
     OBJECT_PROMPT,
     SHAPES,
     STYLE_PROMPT,
+    Item,
 )
-from tinv.train import ConceptData, train_concepts
+from tinv.train import ConceptData, TrainedConcept, train_concepts
 
 
 @dataclass
@@ -55,8 +56,24 @@ def token(concept: Concept) -> str:
     return f"<{concept.name}>"
 
 
-def concept_data(concept: Concept, n_images: int, size: int, seed: int) -> ConceptData:
-    """The concept's pictures, through the same PNG decode path users' files take."""
+LORA_WORD = "sks"
+"""DreamBooth's rare identifier: the toy tokenizer reads it as three characters no caption of the world holds."""
+
+
+def lora_token(concept: Concept) -> str:
+    """A ``lora`` concept's token, plain text as DreamBooth's "sks dog": the identifier and the class noun
+    (``sks square``) for an object; the identifier alone for a style, whose prompts name the shape."""
+    return f"{LORA_WORD} {concept.shape}" if concept.shape else LORA_WORD
+
+
+def concept_data(
+    concept: Concept, n_images: int, size: int, seed: int, method: str = "ti",
+    class_prompt: str | tuple[str, ...] = "", class_images: torch.Tensor | None = None,
+    class_captions: tuple[str, ...] = (),
+) -> ConceptData:
+    """The concept's pictures, through the same PNG decode path users' files take, to learn by ``method``
+    (``lora``: under the plain text :func:`lora_token`), with ``class_images`` of ``class_prompt`` (each
+    under its ``class_captions``) for prior preservation when given."""
     tensors = []
     for i, pic in enumerate(concept.pictures(n_images, seed)):
         buf = io.BytesIO()
@@ -65,22 +82,31 @@ def concept_data(concept: Concept, n_images: int, size: int, seed: int) -> Conce
     spec = ConceptSpec(
         concept.name,
         tuple(f"toyworld:{i}" for i in range(n_images)),
-        placeholder_token=token(concept),
+        placeholder_token=lora_token(concept) if method == "lora" else token(concept),
         learnable_property=concept.learnable_property,
         initializer_token=concept.initializer,
         captions=concept.captions(n_images, seed),
+        method=method,
+        class_prompt=class_prompt,
     )
-    return ConceptData(spec, torch.stack(tensors))
+    return ConceptData(spec, torch.stack(tensors), class_images, class_captions)
 
 
-def learn(model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig, n_images: int = 6, seed: int = 0):
-    """Train every concept (packed) and return ``name → vectors (n, D)``."""
-    data = [concept_data(c, n_images, model.resolution, seed + i) for i, c in enumerate(concepts)]
+def learn(
+    model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig, n_images: int = 6, seed: int = 0,
+    method: str = "ti", classes: dict[str, tuple] | None = None,
+) -> dict[str, TrainedConcept]:
+    """Train every concept by ``method`` (packed); ``classes``: concept name → (class prompt(s), their
+    pictures, each picture's prompt) for prior preservation. Concept i's pictures are drawn from
+    ``seed + i`` whatever the method."""
+    classes = classes or {}
+    data = [concept_data(c, n_images, model.resolution, seed + i, method, *classes.get(c.name, ()))
+            for i, c in enumerate(concepts)]
     learned = {}
     for t in train_concepts(model, data, cfg):
         if t.error:
             raise RuntimeError(t.error)
-        learned[t.spec.concept_id] = t.vectors[0]
+        learned[t.spec.concept_id] = t
     return learned
 
 
@@ -101,50 +127,57 @@ def word_prompts(concept: Concept) -> list[str]:
     return ["", *NAMED_STYLES.values(), BACKDROP_WORD]  # no word: the shape alone, a rendering's, "toned"
 
 
-def judge(
-    model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
-    samples: int, seed: int = 0, **gen,
-) -> list[list[Judged]]:
-    """Each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, drawn in one batched run:
-    per sample, the shape its prompt named (styles; else None) and whether it shows the concept (strictly,
-    and loosely)."""
-    slots, requests, judged = [], [], []
-    for i, v in vectors:
-        word = "{}" if isinstance(v, torch.Tensor) else v
-        if isinstance(v, torch.Tensor):
-            slots.append([v])
-        pairs = prompts_for(concepts[i], word, samples)
-        slot = len(slots) - 1 if isinstance(v, torch.Tensor) else 0
-        requests += [SampleRequest(slot, p, seed + k) for k, (p, _) in enumerate(pairs)]
-        judged.append((i, [shape for _, shape in pairs]))
-    if not slots:  # words only: sample() still wants one slot to splice
-        slots.append([torch.zeros(1, model.embedding_dims[0])])
-    images = sample(model, slots, requests, **gen)
-    judged_items = []
-    items = iter(scorer.predict(pixels(images)))
-    for i, shapes in judged:
-        drawn = [(shape, next(items)) for shape in shapes]
-        judged_items.append([Judged(s, concepts[i].hit(it, s), concepts[i].hit(it, s, loose=True)) for s, it in drawn])
-    return judged_items
+@dataclass(frozen=True)
+class Draw:
+    """Samples of one concept: with its learned token (``vectors``, ``(n, D)``) or the plain text ``word``
+    in the token's place, through its UNet ``lora`` (peft naming) when it has one. ``word`` without vectors
+    builds the words-only prompts; the shape word (objects) or ``""`` (styles) gives the bare class prompt."""
+
+    concept: int
+    vectors: torch.Tensor | None = None
+    word: str = ""
+    lora: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
 class Judged:
-    """One sample: the shape its prompt named (styles; else None), and whether it shows the concept."""
+    """One sample: the shape its prompt named (styles; else None), whether it shows the concept, and what
+    the scorer read."""
 
     shape: str | None
     hit: bool
     loose_hit: bool
     """Rendering ignored (:meth:`Concept.hit`'s ``loose``)."""
+    item: Item | None = None
+
+
+def judge(
+    model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], draws: list[Draw], samples: int, seed: int = 0,
+    **gen,
+) -> list[list[Judged]]:
+    """Every draw's samples, in one batched run (fixed seeds, each draw's own LoRA), judged per sample."""
+    requests, shapes = [], []
+    for d, draw in enumerate(draws):
+        pairs = prompts_for(concepts[draw.concept], "{}", samples)
+        requests += [SampleRequest(d, p, seed + k) for k, (p, _) in enumerate(pairs)]
+        shapes.append([shape for _, shape in pairs])
+    vectors = [None if d.vectors is None else [d.vectors] for d in draws]
+    images = sample(model, vectors, requests, words=[d.word for d in draws], loras=[d.lora for d in draws], **gen)
+    items = iter(scorer.predict(pixels(images)))
+    out = []
+    for draw, named in zip(draws, shapes):
+        c = concepts[draw.concept]
+        drawn = [(s, next(items)) for s in named]
+        out.append([Judged(s, c.hit(it, s), c.hit(it, s, loose=True), it) for s, it in drawn])
+    return out
 
 
 def score(
-    model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], vectors: list[tuple[int, torch.Tensor | str]],
-    samples: int, seed: int = 0, **gen,
+    model: BaseModel, scorer: Scorer, concepts: tuple[Concept, ...], draws: list[Draw], samples: int, seed: int = 0,
+    **gen,
 ) -> list[tuple[float, float]]:
-    """Fidelity of each ``(concept, vectors)``, or ``(concept, words)`` for a words prompt, in one batched run:
-    ``(strict, loose)``."""
-    return [(share(h), share(h, loose=True)) for h in judge(model, scorer, concepts, vectors, samples, seed, **gen)]
+    """Fidelity of each draw, in one batched run: ``(strict, loose)``."""
+    return [(share(h), share(h, loose=True)) for h in judge(model, scorer, concepts, draws, samples, seed, **gen)]
 
 
 def share(hits: list[Judged], loose: bool = False) -> float:
@@ -175,15 +208,15 @@ def fidelity_table(
     """Floor, best words and TI for each concept, all drawn in one batched run with fixed seeds; the model
     loaded in ``precision`` (text encoders in ``text_encoder_dtype``), as the train job would."""
     model = load_base_model(model_dir, precision=precision, text_encoder_dtype=text_encoder_dtype)
-    learned = learn(model, concepts, cfg, seed=seed)
+    learned = {name: t.vectors[0] for name, t in learn(model, concepts, cfg, seed=seed).items()}
     table = model.text_encoders[0].get_input_embeddings().weight.detach().float()
     noise = torch.randn(1, table.shape[1], generator=torch.Generator().manual_seed(seed))
     floor = noise * table.std() + table.mean(0)  # a random new token
     columns: list[tuple[int, str, str]] = []  # (concept, column, words)
-    todo: list[tuple[int, torch.Tensor | str]] = []
+    todo: list[Draw] = []
     for i, c in enumerate(concepts):
         columns += [(i, "ti", ""), (i, "floor", ""), *((i, "words", w) for w in word_prompts(c))]
-        todo += [(i, learned[c.name]), (i, floor), *((i, w) for w in word_prompts(c))]
+        todo += [Draw(i, learned[c.name]), Draw(i, floor), *(Draw(i, word=w) for w in word_prompts(c))]
     hits = dict(zip(columns, judge(model, scorer, concepts, todo, samples, seed, **gen)))
     scores = {k: share(h) for k, h in hits.items()}
     rows = []

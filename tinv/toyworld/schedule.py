@@ -1,8 +1,9 @@
 """Fidelity against image-samples seen, on the toy world's held-out concepts.
 
-Every concept of a schedule trains in one packed trainer; its vectors are copied at each
-checkpoint (and, with DVAR watching, at the step where early stopping would have emitted it),
-then every copy is drawn and scored in one batched run with fixed seeds. A concept's target is
+Every concept of a schedule trains in one packed trainer, by one method (``ti``, ``lora`` or ``pivotal``);
+what it has learned (its vectors, its LoRA) is copied at each checkpoint (and, with DVAR watching, at the
+step where early stopping would have emitted it), then every copy is drawn and scored in one batched run
+with fixed seeds. A concept's target is
 0.9 of the words' score where words reach it (combinations), 0.9 where none does.
 """
 
@@ -10,12 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from tinv.config import TrainConfig
 from tinv.models import BaseModel
 from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.fidelity import concept_data, score, word_prompts
+from tinv.toyworld.fidelity import Draw, concept_data, score, word_prompts
 from tinv.toyworld.scorer import Scorer
 from tinv.train import PackedTrainer
 
@@ -46,42 +45,50 @@ class Curve:
 
 def snapshots(
     model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig, checkpoints: list[int], dvar: bool,
-    n_images: int = 6, seed: int = 0,
-) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, tuple[int, torch.Tensor]], list[int]]:
-    """Vectors ``(concept, step) → (n, D)`` at each checkpoint, ``concept → (stop step, vectors)`` for DVAR,
-    and each concept's samples per step."""
+    n_images: int = 6, seed: int = 0, method: str = "ti",
+) -> tuple[dict[tuple[int, int], Draw], dict[int, tuple[int, Draw]], list[int]]:
+    """What concept i has learned by ``method`` as a :class:`Draw`, ``(i, step) → draw`` at each checkpoint
+    and ``i → (stop step, draw)`` for DVAR, and each concept's samples per step."""
     cfg = replace(cfg, concepts_per_actor=len(concepts), early_stop=dvar)
     trainer = PackedTrainer(model, cfg)
     for i, c in enumerate(concepts):
-        trainer.admit(i, concept_data(c, n_images, model.resolution, seed + i))
+        trainer.admit(i, concept_data(c, n_images, model.resolution, seed + i, method))
     copies, stops = {}, {}
     sizes = [slot.settings.batch_size for slot in trainer.slots]
     for step in range(1, max(checkpoints) + 1):
         for s, loss in trainer.step()[0].items():
             trainer.slots[s].losses.append(loss)
         for s in range(len(concepts)):
-            vec = trainer.vectors[s][0][: trainer.slots[s].spec.num_vectors]
+            wanted = step in checkpoints or (dvar and s not in stops and trainer.flattened(s))
+            if not wanted:
+                continue
+            slot = trainer.slots[s]
+            vec = trainer.vectors[s][0][: slot.spec.num_vectors].detach().clone()
+            vec = vec if slot.settings.trains_vectors else None
+            lora = trainer.adapters.state_dict(slot.adapter) if slot.adapter else None
+            draw = Draw(s, vec, slot.spec.placeholder_token, lora)
             if step in checkpoints:
-                copies[s, step] = vec.detach().clone()
+                copies[s, step] = draw
             if dvar and s not in stops and trainer.flattened(s):
-                stops[s] = (step, vec.detach().clone())
+                stops[s] = (step, draw)
     return copies, stops, sizes
 
 
 def schedule_curves(
     model: BaseModel, scorer: Scorer, schedules: dict[str, tuple[TrainConfig, list[int], bool]],
-    concepts: tuple[Concept, ...] = CONCEPTS, samples: int = 32, seed: int = 0, **gen,
+    concepts: tuple[Concept, ...] = CONCEPTS, samples: int = 32, seed: int = 0, method: str = "ti", **gen,
 ) -> list[Curve]:
-    """Fidelity at each checkpoint of each schedule ``name → (config, checkpoints, watch with DVAR)``."""
-    words = [(i, word_prompts(c)[0]) for i, c in enumerate(concepts) if c.kind == "combination"]
+    """Fidelity at each checkpoint of each schedule ``name → (config, checkpoints, watch with DVAR)``, every
+    concept learned by ``method``."""
+    words = [Draw(i, word=word_prompts(c)[0]) for i, c in enumerate(concepts) if c.kind == "combination"]
     targets = [0.9] * len(concepts)
-    for (i, _), (s, _) in zip(words, score(model, scorer, concepts, words, samples, seed, **gen)):
-        targets[i] = 0.9 * s
+    for w, (s, _) in zip(words, score(model, scorer, concepts, words, samples, seed, **gen)):
+        targets[w.concept] = 0.9 * s
     curves = []
     for name, (cfg, checkpoints, dvar) in schedules.items():
-        copies, stops, sizes = snapshots(model, concepts, cfg, checkpoints, dvar, seed=seed)
+        copies, stops, sizes = snapshots(model, concepts, cfg, checkpoints, dvar, seed=seed, method=method)
         keys = sorted(copies) + [(i, "stop") for i in sorted(stops)]
-        todo = [(i, copies[i, s] if s != "stop" else stops[i][1]) for i, s in keys]
+        todo = [copies[i, s] if s != "stop" else stops[i][1] for i, s in keys]
         found = dict(zip(keys, score(model, scorer, concepts, todo, samples, seed, **gen)))
         for i, c in enumerate(concepts):
             curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=sizes[i])

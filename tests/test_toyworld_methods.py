@@ -1,0 +1,74 @@
+"""The toy world's method comparison (ti / lora / pivotal, with and without prior preservation) measures
+what it says: every run's concepts, drift against the base model's own samples, the job's file bytes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tinv.config import TrainConfig
+from tinv.embedded import EMBEDDED_MODEL
+from tinv.models import load_base_model
+from tinv.samples import SampleRequest, sample
+from tinv.toyworld.concepts import CONCEPTS
+from tinv.toyworld.fidelity import LORA_WORD, Draw, Judged, judge, learn
+from tinv.toyworld.methods import RUNS, MethodRow, class_pictures, class_prompt, compare, shows_attribute
+from tinv.toyworld.scorer import find_scorer
+from tinv.toyworld.world import SHAPES, Item
+
+NAMES = ("red-star", "navy")
+PICK = tuple(c for c in CONCEPTS if c.name in NAMES)
+CFG = TrainConfig(steps=3, class_images=3, class_sample_steps=2)
+
+
+def test_the_bare_class_prompt_and_the_attribute_each_concept_is_watched_for():
+    star, navy = PICK
+    assert class_prompt(star) == "a star"  # a style: every shape its captions name, the prompts drift is read on
+    assert class_prompt(navy) == tuple(f"a {s}" for s in SHAPES)
+    red_star, blue_star = Item("star", "red"), Item("star", "blue")
+    assert shows_attribute(star, Judged(None, False, False, red_star))  # the colour alone counts, not the hit
+    assert not shows_attribute(star, Judged(None, True, True, blue_star))
+    assert shows_attribute(navy, Judged("star", False, False, Item("circle", "red", backdrop="navy")))
+    assert not shows_attribute(navy, Judged("star", False, False, Item("circle", "red", backdrop="plum")))
+    row = MethodRow("red-star", "combination", "lora", False, 1.0, 1.0, bare_share=0.5, base_share=0.125,
+                    bytes=1, seconds=1.0)
+    assert row.drift == pytest.approx(0.375)
+
+
+def test_every_run_is_measured_and_ti_drifts_by_construction_not_at_all():
+    rows = compare(str(EMBEDDED_MODEL), find_scorer(EMBEDDED_MODEL), CFG, PICK, samples=2, steps=2)
+    by = {(r.concept, r.method, r.prior): r for r in rows}
+    assert set(by) == {(n, m, p) for n in NAMES for m, p in RUNS}
+    for n in NAMES:
+        ti, lora, pivotal = by[n, "ti", False], by[n, "lora", False], by[n, "pivotal", False]
+        assert ti.bare_share == ti.base_share and ti.drift == 0
+        assert {r.base_share for r in rows if r.concept == n} == {ti.base_share}  # one base draw per concept
+        # the job's files: an embedding, a LoRA, both (pivotal also bundles the token into its kohya file)
+        assert 0 < ti.bytes < lora.bytes < pivotal.bytes
+        assert pivotal.bytes > ti.bytes + lora.bytes
+        assert all(0 <= r.fidelity <= r.fidelity_loose <= 1 and r.seconds > 0 for r in rows if r.concept == n)
+
+
+def test_prior_pictures_are_the_jobs_class_pictures_and_lora_draws_go_through_the_adapter():
+    model = load_base_model(str(EMBEDDED_MODEL), precision="fp32")
+    pictures = class_pictures(model, PICK, CFG)
+    assert {n: p for n, (p, _, _) in pictures.items()} == {n: class_prompt(c) for n, c in zip(NAMES, PICK)}
+    star, navy = pictures["red-star"], pictures["navy"]
+    assert star[1].shape == (3, 3, 32, 32) and navy[1].shape == (3 * len(SHAPES), 3, 32, 32)
+    assert star[2] == ("a star",) * 3 and navy[2] == tuple(f"a {s}" for s in SHAPES for _ in range(3))
+    assert torch.equal(navy[1][9:12], star[1])  # "a star" is drawn once, shared by the object and the style
+    learned = learn(model, PICK, replace(CFG, lora_learning_rate=1e-2), method="lora", classes=pictures)
+    trained = learned["red-star"]
+    assert trained.spec.placeholder_token == f"{LORA_WORD} star" and trained.vectors is None
+    assert trained.spec.class_prompt == "a star"
+    # the bare prompt through the concept's adapter is not the base model's drawing (the drift it measures)
+    scorer = find_scorer(EMBEDDED_MODEL)
+    plain, adapted = judge(model, scorer, PICK[:1], [Draw(0, word="star"), Draw(0, word="star", lora=trained.lora)],
+                           samples=4, steps=2)
+    assert len(plain) == len(adapted) == 4
+    request = [SampleRequest(0, "a {}", 7)]
+    base = sample(model, [None], request, words=["star"], steps=2)
+    assert (sample(model, [None], request, words=["star"], steps=2, loras=[trained.lora]) != base).any()
+    assert (sample(model, [None], request, words=["star"], steps=2) == base).all()  # and the base is left as it was

@@ -1,0 +1,184 @@
+"""Textual Inversion, DreamBooth-LoRA and pivotal tuning side by side on the toy world's held-out concepts.
+
+Every method learns the same 12 concepts from the same pictures, captions and prompts (Textual Inversion,
+Gal et al. 2022, arXiv 2208.01618; DreamBooth, Ruiz et al. 2022, arXiv 2208.12242, in its LoRA form, with
+the plain word :data:`~tinv.toyworld.fidelity.LORA_WORD` as its token, and pivotal tuning, a new token and
+a LoRA together), and each LoRA method once without and once with prior preservation. Per concept and run:
+
+- **fidelity**, strict and loose (:meth:`Concept.hit`), over the concept's usual prompts;
+- **language drift** (DreamBooth, section 4.3): the bare class prompt, the shape word for an object
+  (``a square``) and ``a <shape>`` for every shape for a style, drawn by the base model and by the
+  personalized one (its LoRA, no token); drift is the rise in the share of samples showing the concept's
+  own attribute, its colour (object) or backdrop (style). Textual Inversion changes no weight and the bare
+  prompt holds no token, so its samples are the base model's: its drift is 0 by construction;
+- the **bytes** of the files the job writes for it and its training **seconds** (the run's wall time over
+  its concepts, packed as the job packs them).
+
+Prior preservation uses the job's own class pictures (:mod:`tinv.classes`: the base model draws
+``class_images`` of each distinct class prompt once, shared by every concept that names it):
+:func:`class_prompt` for each concept.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from tinv import classes
+from tinv.config import TrainConfig
+from tinv.models import BaseModel, load_base_model
+from tinv.outputs import learned_files
+from tinv.toyworld.concepts import CONCEPTS, Concept
+from tinv.toyworld.fidelity import Draw, Judged, judge, learn, share
+from tinv.toyworld.scorer import Scorer
+from tinv.toyworld.world import OBJECT_PROMPT, SHAPES
+from tinv.train import TrainedConcept
+
+RUNS = (("ti", False), ("lora", False), ("lora", True), ("pivotal", False), ("pivotal", True))
+"""(method, prior preservation) of every column."""
+TOY_LORA_LEARNING_RATES = {"lora": 1e-3, "pivotal": 3e-4}
+"""Toy-world choices (``docs/defaults.md``): the LoRA learning rate of each method on the toy model, from a
+sweep at 200 steps. The run's default, 1e-4, is diffusers' for Stable Diffusion and under-trains the toy
+model's LoRA (``lora`` 0.37 mean fidelity); pivotal's token carries most of a concept, and a faster LoRA
+there loses the styles (0.64 at 1e-3)."""
+
+
+@dataclass
+class MethodRow:
+    """One concept learned by one method."""
+
+    concept: str
+    kind: str
+    method: str
+    prior: bool
+    fidelity: float
+    fidelity_loose: float
+    bare_share: float
+    """Under the bare class prompt, the share of the personalized model's samples showing the attribute."""
+    base_share: float
+    """The same for the base model."""
+    bytes: int
+    """All files the job writes for what it learned (diffusers and A1111/kohya layouts)."""
+    seconds: float
+
+    @property
+    def drift(self) -> float:
+        return self.bare_share - self.base_share
+
+
+def class_prompt(concept: Concept) -> str | tuple[str, ...]:
+    """The concept's bare class prompt: ``a square`` for an object; for a style, the bare prompt of every
+    shape its captions name (``a circle`` … ``a cross``), each class picture under its own: the prompts its
+    drift is measured on, and the very sets the objects of those shapes use."""
+    if concept.kind != "style":
+        return OBJECT_PROMPT.format(concept.shape)
+    return tuple(OBJECT_PROMPT.format(s) for s in SHAPES)
+
+
+def class_prompts(concept: Concept) -> tuple[str, ...]:
+    prompt = class_prompt(concept)
+    return (prompt,) if isinstance(prompt, str) else prompt
+
+
+def bare_word(concept: Concept) -> str:
+    """What stands for the token in the bare prompt: the shape word (``a {}`` → ``a square``), or nothing
+    (``a {} star`` → ``a star``) for a style."""
+    return concept.shape or ""
+
+
+def shows_attribute(concept: Concept, judged: Judged) -> bool:
+    """Does a sample show the concept's own attribute: its colour (object), its backdrop (style)?"""
+    item = judged.item
+    return item.colour == concept.colour if concept.kind != "style" else item.backdrop == concept.backdrop
+
+
+def class_pictures(model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig) -> dict:
+    """Concept name → (class prompt(s), class pictures ``(M, 3, H, W)``, each picture's prompt), every
+    distinct class prompt drawn once, as the job draws them (:func:`tinv.classes.generate`)."""
+    info = {"base_model_fingerprint": "toyworld", "resolution": model.resolution, "dtype": str(model.dtype)}
+    sets = {p: classes.class_set(p, cfg, info) for p in sorted({p for c in concepts for p in class_prompts(c)})}
+    with tempfile.TemporaryDirectory() as out:
+        classes.generate(model, list(sets.values()), out, batch_size=64)
+        pictures = {p: classes.load(out, cls, model.resolution) for p, cls in sets.items()}
+    return {c.name: (class_prompt(c), torch.cat([pictures[p] for p in class_prompts(c)]),
+                     tuple(p for p in class_prompts(c) for _ in range(len(pictures[p])))) for c in concepts}
+
+
+def file_bytes(trained: TrainedConcept) -> int:
+    return sum(len(b) for b in learned_files(trained, {"base_model_fingerprint": "toyworld"}).values())
+
+
+def compare(
+    model_dir: str, scorer: Scorer, cfg: TrainConfig, concepts: tuple[Concept, ...] = CONCEPTS, samples: int = 32,
+    seed: int = 0, runs: tuple[tuple[str, bool], ...] = RUNS, lora_learning_rates: dict[str, float] | None = None,
+    **gen,
+) -> list[MethodRow]:
+    """Every concept learned in every run of ``runs`` (``lora_learning_rates``: per method, else ``cfg``'s),
+    then every sample drawn in one batched run."""
+    model = load_base_model(model_dir, precision="fp32")
+    pictures = class_pictures(model, concepts, cfg) if any(prior for _, prior in runs) else {}
+    learned, seconds = {}, {}
+    for run in runs:
+        start = time.perf_counter()
+        rate = (lora_learning_rates or {}).get(run[0], cfg.lora_learning_rate)
+        learned[run] = learn(model, concepts, replace(cfg, lora_learning_rate=rate), seed=seed, method=run[0],
+                             classes=pictures if run[1] else None)
+        seconds[run] = (time.perf_counter() - start) / len(concepts)
+    keys, draws = [], []
+    for i, c in enumerate(concepts):
+        keys.append((i, "base"))
+        draws.append(Draw(i, word=bare_word(c)))
+        for run in runs:
+            t = learned[run][c.name]
+            keys.append((i, run))
+            draws.append(Draw(i, None if t.vectors is None else t.vectors[0], t.spec.placeholder_token, t.lora))
+            if t.lora is not None:  # without one the bare prompt draws the base model's samples
+                keys.append((i, run, "bare"))
+                draws.append(Draw(i, word=bare_word(c), lora=t.lora))
+    found = dict(zip(keys, judge(model, scorer, concepts, draws, samples, seed, **gen)))
+    rows = []
+    for i, c in enumerate(concepts):
+        base = float(np.mean([shows_attribute(c, j) for j in found[i, "base"]]))
+        for run in runs:
+            t = learned[run][c.name]
+            bare = float(np.mean([shows_attribute(c, j) for j in found.get((i, run, "bare"), found[i, "base"])]))
+            rows.append(MethodRow(c.name, c.kind, run[0], run[1], share(found[i, run]),
+                                  share(found[i, run], loose=True), bare, base, file_bytes(t), seconds[run]))
+    return rows
+
+
+def column(method: str, prior: bool) -> str:
+    return f"{method}{' + prior' if prior else ''}"
+
+
+def markdown(rows: list[MethodRow]) -> str:
+    """Fidelity per run, then drift per LoRA run, then bytes and seconds, per concept and kind."""
+    runs = list(dict.fromkeys((r.method, r.prior) for r in rows))
+    drifting = [run for run in runs if run[0] != "ti"]
+    by = {(r.concept, (r.method, r.prior)): r for r in rows}
+    names = list(dict.fromkeys(r.concept for r in rows))
+    kinds = {r.concept: r.kind for r in rows}
+    head = ["concept", "kind", *(column(*run) for run in runs), "base: attribute share",
+            *(f"drift, {column(*run)}" for run in drifting)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    groups = [[n] for n in names] + [[n for n in names if kinds[n] == k] for k in ("combination", "unnamed", "style")]
+    for group in filter(None, groups):
+        label, kind = (group[0], kinds[group[0]]) if len(group) == 1 else (f"**{kinds[group[0]]} mean**", "")
+        fid = [f"{np.mean([by[n, run].fidelity for n in group]):.2f}" for run in runs]
+        base = f"{np.mean([by[n, runs[0]].base_share for n in group]):.2f}"
+        drift = [f"{np.mean([by[n, run].drift for n in group]):+.2f}" for run in drifting]
+        lines.append("| " + " | ".join([label, kind, *fid, base, *drift]) + " |")
+    lines += ["", "| run | bytes per concept | seconds per concept | mean fidelity | mean loose fidelity "
+              "| worst drift |", "|---|---|---|---|---|---|"]
+    for run in runs:
+        mine = [by[n, run] for n in names]
+        worst = max(mine, key=lambda r: r.drift)
+        drift = "0 (no weight changes)" if run[0] == "ti" else f"{worst.drift:+.2f} ({worst.concept})"
+        lines.append(f"| {column(*run)} | {int(np.mean([r.bytes for r in mine])):,} "
+                     f"| {np.mean([r.seconds for r in mine]):.2f} | {np.mean([r.fidelity for r in mine]):.3f} "
+                     f"| {np.mean([r.fidelity_loose for r in mine]):.3f} | {drift} |")
+    return "\n".join(lines)
