@@ -100,6 +100,9 @@ class TrainerWorker:
         self.inbox: queue.Queue[tuple[dict, Future]] = queue.Queue()
         self.outbox: queue.Queue[tuple[dict, Future, TrainedConcept, ConceptEval, list[str]]] = queue.Queue(WRITE_QUEUE)
         self.waiting: dict[str, tuple[dict, Future]] = {}
+        self.model_lock = threading.Lock()
+        """Held while the model is in use (training, drawing class pictures): Ray runs an actor's calls in
+        threads at once, and a spliced text encoder or a routed UNet is one caller's at a time."""
         threading.Thread(target=self._loop, name="tinv-trainer", daemon=True).start()
         threading.Thread(target=self._write_loop, name="tinv-writer", daemon=True).start()
 
@@ -124,9 +127,10 @@ class TrainerWorker:
         while True:
             first = self.inbox.get()  # block until there is work, then train until the queue runs dry
             try:
-                for trained in train_concepts(self.model, self._feed(first), self.cfg, callback=self._stepped):
-                    request, future = self.waiting.pop(trained.spec.concept_id)
-                    self._finish(request, future, trained)
+                with self.model_lock:
+                    for trained in train_concepts(self.model, self._feed(first), self.cfg, callback=self._stepped):
+                        request, future = self.waiting.pop(trained.spec.concept_id)
+                        self._finish(request, future, trained)
             except Exception as e:  # noqa: BLE001 — the trainer itself broke: each waiting concept may retry
                 for request, future in self.waiting.values():
                     spec = spec_from_dict(request["spec"])
@@ -179,8 +183,9 @@ class TrainerWorker:
         base = [{"concept_id": c.key, "token": c.prompt, "worker": self.name, "attempts": r["attempt"]}
                 for c, r in zip(sets, requests)]
         try:
-            classes.generate(self.model, sets, self.setup.output, self.evaluator.cfg.sample_batch_size,
-                             self.setup.storage_options)
+            with self.model_lock:  # two calls at once would splice the one text encoder twice
+                classes.generate(self.model, sets, self.setup.output, self.evaluator.cfg.sample_batch_size,
+                                 self.setup.storage_options)
         except OSError as e:  # storage still failing after its own retries: worth another attempt
             return [{**b, "status": "failed", **describe(TransientError(f"could not write class pictures: {e!r}"))}
                     for b in base]

@@ -86,6 +86,37 @@ def test_the_toy_models_metric_reads_training_pictures_so_the_actor_keeps_them(t
     assert TrainerWorker(setup).evaluator.needs_training_pictures
 
 
+def test_class_sets_drawn_by_two_calls_at_once_both_succeed(worker, tmp_path, monkeypatch):
+    """Ray runs an actor's calls in threads at once: two draw_classes calls must not share the model."""
+    from tinv import classes, samples
+
+    embed, inside = samples._embed, threading.Barrier(2, timeout=2)
+
+    def slow_embed(*args, **kwargs):  # both calls inside the spliced encoder together, if nothing stops them
+        try:
+            inside.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(samples, "_embed", slow_embed)
+    cfg = TrainConfig(class_images=1, class_sample_steps=2)
+    info = worker.info()
+    sets = [classes.class_set(p, cfg, info) for p in ("a photo of a dog", "a photo of a cat")]
+    results: list = [None, None]
+
+    def call(i: int) -> None:
+        results[i] = worker.draw_classes([{"spec": dataclasses.asdict(sets[i]), "attempt": 1}])[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [r["status"] for r in results] == ["succeeded", "succeeded"], results
+    assert all(classes.is_done(worker.setup.output, s) for s in sets)
+
+
 def test_a_model_that_does_not_load_is_kept_for_info_with_its_type(tmp_path):
     from tinv.errors import ModelLayoutError
 
