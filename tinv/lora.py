@@ -82,9 +82,13 @@ class Adapters:
                 for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
 
     def remove(self, name: str) -> None:
-        for layer in self.layers():
-            if name in layer.lora_A:
-                layer.delete_adapter(name)
+        """Drop adapter ``name``. peft then makes another adapter "active"; routing ignores that (every
+        sample names its own), so peft's warning about it is silenced."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Adapter .* was active which is now deleted")
+            for layer in self.layers():
+                if name in layer.lora_A:
+                    layer.delete_adapter(name)
 
     def state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter ``name``'s weights in peft's naming (``…to_q.lora_A.weight``), fp32 copies on the CPU."""
