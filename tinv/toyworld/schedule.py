@@ -59,8 +59,8 @@ def snapshots(
         for s, loss in trainer.step()[0].items():
             trainer.slots[s].losses.append(loss)
         for s in range(len(concepts)):
-            wanted = step in checkpoints or (dvar and s not in stops and trainer.flattened(s))
-            if not wanted:
+            stopping = dvar and s not in stops and trainer.flattened(s)  # once a step: it records a fixed loss
+            if step not in checkpoints and not stopping:
                 continue
             slot = trainer.slots[s]
             vec = trainer.vectors[s][0][: slot.spec.num_vectors].detach().clone()
@@ -69,7 +69,7 @@ def snapshots(
             draw = Draw(s, vec, slot.spec.placeholder_token, lora)
             if step in checkpoints:
                 copies[s, step] = draw
-            if dvar and s not in stops and trainer.flattened(s):
+            if stopping:
                 stops[s] = (step, draw)
     return copies, stops, sizes
 
