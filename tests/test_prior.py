@@ -119,7 +119,7 @@ def test_several_class_prompts_each_train_their_own_pictures_under_their_own_pro
 def test_a_list_of_one_class_prompt_is_that_prompt_and_lists_are_checked():
     assert spec("x", class_prompt=["a dog"]) == spec("x", class_prompt="a dog")
     assert spec("x", class_prompt=["a dog", "a cat"]).class_prompts == ("a dog", "a cat")
-    assert spec("x").class_prompts == ()
+    assert spec("x").class_prompts == () and spec("x", class_prompt=[]) == spec("x")  # an empty list: none
     for bad in (["a dog", "a dog"], ["a dog", ""], ["a {} dog", "a cat"]):
         with pytest.raises(ValueError, match="class_prompt"):
             spec("x", class_prompt=bad)

@@ -66,7 +66,7 @@ class ConceptSpec:
             raise ValueError(f"concept {self.concept_id!r}: " + "; ".join(errors))
         if not isinstance(self.class_prompt, str):  # a list of one is its string: the same concept, hashed the same
             prompts = tuple(self.class_prompt)
-            object.__setattr__(self, "class_prompt", prompts[0] if len(prompts) == 1 else prompts)
+            object.__setattr__(self, "class_prompt", prompts[0] if len(prompts) == 1 else prompts or "")
         if not self.placeholder_token:
             object.__setattr__(self, "placeholder_token", f"<{self.concept_id}>")
         if not self.initializer_token:
