@@ -32,6 +32,7 @@ from tinv.images import ConceptDataError, load_images
 from tinv.metrics import load_metrics
 from tinv.models import BaseModel, load_base_model
 from tinv.samples import SampleConfig
+from tinv.starts import load_start
 from tinv.train import ConceptData, PackedTrainer, StepInfo, TrainedConcept, train_concepts
 
 WRITE_QUEUE = 8
@@ -88,6 +89,7 @@ class TrainerWorker:
         self.setup, self.name, self.load_error = setup, worker_name(), None
         try:
             self.cfg = TrainConfig(**setup.train)
+            self.start, _ = load_start(self.cfg.init, setup.storage_options)  # the driver checked its base model
             self.model = load_model(setup, setup.gradient_checkpointing)
         except Exception as e:  # noqa: BLE001 — kept for info(): Ray drops a constructor's exception type
             self.load_error = e
@@ -128,7 +130,7 @@ class TrainerWorker:
             first = self.inbox.get()  # block until there is work, then train until the queue runs dry
             try:
                 with self.model_lock:
-                    for trained in train_concepts(self.model, self._feed(first), self.cfg, callback=self._stepped):
+                    for trained in train_concepts(self.model, self._feed(first), self.cfg, self._stepped, self.start):
                         request, future = self.waiting.pop(trained.spec.concept_id)
                         self._finish(request, future, trained)
             except Exception as e:  # noqa: BLE001 — the trainer itself broke: each waiting concept may retry

@@ -40,9 +40,10 @@ from jobs.common import (
 )
 from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.report import Progress, counts, result_rows, skipped_row, write_results, write_run
-from tinv import classes, cli, outputs, storage
+from tinv import classes, cli, outputs, starts, storage
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import DEMO_MANIFEST
+from tinv.errors import InitializerError
 from tinv.manifest import read_manifest
 from tinv.metrics import parse_requests
 from tinv.samples import SampleConfig
@@ -109,12 +110,13 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
 
 def plan(
     specs: list[ConceptSpec], cfg: TrainConfig, model: dict, manifest: str, output: str,
-    storage_options: dict | None,
+    storage_options: dict | None, start: str = starts.WORD,
 ) -> tuple[list[Task], dict[str, dict]]:
-    """Tasks to run, and ``results`` pre-filled with skipped concepts (result.json matching)."""
+    """Tasks to run, and ``results`` pre-filled with skipped concepts (result.json matching); ``start``:
+    the run's :func:`tinv.starts.start_id`."""
     todo, results = [], {}
     for spec in specs:
-        fp = outputs.config_fingerprint(spec, cfg, model, manifest_dir=storage.parent(manifest))
+        fp = outputs.config_fingerprint(spec, cfg, model, manifest_dir=storage.parent(manifest), start=start)
         record = outputs.read_result(output, spec.concept_id, storage_options)
         if outputs.is_complete(record, fp):
             results[spec.concept_id] = skipped_row(record)
@@ -166,6 +168,10 @@ def run(args: argparse.Namespace) -> int:
     inputs = read_inputs(args)
     cfg, output, storage_options = inputs.train, inputs.output, inputs.storage_options
     log.info("manifest %s: %d concepts valid; output %s", inputs.manifest, len(inputs.specs), output)
+    try:
+        start, start_key = starts.load_start(cfg.init, storage_options)
+    except InitializerError as e:
+        raise JobExit(EXIT_INVALID, f"invalid input: --init {cfg.init}: {e}") from e
     # -- build ---------------------------------------------------------------------------
     connect(inputs.cluster.ray_address)
     setup_kw = dict(model=args.model, train=asdict(cfg), output=output, storage_options=storage_options,
@@ -185,8 +191,14 @@ def run(args: argparse.Namespace) -> int:
     dispatcher = Dispatcher(make_actor, dispatch, on_result)
     model = wait_for_model(dispatcher, args.model)
     loaded = time.time()
+    if start.initializer is not None:
+        try:
+            start.initializer.check(model["base_model_fingerprint"])
+        except InitializerError as e:
+            dispatcher.shutdown()
+            raise JobExit(EXIT_INVALID, f"invalid input: --init {cfg.init}: {e}") from e
     # -- plan + loop ---------------------------------------------------------------------
-    todo, skipped = plan(inputs.specs, cfg, model, inputs.manifest, output, storage_options)
+    todo, skipped = plan(inputs.specs, cfg, model, inputs.manifest, output, storage_options, start_key)
     results.update(skipped)
     progress.total, progress.started = len(todo), time.monotonic()
     log.info("plan: %d to train, %d skipped (already done)", len(todo), len(skipped))
@@ -211,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         "base_model": model["base_model"], "base_model_fingerprint": model["base_model_fingerprint"],
         "model": {k: model[k] for k in ("resolution", "dtype", "device")}, "actors": n_actors,
         "actors_replaced": dispatcher.replaced, "counts": summary, "exit_code": code, "infra_error": infra_error,
-        "classes": class_counts,
+        "classes": class_counts, "start": start_key,
         "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3),
                     "load_seconds": round(loaded - started, 3), "train_seconds": round(finished - loaded, 3)},
     }

@@ -37,6 +37,9 @@ class TrainedConcept:
     lora: dict[str, torch.Tensor] | None = None
     """``lora`` / ``pivotal``: the UNet adapter in peft's naming (``…to_q.lora_A.weight``), fp32 on CPU."""
     lora_rank: int | None = None
+    start: dict | None = None
+    """Where its vectors started (:func:`tinv.starts.choose`): ``{"init": …}``, with both fixed-batch losses
+    when another start than the word was asked for."""
 
     @property
     def error(self) -> str | None:
@@ -73,6 +76,8 @@ class Slot:
     """Prior preservation: its class pictures' latent mean and std, as ``latents``."""
     class_ids: list[torch.Tensor] | None = None
     """Per text encoder, ``(M, T)``: each class picture's prompt."""
+    start: dict | None = None
+    """Where its vectors started (:func:`tinv.starts.choose`)."""
 
     @property
     def spec(self) -> ConceptSpec:

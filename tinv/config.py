@@ -209,6 +209,11 @@ class TrainConfig:
     """Denoising steps per class picture (multistep DPM-Solver++)."""
     class_guidance: float = 5.0
     """Classifier-free guidance of the class pictures."""
+    init: str = "word"
+    """Where a concept's new vectors start: ``word`` (its initializer word's embedding), ``cross`` (the text
+    encoder's output for that word, Cross Initialization, arXiv 2312.15905), or the URI of an initializer
+    ``jobs.fit_init`` fitted on earlier runs of this base model (a folder or its ``.safetensors`` file), kept
+    per concept only when its fixed-batch loss beats the word start's (:mod:`tinv.starts`)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -234,6 +239,7 @@ class TrainConfig:
             "prior_loss_weight >= 0": self.prior_loss_weight >= 0,
             "class_images >= 1": self.class_images >= 1,
             "class_sample_steps >= 1": self.class_sample_steps >= 1,
+            "init is word, cross or an initializer's URI": bool(self.init.strip()),
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:

@@ -25,6 +25,10 @@ class ModelLayoutError(InvalidInputError):
     """The model is missing, or is not a diffusers SD/SDXL layout."""
 
 
+class InitializerError(InvalidInputError):
+    """An initializer file (``--init``) that is not one, or that belongs to another base model."""
+
+
 class TransientError(TinvError, OSError):
     """Storage or the hub kept failing after its own retries: another attempt may succeed."""
 

@@ -43,7 +43,8 @@ def concept_dir(output: str, concept_id: str) -> str:
 
 
 def config_fingerprint(
-    spec: ConceptSpec, cfg: TrainConfig, model: dict[str, Any], manifest_dir: str | None = None
+    spec: ConceptSpec, cfg: TrainConfig, model: dict[str, Any], manifest_dir: str | None = None,
+    start: str = "word",
 ) -> str:
     """sha256 of the format version, the resolved spec (minus eval prompts), the result-changing run fields
     and the model, so a result written under another version or setting is redone.
@@ -53,7 +54,9 @@ def config_fingerprint(
     prompt templates, a digest) of the loaded model. Image URIs (not their bytes) are part of the spec;
     those under ``manifest_dir`` count as written in the manifest (relative), so a manifest folder that
     moves (a job's working dir) keeps its results. Settings that only act in some runs count only there:
-    the fp16 loss scale under fp16, the DVAR settings with early stopping on.
+    the fp16 loss scale under fp16, the DVAR settings with early stopping on, and ``start``
+    (:func:`tinv.starts.start_id`: ``cross``, or a learned initializer's content hash) for a concept with new
+    vectors, when it is not the word start.
     """
     settings = resolve(spec, cfg)
     spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("eval_prompts", *LORA_SPEC_FIELDS)}
@@ -75,6 +78,8 @@ def config_fingerprint(
         train_part |= {"loss_scale": cfg.loss_scale, "loss_scale_growth_interval": cfg.loss_scale_growth_interval}
     if cfg.early_stop:
         train_part |= {k: getattr(cfg, k) for k in DVAR_FIELDS}
+    if start != "word" and settings.trains_vectors:
+        train_part["start"] = start
     model_part = {k: model[k] for k in ("base_model_fingerprint", "resolution", "dtype", "templates")}
     blob = json.dumps({"version": FINGERPRINT_VERSION, "spec": spec_part, "train": train_part, "model": model_part},
                       sort_keys=True, default=str)
@@ -145,6 +150,7 @@ def write_concept(
         "embedding_uri": relative_uri(spec.concept_id, DIFFUSERS_NAME) if trained.vectors is not None else None,
         "lora_uri": relative_uri(spec.concept_id, LORA_NAME) if trained.lora is not None else None,
         "lora_rank": trained.lora_rank,
+        "start": trained.start,
     }
     data = json.dumps(record, indent=2, sort_keys=True).encode()
     storage.write_bytes(storage.join(folder, RESULT_NAME), data, storage_options)  # LAST: marks complete

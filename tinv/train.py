@@ -18,6 +18,7 @@ from tinv.concept import ConceptData, TrainedConcept
 from tinv.config import TrainConfig
 from tinv.errors import ConceptCrashedError, ConceptError, ConceptOutOfMemoryError
 from tinv.models import BaseModel
+from tinv.starts import Start
 from tinv.trainer import PackedTrainer
 
 __all__ = ["ConceptData", "PackedTrainer", "StepInfo", "TrainedConcept", "train_concepts"]
@@ -93,6 +94,7 @@ def train_concepts(
     concepts: Iterable[ConceptData | TrainedConcept],
     cfg: TrainConfig,
     callback: Callable[[StepInfo], None] | None = None,
+    start: Start | None = None,
 ) -> Iterator[TrainedConcept]:
     """Train every concept, K at a time, yielding each as it finishes (or fails).
 
@@ -102,8 +104,9 @@ def train_concepts(
     ``concepts`` is pulled lazily, only when a slot frees up. An item that is already a
     :class:`TrainedConcept` (a concept whose data failed upstream) is passed through. A
     concept that fails (see the module's docstring) is yielded with its error and the others go on.
+    ``start``: where new vectors start (:mod:`tinv.starts`; None: the initializer word).
     """
-    trainer = PackedTrainer(model, cfg)
+    trainer = PackedTrainer(model, cfg, start)
     step = GuardedStep(trainer)
     pending = iter(concepts)
     exhausted = False
@@ -140,13 +143,17 @@ def train_concepts(
 
 
 def _admit(trainer: PackedTrainer, s: int, data: ConceptData) -> ConceptError | None:
-    """Put ``data`` into slot ``s``; its error if it cannot train (bad data, or encoding it failed)."""
+    """Put ``data`` into slot ``s``; its error if it cannot train (bad data, or encoding it failed), and then
+    the slot stays free."""
     try:
         trainer.admit(s, data)
     except ConceptError as e:
-        return e
+        failure: ConceptError = e
     except torch.OutOfMemoryError as e:
-        return ConceptOutOfMemoryError(data.spec.concept_id, f"out of memory encoding its images: {e}")
+        failure = ConceptOutOfMemoryError(data.spec.concept_id, f"out of memory encoding its images: {e}")
     except Exception as e:  # noqa: BLE001 — a concept whose admission raises fails alone
-        return ConceptCrashedError(data.spec.concept_id, f"{type(e).__name__}: {e}")
-    return None
+        failure = ConceptCrashedError(data.spec.concept_id, f"{type(e).__name__}: {e}")
+    else:
+        return None
+    trainer.slots[s] = None
+    return failure

@@ -27,6 +27,7 @@ from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
 from tinv.lora import BASE, Adapters
 from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
+from tinv.starts import Start, choose, word_start
 
 VAE_PIXELS_PER_CHUNK = 8 * 512 * 512
 """Pixels the VAE encodes in one call at admission: 8 images at 512 px, 2 at 1024 px, more when small."""
@@ -35,8 +36,9 @@ VAE_PIXELS_PER_CHUNK = 8 * 512 * 512
 class PackedTrainer:
     """Holds K slots of trainable vectors over one frozen :class:`BaseModel`."""
 
-    def __init__(self, model: BaseModel, cfg: TrainConfig) -> None:
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: BaseModel, cfg: TrainConfig, start: Start | None = None) -> None:
+        self.model, self.cfg, self.start = model, cfg, start
+        """``start``: where new vectors start (:mod:`tinv.starts`); None: the initializer word."""
         self.names = slot_token_names(cfg.concepts_per_actor, cfg.max_vectors)
         self.token_ids = register_slot_tokens(model, self.names)  # [encoder][slot][vector]
         self.vectors = [
@@ -68,18 +70,13 @@ class PackedTrainer:
             raise ConceptDataError(spec.concept_id, f"num_vectors {spec.num_vectors} > max_vectors {cfg.max_vectors}")
         if tuple(data.images.shape[-2:]) != (self.resolution, self.resolution):
             raise ValueError(f"images are {tuple(data.images.shape[-2:])}, the trainer needs {self.resolution} px")
-        n_encoders = len(self.model.tokenizers)
-        init = [self._initializer(spec, e) for e in range(n_encoders)] if settings.trains_vectors else []
+        start = self._word_start(spec) if settings.trains_vectors else []
         latents = self._encode_latents(data.images)
         templates = spec.captions or self.model.templates[spec.learnable_property]
         word = " ".join(self.names[s][: spec.num_vectors]) if settings.trains_vectors else spec.placeholder_token
         prompt_ids = [self._tokenize(tok, [t.format(word) for t in templates]) for tok in self.model.tokenizers]
         for p in self.slot_parameters(s):
             self.optimizer.state.pop(p, None)
-        with torch.no_grad():
-            for e, row in enumerate(init):
-                self.vectors[s][e].zero_()
-                self.vectors[s][e][: spec.num_vectors] = row
         self.optimizer.param_groups[s]["lr"] = settings.learning_rate
         prior = {}
         if settings.prior_loss_weight is not None:
@@ -96,6 +93,17 @@ class PackedTrainer:
         generator = torch.Generator().manual_seed(settings.seed)
         self.slots[s] = Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.loss_scale, adapter=adapter,
                               **prior)
+        if settings.trains_vectors:  # a failure from here on leaves the slot to train.py's _admit to free
+            rows, self.slots[s].start = choose(self.start, start, self.model, spec, data.images, lambda rows: (
+                self._set_vectors(s, rows) or self.fixed_loss(s, cfg.dvar_samples)))
+            self._set_vectors(s, rows)
+
+    @torch.no_grad()
+    def _set_vectors(self, s: int, rows: list[torch.Tensor]) -> None:
+        """Slot ``s``'s vectors: ``rows`` (per text encoder, ``(num_vectors, D)``), zeros beyond them."""
+        for e, row in enumerate(rows):
+            self.vectors[s][e].zero_()
+            self.vectors[s][e][: len(row)] = row.to(self.vectors[s][e].device)
 
     def _adapter(self, s: int, settings: Resolved) -> str | None:
         """Give slot ``s`` a fresh LoRA adapter (seeded by the concept) if its method has one."""
@@ -118,20 +126,14 @@ class PackedTrainer:
         """Everything slot ``s`` trains: its token vectors and its adapter, if it has one."""
         return [*self.vectors[s], *(self.lora_groups[s]["params"] if s in self.lora_groups else [])]
 
-    def _initializer(self, spec: ConceptSpec, e: int) -> torch.Tensor:
-        tokenizer, encoder = self.model.tokenizers[e], self.model.text_encoders[e]
-        vocab = tokenizer.get_vocab()  # a word is in it as "word</w>"; it is one token either way
-        clash = [t for t in spec.tokens if t in vocab or len(tokenizer.encode(t, add_special_tokens=False)) == 1]
-        if clash:
-            raise ConceptDataError(spec.concept_id, f"placeholder token {clash[0]!r} is already in the vocabulary")
-        ids = tokenizer.encode(spec.initializer_token, add_special_tokens=False)
-        if len(ids) != 1:
-            pieces = tokenizer.convert_ids_to_tokens(ids)
-            raise ConceptDataError(
-                spec.concept_id,
-                f"initializer_token {spec.initializer_token!r} is {len(ids)} tokens {pieces}; use a one-token word",
-            )
-        return encoder.get_input_embeddings().weight[ids[0]].detach().float()  # (D,)
+    def _word_start(self, spec: ConceptSpec) -> list[torch.Tensor]:
+        """Its tokens checked new to every tokenizer, then its word start (:func:`tinv.starts.word_start`)."""
+        for tokenizer in self.model.tokenizers:
+            vocab = tokenizer.get_vocab()  # a word is in it as "word</w>"; it is one token either way
+            clash = [t for t in spec.tokens if t in vocab or len(tokenizer.encode(t, add_special_tokens=False)) == 1]
+            if clash:
+                raise ConceptDataError(spec.concept_id, f"placeholder token {clash[0]!r} is already in the vocabulary")
+        return word_start(self.model, spec)
 
     def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
         return tokenizer(
@@ -309,7 +311,8 @@ class PackedTrainer:
         lora = self.adapters.state_dict(slot.adapter) if slot.adapter else None
         self.slots[s] = None
         return TrainedConcept(slot.spec, vectors if slot.settings.trains_vectors else None, slot.losses,
-                              time.perf_counter() - slot.started, lora=lora, lora_rank=slot.settings.lora_rank)
+                              time.perf_counter() - slot.started, lora=lora, lora_rank=slot.settings.lora_rank,
+                              start=slot.start)
 
     def fail(self, s: int, failure: ConceptError) -> TrainedConcept:
         """Take the failed concept out of slot ``s`` (its losses so far are kept, its vectors are not)."""
