@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobtools import BIN, REPO, free_port, job_env
+from jobtools import BIN, REPO, free_port, job_env, submit
 
 from tinv.tiny import save_tiny_model
 
@@ -47,6 +48,14 @@ def ray_cluster():
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
         subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_cluster, tmp_path_factory):
+    """The shipped demo submitted with ``ray job submit`` once per session: (its output folder, the log)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    log = submit(ray_cluster, f"tinv-demo-{os.getpid()}", "--output", str(out))
+    return out, log
 
 
 @pytest.fixture(scope="session")

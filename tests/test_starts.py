@@ -152,3 +152,12 @@ def test_the_start_counts_in_the_fingerprint_of_concepts_with_new_vectors_only()
     starts = ("word", "cross", "learned:ab", "learned:cd")
     assert len({config_fingerprint(ti, cfg, model, start=s) for s in starts}) == 4
     assert config_fingerprint(lora, cfg, model, start="cross") == config_fingerprint(lora, cfg, model)
+
+
+def test_an_sdxl_initializer_predicts_each_text_encoders_vectors():
+    examples = [Example(ex.features, ex.learnable_property, [ex.vectors[0], 3 * ex.vectors[0][:, :4]])
+                for ex in synthetic(12)]
+    init = Initializer.from_bytes(fit(examples, "fp", "vae-latents", steps=50, hidden=16).to_bytes())
+    first, second = init.predict(examples[0].features, "object", 2)
+    assert first.shape == (2, 8) and second.shape == (2, 4)
+    assert len(init.stats["groups"]["2"]["encoders"]) == 2  # an error per text encoder

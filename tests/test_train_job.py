@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from jobtools import REPO, TOY, concept_files, expected_files, run_driver, submit
@@ -43,13 +42,6 @@ def results(out: Path) -> dict[str, dict]:
     rows = pq.read_table(out / "results.parquet").to_pylist()
     assert len(rows) == len({r["concept_id"] for r in rows}), "a concept appears twice in results.parquet"
     return {r["concept_id"]: r for r in rows}
-
-
-@pytest.fixture(scope="module")
-def demo_run(ray_cluster, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    log = submit(ray_cluster, f"tinv-demo-{os.getpid()}", "--output", str(out))
-    return out, log
 
 
 def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers(demo_run, tmp_path):

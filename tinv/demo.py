@@ -36,12 +36,21 @@ def eval_prompts(concept: Concept) -> list[str]:
 
 def demo_rows(folder: str | Path, n_images: int = DEMO_IMAGES, seed: int = 0) -> list[dict]:
     """Write each concept's pictures under ``{folder}/demo/{concept}/`` and return the manifest rows."""
-    folder = Path(folder)
+    return concept_rows(CONCEPTS, folder, "demo", n_images, seed, DEMO_STEPS, DEMO_METHODS)
+
+
+def concept_rows(
+    concepts: tuple[Concept, ...], folder: str | Path, subdir: str, n_images: int, seed: int,
+    steps: int | None = None, methods: dict[str, str] | None = None,
+) -> list[dict]:
+    """Write concept k's pictures (drawn from ``seed + k``) under ``{folder}/{subdir}/{concept}/`` and return
+    the manifest rows (relative image URIs; a style's captions; ``steps`` and ``methods`` when given)."""
+    folder, methods = Path(folder), methods or {}
     rows = []
-    for k, concept in enumerate(CONCEPTS):
+    for k, concept in enumerate(concepts):
         images = []
         for i, picture in enumerate(concept.pictures(n_images, seed + k)):
-            rel = f"demo/{concept.name}/{i}.png"  # relative: resolves against the manifest's folder
+            rel = f"{subdir}/{concept.name}/{i}.png"  # relative: resolves against the manifest's folder
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)
             (folder / rel).write_bytes(png_bytes(picture))
             images.append(rel)
@@ -53,10 +62,10 @@ def demo_rows(folder: str | Path, n_images: int = DEMO_IMAGES, seed: int = 0) ->
                 "placeholder_token": token(concept),
                 "initializer_token": concept.initializer,
                 "learnable_property": concept.learnable_property,
-                "steps": DEMO_STEPS,
+                **({"steps": steps} if steps else {}),
                 "eval_prompts": eval_prompts(concept),
                 **({"captions": list(captions)} if captions else {}),
-                **({"method": DEMO_METHODS[concept.name]} if concept.name in DEMO_METHODS else {}),
+                **({"method": methods[concept.name]} if concept.name in methods else {}),
             }
         )
     return rows

@@ -1,4 +1,5 @@
-"""``python -m tinv.toyworld train --out DIR`` | ``… fidelity [--model DIR]`` | ``… methods [--model DIR]``."""
+"""``python -m tinv.toyworld train --out DIR`` | ``… fidelity [--model DIR]`` | ``… methods [--model DIR]`` |
+``… corpus --out DIR`` | ``… starts --init URI``."""
 
 from __future__ import annotations
 
@@ -41,8 +42,50 @@ def main(argv: list[str] | None = None) -> None:
                    help="each method's toy-world LoRA learning rate (tinv.toyworld.methods.TOY_LORA_LEARNING_RATES) "
                         "instead of --lora-learning-rate")
     cli.add_fields(m, TrainConfig, defaults={"steps": FIDELITY_STEPS})
+    c = sub.add_parser("corpus", help="write a manifest of toy concepts disjoint from the held-out ones (to train "
+                                      "with jobs.train and fit a learned start on)")
+    c.add_argument("--out", required=True, help="folder for corpus.parquet and its pictures")
+    c.add_argument("--concepts", type=int, default=320)
+    c.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("starts", help="word / cross / learned starts per held-out concept: fidelity at 0 steps, "
+                                      "samples to target, fidelity at the DVAR stop")
+    s.add_argument("--init", required=True, help="the initializer jobs.fit_init wrote (folder or file)")
+    s.add_argument("--model", default=str(MODEL_DIR))
+    s.add_argument("--samples", type=int, default=32, help="samples per concept and checkpoint (as the schedule "
+                                                           "benchmark)")
+    s.add_argument("--json", default=None, help="also write the curves and the summary as JSON here")
+    s.add_argument("--night", default=None, help="the jobs.train run the initializer was fitted on: adds the cost "
+                                                 "side (its time, the fit's, the break-even)")
     args = p.parse_args(argv)
-    {"train": train, "fidelity": fidelity, "methods": methods}[args.command](args)
+    {"train": train, "fidelity": fidelity, "methods": methods, "corpus": corpus, "starts": starts}[args.command](args)
+
+
+def starts(args: argparse.Namespace) -> None:
+    from tinv.toyworld.fast_start import cost, markdown, start_curves, summary
+    from tinv.toyworld.scorer import load_scorer
+
+    began = time.perf_counter()
+    curves = start_curves(args.model, load_scorer(Path(args.model) / SCORER_FILE), args.init, samples=args.samples,
+                          steps=25, batch_size=64)
+    print(markdown(curves))
+    costs = None
+    if args.night:
+        night = Path(args.night)
+        steps = [json.loads(p.read_text())["steps"] for p in night.glob("concepts/*/result.json")]
+        fit = json.loads((Path(args.init) / "fit.json").read_text())
+        costs = cost(json.loads((night / "run.json").read_text()), steps, fit, summary(curves))
+        print(json.dumps(costs, indent=1))
+    if args.json:
+        record = {"init": args.init, "samples_per_checkpoint": args.samples, "summary": summary(curves),
+                  "cost": costs, "seconds": round(time.perf_counter() - began, 1),
+                  "curves": [asdict(c) | {"samples_to_target": c.samples_to_target} for c in curves]}
+        Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+def corpus(args: argparse.Namespace) -> None:
+    from tinv.toyworld.corpus import write_corpus
+
+    print(write_corpus(args.out, args.concepts, args.seed))
 
 
 def train(args: argparse.Namespace) -> None:

@@ -9,7 +9,9 @@ from PIL import Image
 
 from tinv.toyworld.world import (
     BACKDROP_WORD,
+    COLOURS,
     COMBINATIONS,
+    CONTRAST,
     HELD_OUT_STYLES,
     LIGHT,
     NAMED_COLOURS,
@@ -34,6 +36,10 @@ class Concept:
     """A style concept's unnamed backdrop."""
     rendering: str = "plain"
     """How every training picture is drawn (a style of :data:`~tinv.toyworld.world.STYLES`)."""
+    rgb: tuple[int, int, int] | None = None
+    """A described colour's exact fill (an object whose ``colour`` is ``other``)."""
+    backdrop_rgb: tuple[int, int, int] | None = None
+    """A described backdrop's exact tone (a style whose ``backdrop`` is ``other``)."""
 
     @property
     def initializer(self) -> str:
@@ -47,10 +53,13 @@ class Concept:
     def items(self, n: int, rng: np.random.Generator) -> list[Item]:
         """``n`` labelled pictures of the concept (styles: any named colour and shape on the backdrop)."""
         if self.kind != "style":
-            return [Item(self.shape, self.colour, self.rendering) for _ in range(n)]
+            return [Item(self.shape, self.colour, self.rendering, self.rgb) for _ in range(n)]
         colours = list(NAMED_COLOURS)
+        if self.backdrop_rgb is not None:  # a described backdrop: the named colours that stand out on it
+            colours = [c for c in colours if np.linalg.norm(np.subtract(COLOURS[c], self.backdrop_rgb)) >= CONTRAST]
         return [
-            Item(SHAPES[i % len(SHAPES)], colours[rng.integers(len(colours))], self.rendering, backdrop=self.backdrop)
+            Item(SHAPES[i % len(SHAPES)], colours[rng.integers(len(colours))], self.rendering, backdrop=self.backdrop,
+                 backdrop_rgb=self.backdrop_rgb)
             for i in range(n)
         ]
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from tinv.config import TrainConfig
 from tinv.models import BaseModel
+from tinv.starts import Start
 from tinv.toyworld.concepts import CONCEPTS, Concept
 from tinv.toyworld.fidelity import Draw, concept_data, score, word_prompts
 from tinv.toyworld.scorer import Scorer
@@ -35,6 +36,8 @@ class Curve:
     """DVAR's stop step (None: it never fired within the schedule)."""
     fidelity_at_stop: float | None = None
     samples_per_step: int = 4
+    start: dict | None = None
+    """Where its vectors started (:func:`tinv.starts.choose`'s record)."""
 
     @property
     def samples_to_target(self) -> int | None:
@@ -45,16 +48,26 @@ class Curve:
 
 def snapshots(
     model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig, checkpoints: list[int], dvar: bool,
-    n_images: int = 6, seed: int = 0, method: str = "ti",
-) -> tuple[dict[tuple[int, int], Draw], dict[int, tuple[int, Draw]], list[int]]:
-    """What concept i has learned by ``method`` as a :class:`Draw`, ``(i, step) → draw`` at each checkpoint
-    and ``i → (stop step, draw)`` for DVAR, and each concept's samples per step."""
+    n_images: int = 6, seed: int = 0, method: str = "ti", start: Start | None = None,
+) -> tuple[dict[tuple[int, int], Draw], dict[int, tuple[int, Draw]], list[int], list[dict | None]]:
+    """What concept i has learned by ``method`` from ``start`` as a :class:`Draw`, ``(i, step) → draw`` at
+    each checkpoint (step 0: the start itself) and ``i → (stop step, draw)`` for DVAR; each concept's samples
+    per step and its start's record (:func:`tinv.starts.choose`)."""
     cfg = replace(cfg, concepts_per_actor=len(concepts), early_stop=dvar)
-    trainer = PackedTrainer(model, cfg)
+    trainer = PackedTrainer(model, cfg, start)
     for i, c in enumerate(concepts):
         trainer.admit(i, concept_data(c, n_images, model.resolution, seed + i, method))
-    copies, stops = {}, {}
     sizes = [slot.settings.batch_size for slot in trainer.slots]
+    begun = [slot.start for slot in trainer.slots]
+
+    def learned(s: int) -> Draw:
+        slot = trainer.slots[s]
+        vec = trainer.vectors[s][0][: slot.spec.num_vectors].detach().clone()
+        lora = trainer.adapters.state_dict(slot.adapter) if slot.adapter else None
+        return Draw(s, vec if slot.settings.trains_vectors else None, slot.spec.placeholder_token, lora)
+
+    copies = {(s, 0): learned(s) for s in range(len(concepts))} if 0 in checkpoints else {}
+    stops = {}
     for step in range(1, max(checkpoints) + 1):
         for s, loss in trainer.step()[0].items():
             trainer.slots[s].losses.append(loss)
@@ -62,36 +75,34 @@ def snapshots(
             stopping = dvar and s not in stops and trainer.flattened(s)  # once a step: it records a fixed loss
             if step not in checkpoints and not stopping:
                 continue
-            slot = trainer.slots[s]
-            vec = trainer.vectors[s][0][: slot.spec.num_vectors].detach().clone()
-            vec = vec if slot.settings.trains_vectors else None
-            lora = trainer.adapters.state_dict(slot.adapter) if slot.adapter else None
-            draw = Draw(s, vec, slot.spec.placeholder_token, lora)
+            draw = learned(s)
             if step in checkpoints:
                 copies[s, step] = draw
             if stopping:
                 stops[s] = (step, draw)
-    return copies, stops, sizes
+    return copies, stops, sizes, begun
 
 
 def schedule_curves(
     model: BaseModel, scorer: Scorer, schedules: dict[str, tuple[TrainConfig, list[int], bool]],
-    concepts: tuple[Concept, ...] = CONCEPTS, samples: int = 32, seed: int = 0, method: str = "ti", **gen,
+    concepts: tuple[Concept, ...] = CONCEPTS, samples: int = 32, seed: int = 0, method: str = "ti",
+    start: Start | None = None, **gen,
 ) -> list[Curve]:
     """Fidelity at each checkpoint of each schedule ``name → (config, checkpoints, watch with DVAR)``, every
-    concept learned by ``method``."""
+    concept learned by ``method`` from ``start`` (None: the initializer word)."""
     words = [Draw(i, word=word_prompts(c)[0]) for i, c in enumerate(concepts) if c.kind == "combination"]
     targets = [0.9] * len(concepts)
     for w, (s, _) in zip(words, score(model, scorer, concepts, words, samples, seed, **gen)):
         targets[w.concept] = 0.9 * s
     curves = []
     for name, (cfg, checkpoints, dvar) in schedules.items():
-        copies, stops, sizes = snapshots(model, concepts, cfg, checkpoints, dvar, seed=seed, method=method)
+        copies, stops, sizes, begun = snapshots(model, concepts, cfg, checkpoints, dvar, seed=seed, method=method,
+                                                start=start)
         keys = sorted(copies) + [(i, "stop") for i in sorted(stops)]
         todo = [copies[i, s] if s != "stop" else stops[i][1] for i, s in keys]
         found = dict(zip(keys, score(model, scorer, concepts, todo, samples, seed, **gen)))
         for i, c in enumerate(concepts):
-            curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=sizes[i])
+            curve = Curve(c.name, c.kind, name, targets[i], samples_per_step=sizes[i], start=begun[i])
             curve.steps = sorted(s for j, s in copies if j == i)
             curve.fidelity = [found[i, s][0] for s in curve.steps]
             curve.fidelity_loose = [found[i, s][1] for s in curve.steps]
