@@ -161,3 +161,13 @@ def test_an_sdxl_initializer_predicts_each_text_encoders_vectors():
     first, second = init.predict(examples[0].features, "object", 2)
     assert first.shape == (2, 8) and second.shape == (2, 4)
     assert len(init.stats["groups"]["2"]["encoders"]) == 2  # an error per text encoder
+
+
+def test_dvar_counts_the_fall_from_the_word_start_so_a_good_learned_start_stops_as_early_as_dvar_allows():
+    model = load_base_model(TOY)
+    data = ConceptData(red_star(), pictures("red-star"))
+    (learned,) = train_concepts(model, [data], replace(FIXED, steps=80))
+    dvar = replace(FIXED, steps=200, early_stop=True, dvar_window=20, dvar_every=2, dvar_samples=8)
+    (started,) = train_concepts(model, [data], dvar, start=Given(LEARNED, rows=learned.vectors))
+    assert started.start["init"] == LEARNED
+    assert len(started.losses) == 2 * dvar.dvar_window - dvar.dvar_every  # the earliest step DVAR may stop at

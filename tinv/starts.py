@@ -125,3 +125,12 @@ def start_id(start: Start, data: bytes | None = None) -> str:
     """What a concept's config fingerprint holds of its start: ``word``, ``cross``, or ``learned:`` and the
     sha256 of the initializer file's bytes ``data`` (a refitted initializer is another start)."""
     return start.name if start.initializer is None else f"{LEARNED}:{hashlib.sha256(data or b'').hexdigest()}"
+
+
+def dvar_history(record: dict) -> list[float]:
+    """What DVAR's fixed-batch history starts from: a kept learned start's word-start loss (the same fixed
+    batch), else nothing. DVAR stops when the loss's recent variance is a small share of its whole history's;
+    a concept that starts near its optimum has no fall in its own history to measure against, and would
+    train to its last step (toy world: 407 steps on average against the word start's 248). Counting the
+    fall from the word start to the prediction gives it the history a word start would have had."""
+    return [record["losses"][WORD]] if record.get("init") == LEARNED else []

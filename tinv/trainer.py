@@ -27,7 +27,7 @@ from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
 from tinv.lora import BASE, Adapters
 from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
-from tinv.starts import Start, choose, word_start
+from tinv.starts import Start, choose, dvar_history, word_start
 
 VAE_PIXELS_PER_CHUNK = 8 * 512 * 512
 """Pixels the VAE encodes in one call at admission: 8 images at 512 px, 2 at 1024 px, more when small."""
@@ -97,6 +97,7 @@ class PackedTrainer:
             rows, self.slots[s].start = choose(self.start, start, self.model, spec, data.images, lambda rows: (
                 self._set_vectors(s, rows) or self.fixed_loss(s, cfg.dvar_samples)))
             self._set_vectors(s, rows)
+            self.slots[s].fixed_batch_losses = dvar_history(self.slots[s].start)
 
     @torch.no_grad()
     def _set_vectors(self, s: int, rows: list[torch.Tensor]) -> None:
