@@ -171,3 +171,22 @@ def test_dvar_counts_the_fall_from_the_word_start_so_a_good_learned_start_stops_
     (started,) = train_concepts(model, [data], dvar, start=Given(LEARNED, rows=learned.vectors))
     assert started.start["init"] == LEARNED
     assert len(started.losses) == 2 * dvar.dvar_window - dvar.dvar_every  # the earliest step DVAR may stop at
+
+
+@dataclass
+class Breaks(Start):
+    """A start whose prediction raises for one concept."""
+
+    def vectors(self, model, spec, images):
+        if spec.concept_id == "bad":
+            raise RuntimeError("the initializer broke")
+        return None
+
+
+def test_a_start_that_raises_fails_its_concept_alone_and_frees_the_slot():
+    model = load_base_model(TOY)
+    star = pictures("red-star")
+    concepts = [ConceptData(replace(red_star(), concept_id=c), star) for c in ("bad", "good")]
+    bad, good = train_concepts(model, concepts, FIXED, start=Breaks(LEARNED))  # K = 1: good takes bad's slot
+    assert bad.error and "the initializer broke" in bad.error and bad.spec.concept_id == "bad"
+    assert good.error is None and good.start["init"] == "word" and len(good.losses) == FIXED.steps
