@@ -27,7 +27,7 @@ class Given(Start):
 
     rows: list[torch.Tensor] | None = None
 
-    def vectors(self, model, spec, images):
+    def vectors(self, model, spec, images, means=None):
         return self.rows
 
 
@@ -177,7 +177,7 @@ def test_dvar_counts_the_fall_from_the_word_start_so_a_good_learned_start_stops_
 class Breaks(Start):
     """A start whose prediction raises for one concept."""
 
-    def vectors(self, model, spec, images):
+    def vectors(self, model, spec, images, means=None):
         if spec.concept_id == "bad":
             raise RuntimeError("the initializer broke")
         return None

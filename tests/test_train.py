@@ -253,7 +253,7 @@ def test_gradient_checkpointing_gives_the_same_step_and_is_really_on(tiny_models
 
 
 def test_the_vae_encodes_in_chunks_sized_by_resolution(tiny_models, images, monkeypatch):
-    import tinv.trainer
+    import tinv.models
 
     model = load_base_model(str(tiny_models["sd1"]))
     encoded: list[int] = []
@@ -262,6 +262,6 @@ def test_the_vae_encodes_in_chunks_sized_by_resolution(tiny_models, images, monk
     PackedTrainer(model, TrainConfig(concepts_per_actor=1)).admit(0, ConceptData(spec("a"), images))
     assert encoded == [8]  # 4 images and their flips: one call at 32 px
     encoded.clear()
-    monkeypatch.setattr(tinv.trainer, "VAE_PIXELS_PER_CHUNK", 3 * 32 * 32)  # a budget of 3 pictures of 32 px
+    monkeypatch.setattr(tinv.models, "VAE_PIXELS_PER_CHUNK", 3 * 32 * 32)  # a budget of 3 pictures of 32 px
     PackedTrainer(model, TrainConfig(concepts_per_actor=1)).admit(0, ConceptData(spec("a"), images))
     assert encoded == [3, 3, 2]

@@ -24,7 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from tinv.config import PROPERTIES
 from tinv.errors import InitializerError
-from tinv.models import BaseModel
+from tinv.models import BaseModel, encode_latents
 
 INITIALIZER_NAME = "initializer.safetensors"
 FORMAT = "tinv-initializer-1"
@@ -35,14 +35,14 @@ NET_KEYS = ("x_mean", "x_std", "w1", "b1", "w2", "b2", "y_mean", "y_std")
 
 
 @torch.no_grad()
-def picture_features(model: BaseModel, images: torch.Tensor, kind: str = VAE_FEATURES) -> torch.Tensor:
+def picture_features(model: BaseModel, images: torch.Tensor, kind: str = VAE_FEATURES,
+                     means: torch.Tensor | None = None) -> torch.Tensor:
     """``(F,)``: the mean and the spread over a concept's pictures (``(N, 3, H, W)`` in [-1, 1]) of their
-    VAE latent means pooled to ``GRID`` × ``GRID`` (``vae-latents``), or of a CLIP image model's embeddings."""
+    VAE latent means pooled to ``GRID`` × ``GRID`` (``vae-latents``; ``means``: those latent means when the
+    caller has them already), or of a CLIP image model's embeddings."""
     if kind == VAE_FEATURES:
-        vae = model.vae
-        latents = torch.cat([vae.encode(chunk.to(model.device, vae.dtype)).latent_dist.mean.float()
-                             for chunk in images.split(8)])
-        per_picture = F.adaptive_avg_pool2d(latents, GRID).flatten(1)
+        latents = encode_latents(model, images)[0] if means is None else means
+        per_picture = F.adaptive_avg_pool2d(latents.float(), GRID).flatten(1)
     elif kind.startswith("clip:"):
         per_picture = clip_embeddings(kind.removeprefix("clip:"), images)
     else:

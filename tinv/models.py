@@ -23,6 +23,8 @@ SD_PARTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SDXL_PARTS = (*SD_PARTS, "tokenizer_2", "text_encoder_2")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPLATES_FILE = "tinv_templates.json"
+VAE_PIXELS_PER_CHUNK = 8 * 512 * 512
+"""Pixels the VAE encodes in one call: 8 images at 512 px, 2 at 1024 px, more when small."""
 
 
 @dataclass
@@ -78,6 +80,19 @@ class BaseModel:
     def templates_digest(self) -> str:
         """sha256 of the training prompt templates (they shape what is learned)."""
         return hashlib.sha256(json.dumps(self.templates, sort_keys=True).encode()).hexdigest()
+
+
+@torch.no_grad()
+def encode_latents(model: BaseModel, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's latent mean and std of ``images`` ``(N, 3, H, W)`` in [-1, 1], fp32, ``(N, C, h, w)`` each,
+    in calls of at most :data:`VAE_PIXELS_PER_CHUNK` pixels."""
+    vae = model.vae
+    means, stds = [], []
+    for chunk in images.split(max(1, VAE_PIXELS_PER_CHUNK // (images.shape[-1] * images.shape[-2]))):
+        dist = vae.encode(chunk.to(model.device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
 
 
 def resolve_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:

@@ -69,14 +69,15 @@ class Start:
     name: str
     initializer: Initializer | None = None
 
-    def vectors(self, model: BaseModel, spec: ConceptSpec, images: torch.Tensor) -> list[torch.Tensor] | None:
+    def vectors(self, model: BaseModel, spec: ConceptSpec, images: torch.Tensor,
+                means: torch.Tensor | None = None) -> list[torch.Tensor] | None:
         """Per text encoder, ``(num_vectors, D)``; None when a learned start has no prediction for this
-        concept (no network for its vector count)."""
+        concept (no network for its vector count). ``means``: the pictures' VAE latent means, if known."""
         if self.name == WORD:
             return word_start(model, spec)
         if self.name == CROSS:
             return cross_start(model, spec)
-        features = picture_features(model, images, self.initializer.features)
+        features = picture_features(model, images, self.initializer.features, means)
         return self.initializer.predict(features, spec.learnable_property, spec.num_vectors)
 
 
@@ -102,15 +103,16 @@ def load_start(init: str, storage_options: dict | None = None) -> tuple[Start, s
 
 def choose(
     start: Start | None, word: list[torch.Tensor], model: BaseModel, spec: ConceptSpec, images: torch.Tensor,
-    loss_of: Callable[[list[torch.Tensor]], float],
+    means: torch.Tensor | None, loss_of: Callable[[list[torch.Tensor]], float],
 ) -> tuple[list[torch.Tensor], dict]:
     """A concept's start rows and the record of it (``result.json``'s ``start``), ``word`` being its word
-    start. For another start, ``loss_of`` (the fixed-batch loss of some rows) is asked of the word start and
-    of the other; a learned start is kept only when its loss is below the word start's."""
+    start and ``means`` its pictures' VAE latent means (when known). For another start, ``loss_of`` (the
+    fixed-batch loss of some rows) is asked of the word start and of the other; a learned start is kept only
+    when its loss is below the word start's."""
     if start is None or start.name == WORD:
         return word, {"init": WORD}
     losses = {WORD: loss_of(word)}
-    rows = start.vectors(model, spec, images)
+    rows = start.vectors(model, spec, images, means)
     if rows is None:
         return word, {"init": WORD, "requested": start.name, "losses": losses,
                       "reason": f"the initializer has no network for {spec.num_vectors} vectors"}

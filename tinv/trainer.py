@@ -25,12 +25,9 @@ from tinv.conditioning import encode_prompts
 from tinv.config import ConceptSpec, Resolved, TrainConfig, resolve
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
 from tinv.lora import BASE, Adapters
-from tinv.models import BaseModel
+from tinv.models import BaseModel, encode_latents
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 from tinv.starts import Start, choose, dvar_history, word_start
-
-VAE_PIXELS_PER_CHUNK = 8 * 512 * 512
-"""Pixels the VAE encodes in one call at admission: 8 images at 512 px, 2 at 1024 px, more when small."""
 
 
 class PackedTrainer:
@@ -94,7 +91,8 @@ class PackedTrainer:
         self.slots[s] = Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.loss_scale, adapter=adapter,
                               **prior)
         if settings.trains_vectors:  # a failure from here on leaves the slot to train.py's _admit to free
-            rows, self.slots[s].start = choose(self.start, start, self.model, spec, data.images, lambda rows: (
+            means = latents[0][: len(data.images)]  # the pictures' own latent means, as encoded above
+            rows, self.slots[s].start = choose(self.start, start, self.model, spec, data.images, means, lambda rows: (
                 self._set_vectors(s, rows) or self.fixed_loss(s, cfg.dvar_samples)))
             self._set_vectors(s, rows)
             self.slots[s].fixed_batch_losses = dvar_history(self.slots[s].start)
@@ -141,16 +139,9 @@ class PackedTrainer:
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.model.device)
 
-    @torch.no_grad()
     def _encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vae = self.model.vae
-        both = torch.cat([images, images.flip(-1)])  # (2N, 3, H, W)
-        means, stds = [], []
-        for chunk in both.split(max(1, VAE_PIXELS_PER_CHUNK // (both.shape[-1] * both.shape[-2]))):
-            dist = vae.encode(chunk.to(self.model.device, vae.dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
-        return torch.cat(means), torch.cat(stds)  # (2N, C, h, w) each
+        """Latent mean and std of the images, then of their flips: ``(2N, C, h, w)`` each."""
+        return encode_latents(self.model, torch.cat([images, images.flip(-1)]))
 
     # -- one step --------------------------------------------------------------------------
     @property
