@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import re
 import sys
@@ -43,7 +42,7 @@ from jobs.common import (
 )
 from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.eval_actor import EvalSetup, EvalSpec, EvalWorker
-from jobs.report import METRICS_TYPE, Progress
+from jobs.report import METRICS_TYPE, Progress, read_run
 from tinv import cli, outputs, storage
 from tinv.gallery import gallery_html
 from tinv.metrics import parse_requests
@@ -90,13 +89,9 @@ def run_tasks(
     run: str, prompts: list[str] | None, storage_options: dict | None
 ) -> tuple[list[Task], dict[str, Any]]:
     """A task per trained concept of a run (from its result.json), and the run's record (run.json)."""
-    try:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(run, "results.parquet"), storage_options)))
-        record = json.loads(storage.read_bytes(storage.join(run, "run.json"), storage_options))
-    except FileNotFoundError as e:
-        raise JobExit(EXIT_INVALID, f"invalid input: {run} is not a training run's output ({e})") from e
+    record, rows = read_run(run, storage_options)
     tasks = []
-    for row in table.to_pylist():
+    for row in rows:
         if row["status"] == "failed":
             continue
         result = outputs.read_result(run, row["concept_id"], storage_options)

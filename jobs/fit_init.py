@@ -14,7 +14,6 @@ Exit status: 0 fitted; 2 invalid input (no run, runs of different base models, n
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -22,12 +21,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import pyarrow.parquet as pq
 import ray
 
 from jobs.actor import load_model
 from jobs.common import EXIT_INFRA, EXIT_INVALID, EXIT_OK, ClusterConfig, JobExit, connect, local_abs, run_main
 from jobs.evaluate import run_model
+from jobs.report import read_run
 from tinv import cli, outputs, storage
 from tinv.errors import ConceptDataError
 from tinv.evaluate import read_embedding
@@ -78,20 +77,15 @@ def gather(runs: list[str], storage_options: dict | None) -> tuple[str | None, s
     base models."""
     records, tables = {}, {}
     for run in runs:
-        try:
-            records[run] = json.loads(storage.read_bytes(storage.join(run, "run.json"), storage_options))
-            tables[run] = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(run, "results.parquet"),
-                                                                      storage_options)))
-        except FileNotFoundError as e:
-            raise JobExit(EXIT_INVALID, f"invalid input: {run} is not a training run's output ({e})") from e
+        records[run], tables[run] = read_run(run, storage_options)
     fingerprints = {run: record["base_model_fingerprint"] for run, record in records.items()}
     if len(set(fingerprints.values())) > 1:
         found = ", ".join(f"{run}: {fp[:12]}…" for run, fp in fingerprints.items())
         raise JobExit(EXIT_INVALID, f"invalid input: the runs are of different base models ({found}); fit one "
                                     "initializer per base model")
     concepts = []
-    for run, table in tables.items():
-        for row in table.to_pylist():
+    for run, rows in tables.items():
+        for row in rows:
             result = outputs.read_result(run, row["concept_id"], storage_options) if row["status"] != "failed" else None
             if result and result.get("status") == "succeeded" and result.get("embedding_uri"):
                 concepts.append({"concept_id": f"{run}#{row['concept_id']}", "images": result["images"],

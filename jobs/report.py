@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.common import EXIT_INVALID, JobExit
 from tinv import storage
 from tinv.config import ConceptSpec
 
@@ -119,6 +120,17 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def read_run(run: str, storage_options: dict | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A training run's ``run.json`` and its ``results.parquet`` rows; :class:`JobExit` (invalid input) when
+    ``run`` is not a run's output."""
+    try:
+        record = json.loads(storage.read_bytes(storage.join(run, "run.json"), storage_options))
+        table = pq.read_table(io.BytesIO(storage.read_bytes(storage.join(run, "results.parquet"), storage_options)))
+    except FileNotFoundError as e:
+        raise JobExit(EXIT_INVALID, f"invalid input: {run} is not a training run's output ({e})") from e
+    return record, table.to_pylist()
 
 
 def write_run(output: str, run: dict[str, Any], storage_options: dict | None = None) -> str:
