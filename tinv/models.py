@@ -205,10 +205,9 @@ def assemble(
     """
     for module in [*text_encoders, unet, vae]:
         module.requires_grad_(False).eval().to(device)
-    unet.to(dtype)
-    vae.to(vae_dtype(dtype))
-    for module in text_encoders:
-        module.to(text_encoder_dtype)
+    for module, want in [(unet, dtype), (vae, vae_dtype(dtype)), *((m, text_encoder_dtype) for m in text_encoders)]:
+        if module.dtype != want:  # a cast with a dtype warns per model per actor even when nothing changes
+            module.to(want)
     set_attention([unet, vae], attention)
     templates, eval_prompts = read_templates(path)
     return BaseModel(uri, path, tokenizers, text_encoders, unet, vae, scheduler, device, dtype, fingerprint,
