@@ -16,6 +16,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tinv import classes, outputs
+from tinv import classes, outputs, webui
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import EMBEDDED_MODEL
 from tinv.errors import ConceptCrashedError, TinvError, TransientError, describe
@@ -56,6 +57,8 @@ class WorkerSetup:
     """torch intra-op threads (the actor's CPU share)."""
     samples: dict[str, Any] | None = None
     """:class:`tinv.samples.SampleConfig` fields for each concept's evaluation samples and metrics."""
+    export: tuple[str, ...] = ()
+    """:attr:`tinv.catalog.PublishConfig.export`: extra layouts each concept's folder gets."""
 
 
 def load_model(setup: Any, gradient_checkpointing: bool = False) -> BaseModel:
@@ -87,6 +90,7 @@ class TrainerWorker:
 
     def __init__(self, setup: WorkerSetup) -> None:
         self.setup, self.name, self.load_error = setup, worker_name(), None
+        began = time.monotonic()
         try:
             self.cfg = TrainConfig(**setup.train)
             self.start, _ = load_start(self.cfg.init, setup.storage_options)  # the driver checked its base model
@@ -94,6 +98,8 @@ class TrainerWorker:
         except Exception as e:  # noqa: BLE001 — kept for info(): Ray drops a constructor's exception type
             self.load_error = e
             return
+        print(f"[tinv] {self.name}: model loaded in {time.monotonic() - began:.1f} s ({self.model.dtype}, "
+              f"{self.model.device})", flush=True)
         self.resolution = PackedTrainer(self.model, self.cfg).resolution
         samples = SampleConfig(**(setup.samples or {}))
         self.evaluator = Evaluator(self.model, samples, load_metrics(self.model, samples.metrics))
@@ -113,6 +119,11 @@ class TrainerWorker:
         if self.load_error is not None:
             raise self.load_error
         return worker_info(self.model, self.resolution, self.name)
+
+    def one_token_words(self, words: list[str]) -> list[str]:
+        """The ``words`` (lowercased) that one of the model's tokenizers reads as a single token."""
+        with self.model_lock:
+            return sorted(webui.one_token_words(self.model.tokenizers, words))
 
     def train(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Train concepts ``{"spec", "fingerprint", "attempt"}``; one result dict per request, same order."""
@@ -226,7 +237,7 @@ class TrainerWorker:
                 record = outputs.write_concept(
                     self.setup.output, trained, fingerprint=request["fingerprint"], model_info=self.model.info,
                     worker=self.name, attempts=request["attempt"], extra_files=drawn.files(), metrics=drawn.summary,
-                    eval_prompts=prompts, storage_options=self.setup.storage_options,
+                    eval_prompts=prompts, export=tuple(self.setup.export), storage_options=self.setup.storage_options,
                 )
             except OSError as e:  # storage failing after its own retries: the driver may try again
                 failure: TinvError = TransientError(f"could not write outputs: {e!r}")

@@ -114,6 +114,13 @@ class Dispatcher:
             actor.info, actor.info_ref, actor.last_progress = info, None, now
         return infos
 
+    def ask(self, method: str, *args: Any) -> Any:
+        """One actor's answer to ``method(*args)``: a question about the model every actor holds."""
+        try:
+            return ray.get(getattr(self.actors[0].handle, method).remote(*args), timeout=self.cfg.load_timeout_s)
+        except (RayActorError, GetTimeoutError) as e:
+            raise InfrastructureError(f"an actor did not answer {method}: {_first_line(e)}") from e
+
     # -- the loop ------------------------------------------------------------------------
     def run(self, tasks: list[Task], method: str | None = None, on_result: Callable[[dict], None] | None = None
             ) -> None:

@@ -25,6 +25,7 @@ RESULT_COLUMNS = pa.schema([
     ("error", pa.string()),
     ("error_type", pa.string()),
     ("token", pa.string()),
+    ("trigger", pa.string()),
     ("method", pa.string()),
     ("embedding_uri", pa.string()),
     ("lora_uri", pa.string()),
@@ -32,6 +33,8 @@ RESULT_COLUMNS = pa.schema([
     ("seconds", pa.float64()),
     ("final_loss", pa.float64()),
     ("metrics", METRICS_TYPE),
+    ("published", pa.bool_()),
+    ("held_back", pa.string()),
     ("attempts", pa.int64()),
     ("worker", pa.string()),
 ])
@@ -79,9 +82,12 @@ def skipped_row(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "status": "skipped", "error": None}
 
 
-def result_rows(specs: list[ConceptSpec], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per manifest row, in manifest order; a concept with no result is failed ("not run")."""
-    rows = []
+def result_rows(
+    specs: list[ConceptSpec], results: dict[str, dict[str, Any]], held_back: dict[str, str | None] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per manifest row, in manifest order; a concept with no result is failed ("not run").
+    ``held_back``: per succeeded or skipped concept, None when it is in the catalog, else why not."""
+    rows, held_back = [], held_back or {}
     for spec in specs:
         r = results.get(spec.concept_id) or {"status": "failed", "error": "not run: the job stopped before it"}
         rows.append({
@@ -90,6 +96,7 @@ def result_rows(specs: list[ConceptSpec], results: dict[str, dict[str, Any]]) ->
             "error": r.get("error"),
             "error_type": r.get("error_type"),
             "token": r.get("token") or spec.placeholder_token,
+            "trigger": r.get("trigger") if r["status"] != "failed" else None,
             "method": spec.method,
             "embedding_uri": r.get("embedding_uri") if r["status"] != "failed" else None,
             "lora_uri": r.get("lora_uri") if r["status"] != "failed" else None,
@@ -97,6 +104,8 @@ def result_rows(specs: list[ConceptSpec], results: dict[str, dict[str, Any]]) ->
             "seconds": r.get("seconds"),
             "final_loss": r.get("final_loss"),
             "metrics": r.get("metrics") if r["status"] != "failed" else None,
+            "published": spec.concept_id in held_back and held_back[spec.concept_id] is None,
+            "held_back": held_back.get(spec.concept_id),
             "attempts": r.get("attempts", 0),
             "worker": r.get("worker"),
         })

@@ -40,10 +40,11 @@ from jobs.common import (
 )
 from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.report import Progress, counts, result_rows, skipped_row, write_results, write_run
-from tinv import classes, cli, outputs, starts, storage
+from tinv import catalog, classes, cli, outputs, starts, storage, webui
+from tinv.catalog import PublishConfig
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import DEMO_MANIFEST
-from tinv.errors import InitializerError
+from tinv.errors import ConceptDataError, InitializerError, describe
 from tinv.manifest import read_manifest
 from tinv.metrics import parse_requests
 from tinv.samples import SampleConfig
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default="out/demo", help="output folder URI (default: ./out/demo)")
     cli.add_fields(p, TrainConfig)
     cli.add_fields(p, SampleConfig)
+    cli.add_fields(p, PublishConfig)
     cli.add_fields(p, ClusterConfig)
     cli.add_fields(p, DispatchConfig, skip=DISPATCH_SET_BY_JOB)
     return p.parse_args(argv)
@@ -76,6 +78,7 @@ class Inputs:
     output: str
     train: TrainConfig
     samples: SampleConfig
+    publish: PublishConfig
     cluster: ClusterConfig
     storage_options: dict[str, Any] | None
     specs: list[ConceptSpec]
@@ -101,8 +104,9 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
     storage_options = cluster.parsed_storage_options()
     try:
         train, samples = cli.build(TrainConfig, args), cli.build(SampleConfig, args)
+        publish = cli.build(PublishConfig, args)
         parse_requests(samples.metrics)
-        return Inputs(manifest, output, train, samples, cluster, storage_options,
+        return Inputs(manifest, output, train, samples, publish, cluster, storage_options,
                       read_manifest(manifest, storage_options))
     except ValueError as e:  # ManifestError, UnknownMetricError and the configs' checks
         raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
@@ -110,12 +114,18 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
 
 def plan(
     specs: list[ConceptSpec], cfg: TrainConfig, model: dict, manifest: str, output: str,
-    storage_options: dict | None, start: str = starts.WORD,
+    storage_options: dict | None, start: str = starts.WORD, triggers: dict[str, str | ConceptDataError] | None = None,
 ) -> tuple[list[Task], dict[str, dict]]:
-    """Tasks to run, and ``results`` pre-filled with skipped concepts (result.json matching); ``start``:
-    the run's :func:`tinv.starts.start_id`."""
+    """Tasks to run (each spec with its trigger, from ``triggers``: :func:`tinv.webui.resolve_triggers`), and
+    ``results`` pre-filled with skipped concepts (result.json matching) and those whose trigger is refused;
+    ``start``: the run's :func:`tinv.starts.start_id`."""
     todo, results = [], {}
     for spec in specs:
+        trigger = (triggers or {}).get(spec.concept_id, spec.trigger)
+        if isinstance(trigger, ConceptDataError):
+            results[spec.concept_id] = {"concept_id": spec.concept_id, "token": spec.placeholder_token,
+                                        "status": "failed", "attempts": 0, **describe(trigger)}
+            continue
         fp = outputs.config_fingerprint(spec, cfg, model, manifest_dir=storage.parent(manifest), start=start)
         record = outputs.read_result(output, spec.concept_id, storage_options)
         if outputs.is_complete(record, fp):
@@ -123,7 +133,7 @@ def plan(
         else:
             if record is not None:  # stale: it must not look complete while it is redone
                 outputs.clear_result(output, spec.concept_id, storage_options)
-            todo.append(Task(spec, fp))
+            todo.append(Task(dataclasses.replace(spec, trigger=trigger or spec.trigger), fp))
     return todo, results
 
 
@@ -175,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     # -- build ---------------------------------------------------------------------------
     connect(inputs.cluster.ray_address)
     setup_kw = dict(model=args.model, train=asdict(cfg), output=output, storage_options=storage_options,
+                    export=inputs.publish.export,
                     precision=inputs.cluster.precision, attention=inputs.cluster.attention,
                     gradient_checkpointing=inputs.cluster.gradient_checkpointing, samples=asdict(inputs.samples))
     make_actor, n_actors = actor_factory(inputs.cluster, lambda threads: WorkerSetup(threads=threads, **setup_kw),
@@ -198,12 +209,16 @@ def run(args: argparse.Namespace) -> int:
             dispatcher.shutdown()
             raise JobExit(EXIT_INVALID, f"invalid input: --init {cfg.init}: {e}") from e
     # -- plan + loop ---------------------------------------------------------------------
-    todo, skipped = plan(inputs.specs, cfg, model, inputs.manifest, output, storage_options, start_key)
-    results.update(skipped)
-    progress.total, progress.started = len(todo), time.monotonic()
-    log.info("plan: %d to train, %d skipped (already done)", len(todo), len(skipped))
-    infra_error, class_counts = None, {"wanted": 0, "drawn": 0, "failed": 0}
+    infra_error, class_counts, todo = None, {"wanted": 0, "drawn": 0, "failed": 0}, []
     try:
+        triggers = webui.resolve_triggers(((s.concept_id, s.trigger) for s in inputs.specs),
+                                          lambda words: set(dispatcher.ask("one_token_words", words)))
+        todo, planned = plan(inputs.specs, cfg, model, inputs.manifest, output, storage_options, start_key, triggers)
+        results.update(planned)
+        progress.total, progress.started = len(todo), time.monotonic()
+        log.info("plan: %d to train, %d skipped (already done), %d refused", len(todo),
+                 sum(r["status"] == "skipped" for r in planned.values()),
+                 sum(r["status"] == "failed" for r in planned.values()))
         todo, class_failed, class_counts = draw_classes(dispatcher, todo, cfg, model, output, storage_options)
         for result in class_failed.values():
             on_result(result)
@@ -213,9 +228,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"[tinv] infrastructure failure: {e}", file=sys.stderr, flush=True)
     dispatcher.shutdown()
     # -- save ----------------------------------------------------------------------------
-    rows = result_rows(inputs.specs, results)
+    held_back = {cid: inputs.publish.held_back(r) for cid, r in results.items() if r["status"] != "failed"}
+    rows = result_rows(inputs.specs, results, held_back)
     summary = counts(rows)
     code = EXIT_INFRA if infra_error else EXIT_FAILED if summary["failed"] else EXIT_OK
+    published = [results[s.concept_id] for s in inputs.specs if s.concept_id in held_back
+                 and held_back[s.concept_id] is None]
     finished = time.time()
     record = {
         "manifest": inputs.manifest, "output": output, "model_uri": args.model, "train_config": asdict(cfg),
@@ -223,13 +241,20 @@ def run(args: argparse.Namespace) -> int:
         "base_model": model["base_model"], "base_model_fingerprint": model["base_model_fingerprint"],
         "model": {k: model[k] for k in ("resolution", "dtype", "device")}, "actors": n_actors,
         "actors_replaced": dispatcher.replaced, "counts": summary, "exit_code": code, "infra_error": infra_error,
-        "classes": class_counts, "start": start_key,
+        "classes": class_counts, "start": start_key, "publish": asdict(inputs.publish),
+        "catalog": {"published": len(published), "held_back": sum(v is not None for v in held_back.values()),
+                    "written": not infra_error},
         "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3),
                     "load_seconds": round(loaded - started, 3), "train_seconds": round(finished - loaded, 3)},
     }
     try:
         write_results(output, rows, storage_options)
         write_run(output, record, storage_options)
+        if not infra_error:  # a broken night leaves the last catalog served
+            latest = catalog.write_catalog(output, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)), published,
+                                           storage_options)
+            log.info("catalog: %d concepts published, %d held back; %s", latest["concepts"],
+                     record["catalog"]["held_back"], storage.join(output, latest["catalog"]))
     except OSError as e:
         raise JobExit(EXIT_INFRA, f"could not write results to {output}: {e}") from e
     # -- report --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,19 +45,28 @@ def run_driver(
 
 
 FILES = {"result.json", "grid.png"}
-EMBEDDING_FILES = {"learned_embeds.safetensors", "{cid}.a1111.safetensors"}
-LORA_FILES = {"pytorch_lora_weights.safetensors", "{cid}.safetensors"}
+EMBEDDING_FILES = {"learned_embeds.safetensors", "webui/embeddings/{trigger}.safetensors",
+                   "webui/embeddings/{trigger}.preview.png"}
+LORA_FILES = {"pytorch_lora_weights.safetensors", "webui/loras/{trigger}.safetensors",
+              "webui/loras/{trigger}.preview.png"}
+EXPORT_FILES = {"concepts-library/learned_embeds.bin", "concepts-library/token_identifier.txt",
+                "concepts-library/type_of_concept.txt"}
+RUN_FILES = {"results.parquet", "run.json", "catalog.jsonl", "latest", "catalogs/{run}.jsonl"}
+CATALOG = re.compile(r"catalogs/\d{8}T\d{6}Z\.jsonl")
 METHOD_FILES = {"ti": EMBEDDING_FILES, "lora": LORA_FILES, "pivotal": EMBEDDING_FILES | LORA_FILES}
 
 
-def concept_files(cid: str, prompts: str | int = "object", method: str = "ti") -> set[str]:
-    """One concept's exact files: embeddings and/or LoRA by method, marker, grid, 2 seeds per eval prompt.
+def concept_files(cid: str, prompts: str | int = "object", method: str = "ti", trigger: str | None = None,
+                  export: bool = False) -> set[str]:
+    """One concept's exact files: embeddings and/or LoRA by method (the web-UI ones named ``trigger``, default
+    ``cid``), the concepts-library layout when ``export``, marker, grid, 2 seeds per eval prompt.
 
     ``prompts`` is the number of eval prompts, or a property whose defaults (the embedded model's) apply.
     """
     n = prompts if isinstance(prompts, int) else len(read_templates(default_model())[1][prompts])
     samples = {f"samples/{p:02d}_{s:02d}.png" for p in range(n) for s in range(2)}
-    return {name.format(cid=cid) for name in FILES | METHOD_FILES[method]} | samples
+    names = FILES | METHOD_FILES[method] | (EXPORT_FILES if export else set())
+    return {name.format(trigger=trigger or cid) for name in names} | samples
 
 
 def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, ...] = ()) -> str:
@@ -73,9 +83,16 @@ def submit(cluster: dict, submission_id: str, *args: str, excludes: tuple[str, .
     return proc.stdout + proc.stderr
 
 
-def expected_files(props: dict[str, str | int], methods: dict[str, str] | None = None) -> set[str]:
-    """concept_id → property or number of eval prompts (and → method, default ti), to the run's exact files."""
-    methods = methods or {}
+def expected_files(props: dict[str, str | int], methods: dict[str, str] | None = None,
+                   triggers: dict[str, str] | None = None, export: bool = False) -> set[str]:
+    """concept_id → property or number of eval prompts (and → method, default ti; → trigger, default the id),
+    to the run's exact files."""
+    methods, triggers = methods or {}, triggers or {}
     files = {f"concepts/{c}/{name}" for c, prop in props.items()
-             for name in concept_files(c, prop, methods.get(c, "ti"))}
-    return files | {"results.parquet", "run.json"}
+             for name in concept_files(c, prop, methods.get(c, "ti"), triggers.get(c), export)}
+    return files | RUN_FILES
+
+
+def run_named(files: set[str]) -> set[str]:
+    """``files`` with the run's catalog (``catalogs/{UTC time}.jsonl``) named ``catalogs/{run}.jsonl``."""
+    return {"catalogs/{run}.jsonl" if CATALOG.fullmatch(f) else f for f in files}

@@ -115,9 +115,10 @@ def test_embedding_files_of_any_format_evaluate_and_a_misfit_fails_alone(ray_clu
 
 def test_lora_files_evaluate_in_either_layout_and_draw_the_runs_samples(ray_cluster, small_run, tmp_path):
     run = small_run / "concepts"
-    files = [str(run / "teal-cross" / "teal-cross.safetensors"),  # kohya's, its token bundled
+    kohya = Path("webui") / "loras"
+    files = [str(run / "teal-cross" / kohya / "teal-cross.safetensors"),  # kohya's, its token bundled
              str(run / "star-lora" / "pytorch_lora_weights.safetensors"),  # diffusers', its trigger given
-             str(run / "star-lora" / "star-lora.safetensors")]  # kohya's, no bundle and no trigger: fails alone
+             str(run / "star-lora" / kohya / "star-lora.safetensors")]  # kohya's, no bundle nor trigger: fails alone
     out = tmp_path / "out"
     proc = evaluate(ray_cluster, "--lora", *files, "--token", "<teal-cross>", "star", "", "--model", TOY,
                     "--output", str(out), "--prompt", "a {}", "the {}", *DRAW)

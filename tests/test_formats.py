@@ -24,7 +24,9 @@ def train_and_save(model_dir: Path, out: Path, images: torch.Tensor, num_vectors
     spec = ConceptSpec("thing", ("x",), initializer_token="toy", num_vectors=num_vectors)
     cfg = TrainConfig(steps=8, concepts_per_actor=1, batch_size=2, learning_rate=0.05)
     trained = next(train_concepts(model, [ConceptData(spec, images)], cfg))
-    for name, data in embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, model.info).items():
+    (out / "webui" / "embeddings").mkdir(parents=True, exist_ok=True)
+    for name, data in embedding_files(spec.concept_id, spec.placeholder_token, "thing", trained.vectors,
+                                  model.info).items():
         (out / name).write_bytes(data)
     return model, spec, trained
 
@@ -48,7 +50,8 @@ def test_sd_embedding_loads_in_diffusers_and_the_token_works(tiny_models, images
     assert list(saved) == [spec.placeholder_token]
     assert torch.equal(saved[spec.placeholder_token], trained.vectors[0])
 
-    for file, kwargs in [(DIFFUSERS_NAME, {}), ("thing.a1111.safetensors", {"token": spec.placeholder_token})]:
+    webui = "webui/embeddings/thing.safetensors"
+    for file, kwargs in [(DIFFUSERS_NAME, {}), (webui, {"token": spec.placeholder_token})]:
         pipe = StableDiffusionPipeline.from_pretrained(tiny_models[kind], safety_checker=None)
         pipe.load_textual_inversion(str(tmp_path / file), **kwargs)
         ids = pipe.tokenizer.convert_tokens_to_ids(spec.tokens)
@@ -64,7 +67,7 @@ def test_sd_embedding_loads_in_diffusers_and_the_token_works(tiny_models, images
 
 def test_sdxl_embedding_loads_with_the_two_call_form_and_the_token_works(tiny_models, images, tmp_path):
     model, spec, trained = train_and_save(tiny_models["sdxl"], tmp_path, images, 2)
-    for file in (DIFFUSERS_NAME, "thing.a1111.safetensors"):
+    for file in (DIFFUSERS_NAME, "webui/embeddings/thing.safetensors"):
         state = load_file(tmp_path / file)
         assert sorted(state) == ["clip_g", "clip_l"]
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_models["sdxl"])

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.formats import DIFFUSERS_NAME, embedding_files
-from tinv.lora_files import LORA_NAME, kohya_name, lora_files
+from tinv.lora_files import LORA_NAME, lora_files
 from tinv.models import load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.train import ConceptData, train_concepts
+from tinv.webui import lora_path
 
 PROMPT = "a photo of a {} on a table"
 
@@ -56,16 +57,18 @@ def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_dra
     for cid, t in trained_concepts(model, images).items():
         folder = tmp_path / cid
         folder.mkdir()
-        files = lora_files(cid, t.spec.placeholder_token, t.spec.method, t.lora_rank, t.lora, t.vectors,
+        files = lora_files(cid, t.spec.placeholder_token, cid, t.spec.method, t.lora_rank, t.lora, t.vectors,
                            {"base_model_fingerprint": "fp"})
         if t.vectors is not None:
-            files |= embedding_files(cid, t.spec.placeholder_token, t.vectors, {})
+            files |= embedding_files(cid, t.spec.placeholder_token, cid, t.vectors, {})
         for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(data)
-        with safe_open(folder / kohya_name(cid), "pt") as f:
+        with safe_open(folder / lora_path(cid), "pt") as f:
             meta, keys = f.metadata(), list(f.keys())
         assert meta["method"] == t.spec.method and meta["lora_rank"] == str(t.lora_rank)
         assert meta["base_model_fingerprint"] == "fp" and meta["token"] == t.spec.placeholder_token
+        assert meta["trigger"] == cid
         assert keys and all(k.startswith(("lora_unet_", "bundle_emb.")) for k in keys)
         assert any(k.endswith(".alpha") for k in keys) and any(".lora_down." in k for k in keys)
         bundled = [k for k in keys if k.startswith("bundle_emb.")]
@@ -73,15 +76,15 @@ def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_dra
             assert bundled == []
         else:  # AUTOMATIC1111's bundled embedding: the token's vectors under its name
             keys = ["string_to_param.*"] if kind == "sd1" else ["clip_l", "clip_g"]
-            state = load_file(folder / kohya_name(cid))
+            state = load_file(folder / lora_path(cid))
             for key, vectors in zip(keys, t.vectors):
-                assert torch.equal(state[f"bundle_emb.<piv>.{key}"], vectors)
+                assert torch.equal(state[f"bundle_emb.{cid}.{key}"], vectors)
             assert len(bundled) == len(keys)
 
         ours = sample(model, [t.vectors], [SampleRequest(0, PROMPT, 7)], steps=3, guidance=5.0,
                       words=[t.spec.placeholder_token], loras=[t.lora])[0].astype(float)
         base = theirs(tiny_models[kind], folder, t, None)
         assert np.abs(ours - base).max() > 8, cid  # the LoRA changes the drawing
-        for file in (LORA_NAME, kohya_name(cid)):
+        for file in (LORA_NAME, lora_path(cid)):
             drawn = theirs(tiny_models[kind], folder, t, file)
             assert np.abs(drawn - ours).max() <= 2, (cid, file)

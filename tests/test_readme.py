@@ -29,7 +29,8 @@ def test_the_diffusers_snippets_run_as_written(tiny_models, tmp_path, monkeypatc
         folder = tmp_path / kind / "out" / "mine" / "concepts" / "my-cat"
         folder.mkdir(parents=True)
         vectors = [torch.randn(1, d) for d in dims]
-        (folder / DIFFUSERS_NAME).write_bytes(embedding_files("my-cat", "<my-cat>", vectors, {})[DIFFUSERS_NAME])
+        files = embedding_files("my-cat", "<my-cat>", "my-cat", vectors, {})
+        (folder / DIFFUSERS_NAME).write_bytes(files[DIFFUSERS_NAME])
     for block, kind, hub_id in ((blocks[0], "sd1", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                                 (blocks[1], "sdxl", "stabilityai/stable-diffusion-xl-base-1.0")):
         assert hub_id in block
@@ -59,8 +60,8 @@ def test_the_lora_snippet_runs_as_written(tiny_models, tmp_path, monkeypatch):
     adapters = Adapters.of(unet)
     adapters.add("my-dog", 4, LORA_TARGETS, seed=0)
     vectors = [torch.randn(1, 32)]
-    files = {**embedding_files("my-dog", "<my-dog>", vectors, {}),
-             **lora_files("my-dog", "<my-dog>", "pivotal", 4, adapters.state_dict("my-dog"), vectors, {})}
+    files = {**embedding_files("my-dog", "<my-dog>", "my-dog", vectors, {}),
+             **lora_files("my-dog", "<my-dog>", "my-dog", "pivotal", 4, adapters.state_dict("my-dog"), vectors, {})}
     for name in (DIFFUSERS_NAME, LORA_NAME):
         (folder / name).write_bytes(files[name])
     assert hub_id in block

@@ -8,7 +8,7 @@ import json
 import boto3
 import pyarrow.parquet as pq
 import s3fs
-from jobtools import REPO, TOY, expected_files, run_driver
+from jobtools import REPO, TOY, expected_files, run_driver, run_named
 
 from tinv.demo import DEMO_MANIFEST
 from tinv.manifest import read_manifest, write_manifest
@@ -39,7 +39,7 @@ def test_s3_round_trip_writes_no_credential_anywhere(ray_cluster, moto_endpoint)
 
     fs.invalidate_cache()
     files = {p.removeprefix("tinv-test/out/") for p in fs.find("tinv-test/out")}
-    assert files == expected_files({s.concept_id: 1 for s in specs})
+    assert run_named(files) == expected_files({s.concept_id: 1 for s in specs})
     rows = pq.read_table(io.BytesIO(fs.cat_file("tinv-test/out/results.parquet"))).to_pylist()
     assert {r["status"] for r in rows} == {"succeeded"} and len(rows) == len(specs)
     assert all(r["embedding_uri"] == f"concepts/{r['concept_id']}/learned_embeds.safetensors" for r in rows)

@@ -137,7 +137,7 @@ def test_an_initializer_refuses_another_base_model_and_a_file_that_is_not_one():
     init.check("fp-1")
     with pytest.raises(InitializerError, match="fitted on base model"):
         init.check("fp-2")
-    embedding = embedding_files("c", "<c>", [torch.zeros(1, 8)], {})["learned_embeds.safetensors"]
+    embedding = embedding_files("c", "<c>", "c", [torch.zeros(1, 8)], {})["learned_embeds.safetensors"]
     with pytest.raises(InitializerError, match="not an initializer"):
         Initializer.from_bytes(embedding)
     with pytest.raises(InitializerError, match="not an initializer"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,10 +17,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-from jobtools import REPO, TOY, concept_files, expected_files, run_driver, submit
+from jobtools import REPO, TOY, concept_files, expected_files, run_driver, run_named, submit
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import CLIPTokenizer
 
 from tinv.config import TrainConfig
 from tinv.demo import DEMO_MANIFEST, DEMO_STEPS, default_model
@@ -31,7 +33,7 @@ from tinv.samples import SampleConfig
 
 
 def tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    return run_named({str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
 
 
 COMBINATIONS = ("red-star", "blue-circle", "green-triangle", "yellow-diamond")  # the toy world's surest kind
@@ -47,6 +49,10 @@ def results(out: Path) -> dict[str, dict]:
 def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers(demo_run, tmp_path):
     out, log = demo_run
     assert "succeeded" in log, log[-4000:]
+    assert "[tinv] [" in log and "model loaded in" in log  # the job's progress lines; the actors' reach it too
+    for noise in ("requires torchvision (not installed)", "Loading weights", "should be kept in float32",
+                  "Token indices sequence length"):  # once per process or per actor, and meaning nothing
+        assert noise not in log, noise
     methods = {cid: spec.method for cid, spec in DEMO.items()}
     assert "pivotal" in methods.values()  # the demo shows the methods beside TI
     assert tree(out) == expected_files({cid: len(spec.eval_prompts) for cid, spec in DEMO.items()}, methods)
@@ -71,7 +77,8 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
         assert set(result["metrics"]) == {"fidelity", "fidelity_loose"}
         assert result["metrics"]["fidelity"] == fidelity[cid] <= result["metrics"]["fidelity_loose"]
         vector = load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"]
-        for name, kw in (("learned_embeds.safetensors", {}), (f"{cid}.a1111.safetensors", {"token": f"<{cid}>"})):
+        webui = f"webui/embeddings/{cid}.safetensors"
+        for name, kw in (("learned_embeds.safetensors", {}), (webui, {"token": f"<{cid}>"})):
             pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
             assert model_fingerprint(model_dir, SD_PARTS) == result["base_model_fingerprint"]  # as a server checks
             pipe.load_textual_inversion(str(out / "concepts" / cid / name), **kw)
@@ -97,6 +104,49 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
                  output_type="np").images[0]
     job = np.asarray(Image.open(out / "concepts" / piv / "samples" / "00_00.png"), float)
     assert np.abs((drawn * 255).round() - job).max() <= 2
+    bundle = load_file(out / "concepts" / piv / "webui" / "loras" / f"{piv}.safetensors")
+    assert torch.equal(bundle[f"bundle_emb.{piv}.string_to_param.*"], load_file(
+        out / "concepts" / piv / "learned_embeds.safetensors")[f"<{piv}>"])  # A1111's prompt word: the trigger
+    check_published(out, rows, list(DEMO))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_published(out: Path, rows: dict[str, dict], published: list[str]) -> list[dict]:
+    """Each concept's files are in its result.json with their sha256; its web-UI files are named for its trigger
+    (unique in the run, never one token of the base tokenizer), with the first sample as their preview; the
+    catalog lists exactly ``published`` in manifest order, and ``latest`` names it."""
+    tokenizer = CLIPTokenizer.from_pretrained(default_model() / "tokenizer")
+    lines = [json.loads(x) for x in (out / "catalog.jsonl").read_text().splitlines()]
+    assert [x["concept_id"] for x in lines] == published
+    latest = json.loads((out / "latest").read_text())
+    assert latest["sha256"] == sha256((out / latest["catalog"]).read_bytes()) and latest["concepts"] == len(published)
+    assert (out / latest["catalog"]).read_bytes() == (out / "catalog.jsonl").read_bytes()
+    stems: dict[str, list[str]] = {"embeddings": [], "loras": []}
+    for cid, row in rows.items():
+        if row["status"] == "failed":
+            continue
+        folder = out / "concepts" / cid
+        result = json.loads((folder / "result.json").read_text())
+        assert result["sha256"] == {f: sha256((folder / f).read_bytes()) for f in result["files"]}
+        assert row["trigger"] == result["trigger"] and row["published"] == (cid in published)
+        first = (folder / "samples" / "00_00.png").read_bytes()
+        for kind, names in stems.items():
+            for file in (folder / "webui" / kind).glob("*.safetensors"):
+                assert file.stem == result["trigger"]
+                assert (file.parent / f"{file.stem}.preview.png").read_bytes() == first
+                names.append(file.stem.lower())
+    for line in lines:
+        result = json.loads((out / "concepts" / line["concept_id"] / "result.json").read_text())
+        assert line["files"] == {f"concepts/{line['concept_id']}/{f}": h for f, h in result["sha256"].items()
+                                 if not f.startswith("samples/") and f != "grid.png"}
+        assert line["base_model_fingerprint"] == result["base_model_fingerprint"]
+        assert line["metrics"] == result["metrics"] and line["trigger"] == result["trigger"]
+    assert all(len(names) == len(set(names)) for names in stems.values()), stems
+    assert all(len(tokenizer.encode(s, add_special_tokens=False)) > 1 for names in stems.values() for s in names)
+    return lines
 
 
 def test_resubmitting_skips_finished_concepts_and_touches_none_of_their_files(demo_run, ray_cluster):
@@ -107,8 +157,10 @@ def test_resubmitting_skips_finished_concepts_and_touches_none_of_their_files(de
     log = submit(ray_cluster, f"tinv-demo-again-{os.getpid()}", "--output", str(out), excludes=("cluster.yaml",))
     assert "succeeded" in log, log[-4000:]
     assert json.loads((out / "run.json").read_text())["manifest"] != first_manifest
+    catalog = (out / "catalog.jsonl").read_bytes()
     after = {p: ((out / p).stat().st_mtime_ns, (out / p).read_bytes()) for p in tree(out) if p.startswith("concepts/")}
     assert after == before
+    assert (out / "catalog.jsonl").read_bytes() == catalog and len(list((out / "catalogs").iterdir())) == 2
     assert {r["status"] for r in results(out).values()} == {"skipped"}
     assert json.loads((out / "run.json").read_text())["counts"]["skipped"] == len(DEMO)
 
@@ -165,14 +217,21 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
         {"concept_id": "clash", "images": good, "placeholder_token": "star"},  # a word of the toy world
         {"concept_id": "good-2", "images": good, "learnable_property": "style", "initializer_token": "striped"},
         {"concept_id": "wild", "images": good, "learning_rate": 1e30},  # its vectors overflow: it diverges
+        {"concept_id": "star", "images": good, "steps": 4},  # a toy word: its default trigger is prefixed
+        {"concept_id": "named", "images": good, "trigger": "circle"},  # a toy word given as trigger: refused
     ]
     write_manifest(rows, str(tmp_path / "mixed.parquet"))
     out = tmp_path / "out"
     proc = run_driver(ray_cluster, "--manifest", str(tmp_path / "mixed.parquet"), "--model", TOY, "--output", str(out),
-                      "--steps", "10", "--batch-size", "2")
+                      "--steps", "10", "--batch-size", "2", "--publish-if", "steps>=10", "--export", "concepts-library")
     assert proc.returncode == 1, proc.stderr[-4000:]
     got = results(out)
-    assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded", "failed"]
+    assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded", "failed",
+                                                   "succeeded", "failed"]
+    assert got["named"]["error_type"] == "ConceptDataError" and got["named"]["attempts"] == 0
+    assert "trigger 'circle' is a word the base model's tokenizer reads as one token" in got["named"]["error"]
+    assert got["star"]["trigger"] == "tinv-star" and got["star"]["held_back"] == "steps 4 fails steps>=10"
+    check_published(out, got, ["good-1", "good-2"])  # star trained 4 steps: held back by the gate
     assert "cannot decode image" in got["corrupt"]["error"] and "broken.png" in got["corrupt"]["error"]
     assert "image not found" in got["missing"]["error"] and "nowhere/404.png" in got["missing"]["error"]
     assert "'star' is already in the vocabulary" in got["clash"]["error"]
@@ -180,9 +239,11 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     assert {got[c]["error_type"] for c in ("corrupt", "missing", "clash")} == {"ConceptDataError"}
     assert all(got[c]["attempts"] == 1 and got[c]["embedding_uri"] is None
                for c in ("corrupt", "missing", "clash", "wild"))  # none of them is retried: another try fails alike
-    assert tree(out) == expected_files({"good-1": "object", "good-2": "style"})
+    assert tree(out) == expected_files({"good-1": "object", "good-2": "style", "star": "object"},
+                                       triggers={"star": "tinv-star"}, export=True)
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"] == {"total": 6, "succeeded": 2, "failed": 4, "skipped": 0}
+    assert run["counts"] == {"total": 8, "succeeded": 3, "failed": 5, "skipped": 0}
+    assert run["catalog"] == {"published": 2, "held_back": 1, "written": True}
     assert run["actors_replaced"] == 0  # a bad concept is not a lost node
 
 
@@ -217,7 +278,9 @@ def test_class_pictures_are_drawn_once_per_class_shared_and_kept_for_later_runs(
     assert set(markers) == {"a star", "a cross"} and all(len(list(f.glob("*.png"))) == 3 for f in folders)
     assert json.loads((out / "run.json").read_text())["classes"] == {"wanted": 2, "drawn": 2, "failed": 0}
     for cid, prompts in (("star-a", ["a star"]), ("cross", ["a cross", "a star"])):  # named in the LoRA files
-        for name in (LORA_NAME, f"{cid}.safetensors"):
+        trigger = json.loads((out / "concepts" / cid / "result.json").read_text())["trigger"]
+        assert trigger == {"star-a": "star-a", "cross": "tinv-cross"}[cid]  # "cross" is a word of the toy world
+        for name in (LORA_NAME, f"webui/loras/{trigger}.safetensors"):
             with safe_open(str(out / "concepts" / cid / name), "pt") as f:
                 assert json.loads(f.metadata()["class_prompt"]) == prompts
     before = {p: p.stat().st_mtime_ns for f in folders for p in f.iterdir()}

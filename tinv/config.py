@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from tinv.webui import TRIGGER
+
 CONCEPT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PROPERTIES = ("object", "style")
 DEFAULT_INITIALIZER = {"object": "object", "style": "style"}
@@ -59,6 +61,9 @@ class ConceptSpec:
     regularization images): a style's subjects, ``a dog``, ``a house``. A list of one is that one string."""
     prior_loss_weight: float | None = None
     """Weight of the class pictures' loss beside the concept's own; ``None`` takes the run's default."""
+    trigger: str = ""
+    """The stem of its web-UI files, the word those UIs' prompts use (:mod:`tinv.webui`); empty: the
+    ``concept_id`` with each ``.`` made ``-``, set at planning (prefixed when the tokenizer has it as a word)."""
 
     def __post_init__(self) -> None:
         errors = self.problems()
@@ -100,6 +105,8 @@ class ConceptSpec:
                        f"and without braces, got {token!r}")
         elif token and self.method != "lora" and (len(token.split()) != 1 or token != token.strip()):
             out.append(f"placeholder_token must be one word without spaces, got {token!r}")
+        if self.trigger and (not isinstance(self.trigger, str) or not TRIGGER.fullmatch(self.trigger)):
+            out.append(f"trigger must match {TRIGGER.pattern} (a file name, no '.'), got {self.trigger!r}")
         if self.initializer_token and len(self.initializer_token.split()) != 1:
             out.append(f"initializer_token must be one word, got {self.initializer_token!r}")
         if not 1 <= self.num_vectors <= 64:

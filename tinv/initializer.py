@@ -24,6 +24,7 @@ from safetensors.torch import save as save_safetensors
 
 from tinv.config import PROPERTIES
 from tinv.errors import InitializerError
+from tinv.formats import canonical
 from tinv.models import BaseModel, encode_latents
 
 INITIALIZER_NAME = "initializer.safetensors"
@@ -106,7 +107,7 @@ class Initializer:
         tensors = {f"{e}.{n}.{k}": v.contiguous() for (e, n), net in self.nets.items() for k, v in net.items()}
         metadata = {"format": FORMAT, "base_model_fingerprint": self.fingerprint, "features": self.features,
                     "stats": json.dumps(self.stats, sort_keys=True)}
-        return save_safetensors(dict(sorted(tensors.items())), metadata=metadata)
+        return canonical(save_safetensors(dict(sorted(tensors.items())), metadata=metadata))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Initializer:

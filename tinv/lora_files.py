@@ -2,12 +2,13 @@
 
 - ``pytorch_lora_weights.safetensors``: diffusers' layout (``unet.`` + peft's keys), the name
   ``pipe.load_lora_weights(folder)`` looks for;
-- ``{concept_id}.safetensors``: the same LoRA in kohya's layout (``lora_unet_…`` with ``lora_down`` /
-  ``lora_up`` / ``alpha``), converted by diffusers' ``convert_state_dict_to_kohya``; for ``pivotal`` the
-  token's vectors are bundled in it under ``bundle_emb.<token>.…``, AUTOMATIC1111's convention for a
-  LoRA that brings its own embedding (``string_to_param.*`` for SD 1/2, ``clip_l`` / ``clip_g`` for SDXL).
+- ``webui/loras/{trigger}.safetensors`` (:mod:`tinv.webui`): the same LoRA in kohya's layout (``lora_unet_…``
+  with ``lora_down`` / ``lora_up`` / ``alpha``), converted by diffusers' ``convert_state_dict_to_kohya``; for
+  ``pivotal`` the token's vectors are bundled in it under ``bundle_emb.<trigger>.…``, AUTOMATIC1111's
+  convention for a LoRA that brings its own embedding (``string_to_param.*`` for SD 1/2, ``clip_l`` /
+  ``clip_g`` for SDXL), so the web UI's prompt word is the trigger.
 
-Both carry the concept's method, rank, token and base-model fingerprint in their metadata.
+Both carry the concept's method, rank, token, trigger and base-model fingerprint in their metadata.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya, conver
 from safetensors.torch import load as load_safetensors
 
 from tinv.formats import SDXL_KEYS, cpu_fp32, to_bytes
+from tinv.webui import lora_path
 
 LORA_NAME = "pytorch_lora_weights.safetensors"
 """diffusers' file name for a pipeline's LoRA (``load_lora_weights(folder)`` finds it)."""
-
-
-def kohya_name(concept_id: str) -> str:
-    """The kohya-layout file: named for the concept, which is how the UIs list it (``<lora:{id}:1>``)."""
-    return f"{concept_id}.safetensors"
 
 
 def diffusers_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -50,16 +47,17 @@ def kohya_lora(
 
 
 def lora_files(
-    concept_id: str, token: str, method: str, rank: int, state: dict[str, torch.Tensor],
+    concept_id: str, token: str, trigger: str, method: str, rank: int, state: dict[str, torch.Tensor],
     vectors: list[torch.Tensor] | None, metadata: dict[str, str],
 ) -> dict[str, bytes]:
-    """File name → bytes for a concept's diffusers and kohya LoRA files (``vectors``: pivotal's token)."""
-    meta = {"concept_id": concept_id, "token": token, "method": method, "lora_rank": str(rank),
+    """File name → bytes for a concept's diffusers and kohya LoRA files (``vectors``: pivotal's token,
+    bundled in the kohya file under the trigger)."""
+    meta = {"concept_id": concept_id, "token": token, "trigger": trigger, "method": method, "lora_rank": str(rank),
             "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
             **metadata}
     return {
         LORA_NAME: to_bytes(diffusers_lora(state), meta),
-        kohya_name(concept_id): to_bytes(kohya_lora(state, token, vectors), meta),
+        lora_path(trigger): to_bytes(kohya_lora(state, trigger, vectors), meta),
     }
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from tinv import storage
 from tinv.config import ConceptSpec
 from tinv.errors import InvalidInputError
+from tinv.webui import default_trigger
 
 _STRING = (pa.types.is_string, pa.types.is_large_string)
 _INT = (pa.types.is_integer,)
@@ -44,6 +45,7 @@ COLUMNS: dict[str, tuple[str, tuple[Callable[[pa.DataType], bool], ...]]] = {
     "lora_rank": ("int", _INT),
     "class_prompt": ("string or list<string>", (*_STRING, _list_of_strings)),
     "prior_loss_weight": ("double", _FLOAT),
+    "trigger": ("string", _STRING),
 }
 """Column → (type name for messages, predicates on the Arrow type)."""
 REQUIRED = ("concept_id", "images")
@@ -128,8 +130,9 @@ def _row_spec(row: dict[str, Any], base_dir: str) -> tuple[ConceptSpec | None, l
 
 
 def _clashes(specs: list[ConceptSpec | None]) -> list[str]:
-    """Duplicate concept ids (also up to case: case-insensitive stores) and shared tokens."""
-    problems, ids, tokens = [], {}, {}
+    """Duplicate concept ids (also up to case: case-insensitive stores), shared tokens, and shared triggers
+    (up to case; a default one counted as :func:`tinv.webui.default_trigger` makes it)."""
+    problems, ids, tokens, triggers = [], {}, {}, {}
     for i, spec in enumerate(specs):
         if spec is None:
             continue
@@ -143,6 +146,11 @@ def _clashes(specs: list[ConceptSpec | None]) -> list[str]:
                     f"row {i} (concept_id {spec.concept_id!r}): token {token!r} is also row {tokens[token]}'s"
                 )
             tokens.setdefault(token, i)
+        trigger = (spec.trigger or default_trigger(spec.concept_id)).lower()
+        if trigger in triggers:
+            problems.append(f"row {i} (concept_id {spec.concept_id!r}): trigger {trigger!r} is also row "
+                            f"{triggers[trigger]}'s (set a trigger column to tell them apart)")
+        triggers.setdefault(trigger, i)
     return problems
 
 

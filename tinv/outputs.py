@@ -1,6 +1,7 @@
 """Per-concept outputs: where they go, the config fingerprint, and ``result.json`` (written last).
 
-``{output}/concepts/{concept_id}/`` holds the embedding files and then ``result.json``; a concept
+``{output}/concepts/{concept_id}/`` holds the learned files (and ``webui/``, :mod:`tinv.webui`), the samples
+and then ``result.json``; a concept
 is complete exactly when its ``result.json`` exists, and it is skipped on a re-run only when that
 file's fingerprint matches the concept's current config fingerprint.
 """
@@ -16,9 +17,10 @@ from typing import Any
 from tinv import storage
 from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig, resolve
 from tinv.fingerprint import FINGERPRINT_VERSION
-from tinv.formats import DIFFUSERS_NAME, embedding_files
+from tinv.formats import CONCEPTS_LIBRARY, DIFFUSERS_NAME, concepts_library_files, embedding_files
 from tinv.lora_files import LORA_NAME, lora_files
 from tinv.train import TrainedConcept
+from tinv.webui import default_trigger, preview_path
 
 RESULT_NAME = "result.json"
 TRAIN_FIELDS = ("weight_decay", "adam_betas", "adam_eps", "min_timestep_fraction")
@@ -59,7 +61,10 @@ def config_fingerprint(
     vectors, when it is not the word start.
     """
     settings = resolve(spec, cfg)
-    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("eval_prompts", *LORA_SPEC_FIELDS)}
+    skip = ("eval_prompts", "trigger", *LORA_SPEC_FIELDS)
+    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k not in skip}
+    if spec.trigger:  # a trigger the manifest gives renames the files; a default one hashes as before triggers
+        spec_part["trigger"] = spec.trigger
     spec_part |= {k: getattr(settings, k) for k in ("steps", "learning_rate", "seed", "flip_p")}
     if spec.method != "ti":  # a ti concept hashes as it did before methods existed
         spec_part |= {"method": spec.method, "lora_rank": settings.lora_rank}
@@ -115,9 +120,11 @@ def write_concept(
     extra_files: dict[str, bytes] | None = None,
     metrics: dict[str, float] | None = None,
     eval_prompts: list[str] | None = None,
+    export: tuple[str, ...] = (),
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write a succeeded concept's embedding files and ``extra_files`` (samples), then ``result.json``.
+    """Write a succeeded concept's learned files, its web-UI files with their previews, the ``export``
+    layouts and ``extra_files`` (samples), then ``result.json`` with every file's sha256.
 
     ``metrics`` (e.g. the toy world's ``fidelity``) go into ``result.json`` and the results table; the
     property, image URIs and ``eval_prompts`` drawn are kept too, so a later evaluation can redo them.
@@ -125,13 +132,16 @@ def write_concept(
     if trained.vectors is None and trained.lora is None:
         raise ValueError(f"concept {trained.spec.concept_id!r} has nothing learned: {trained.error}")
     spec, folder = trained.spec, concept_dir(output, trained.spec.concept_id)
-    files = learned_files(trained, {**model_info, "config_fingerprint": fingerprint}) | (extra_files or {})
+    trigger = spec.trigger or default_trigger(spec.concept_id)
+    files = learned_files(trained, {**model_info, "config_fingerprint": fingerprint}, trigger, export)
+    files |= previews(files, extra_files or {}) | (extra_files or {})
     for name, data in files.items():
         storage.write_bytes(storage.join(folder, name), data, storage_options)
     record = {
         "concept_id": spec.concept_id,
         "token": spec.placeholder_token,
         "tokens": spec.tokens,
+        "trigger": trigger,
         "status": "succeeded",
         "steps": len(trained.losses),
         "seconds": round(trained.seconds, 3),
@@ -146,6 +156,7 @@ def write_concept(
         "worker": worker,
         "attempts": attempts,
         "files": sorted(files),
+        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in sorted(files.items())},
         "method": spec.method,
         "embedding_uri": relative_uri(spec.concept_id, DIFFUSERS_NAME) if trained.vectors is not None else None,
         "lora_uri": relative_uri(spec.concept_id, LORA_NAME) if trained.lora is not None else None,
@@ -157,16 +168,31 @@ def write_concept(
     return record
 
 
-def learned_files(trained: TrainedConcept, metadata: dict[str, str]) -> dict[str, bytes]:
-    """File name → bytes of what a concept learned: its embedding files (a new token) and LoRA files."""
+def learned_files(
+    trained: TrainedConcept, metadata: dict[str, str], trigger: str | None = None, export: tuple[str, ...] = ()
+) -> dict[str, bytes]:
+    """File name → bytes of what a concept learned: its embedding files (a new token), its LoRA files, and the
+    ``export`` layouts (``concepts-library`` for a new token); the web-UI ones are named for ``trigger``
+    (default :func:`tinv.webui.default_trigger`)."""
     spec, files = trained.spec, {}
+    trigger = trigger or default_trigger(spec.concept_id)
     if trained.vectors is not None:
-        files |= embedding_files(spec.concept_id, spec.placeholder_token, trained.vectors, metadata)
+        files |= embedding_files(spec.concept_id, spec.placeholder_token, trigger, trained.vectors, metadata)
+        if CONCEPTS_LIBRARY in export:
+            files |= concepts_library_files(spec.placeholder_token, trained.vectors, spec.learnable_property)
     if trained.lora is not None:
         prompts = {"class_prompt": json.dumps(list(spec.class_prompts))} if spec.class_prompts else {}
-        files |= lora_files(spec.concept_id, spec.placeholder_token, spec.method, trained.lora_rank, trained.lora,
-                            trained.vectors, metadata | prompts)
+        files |= lora_files(spec.concept_id, spec.placeholder_token, trigger, spec.method, trained.lora_rank,
+                            trained.lora, trained.vectors, metadata | prompts)
     return files
+
+
+def previews(files: dict[str, bytes], samples: dict[str, bytes]) -> dict[str, bytes]:
+    """``{stem}.preview.png`` beside each web-UI model file: the concept's first sample (none without samples)."""
+    drawn = sorted(k for k in samples if k.startswith("samples/") and k.endswith(".png"))
+    if not drawn:
+        return {}
+    return {preview_path(name): samples[drawn[0]] for name in files if name.startswith("webui/")}
 
 
 def relative_uri(concept_id: str, name: str) -> str:

@@ -129,7 +129,7 @@ class PackedTrainer:
         """Its tokens checked new to every tokenizer, then its word start (:func:`tinv.starts.word_start`)."""
         for tokenizer in self.model.tokenizers:
             vocab = tokenizer.get_vocab()  # a word is in it as "word</w>"; it is one token either way
-            clash = [t for t in spec.tokens if t in vocab or len(tokenizer.encode(t, add_special_tokens=False)) == 1]
+            clash = [t for t in spec.tokens if t in vocab or len(tokenizer.tokenize(t)) == 1]  # encode warns if long
             if clash:
                 raise ConceptDataError(spec.concept_id, f"placeholder token {clash[0]!r} is already in the vocabulary")
         return word_start(self.model, spec)
