@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from tinv import classes, outputs, webui
+from tinv import buckets, classes, outputs, webui
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import EMBEDDED_MODEL
 from tinv.errors import ConceptCrashedError, TinvError, TransientError, describe
 from tinv.evaluate import ConceptEval, EvalConcept, Evaluator
-from tinv.images import ConceptDataError, load_images
+from tinv.images import ConceptDataError, load_pictures
 from tinv.metrics import load_metrics
 from tinv.models import BaseModel, load_base_model
 from tinv.samples import SampleConfig
@@ -162,10 +162,11 @@ class TrainerWorker:
             self.waiting[spec.concept_id] = entry
             try:
                 outputs.clear_result(self.setup.output, spec.concept_id, self.setup.storage_options)
-                images = load_images(spec.concept_id, spec.images, self.resolution, self.setup.storage_options)
+                step = buckets.step_of(self.model) if self.cfg.aspect_buckets else None
+                images, framed = load_pictures(spec, self.resolution, step, self.setup.storage_options)
                 if self.evaluator.needs_training_pictures:
                     self.images[spec.concept_id] = images
-                yield ConceptData(spec, images, *self._class_pictures(spec))
+                yield ConceptData(spec, images, *self._class_pictures(spec), framed=framed)
             except ConceptDataError as e:
                 yield TrainedConcept(spec, None, failure=e)
             except OSError as e:  # storage still failing after its own retries: worth another attempt

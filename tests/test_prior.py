@@ -78,10 +78,11 @@ def test_the_class_pictures_train_under_the_class_prompt_with_their_weight(tiny_
     pictures = class_pictures(model, prompt, 3)
     for s, weight in enumerate((0.0, 1.0, 3.0)):  # one concept, three weights, the same seed and adapter start
         trainer.admit(s, ConceptData(spec("c", class_prompt=prompt, prior_loss_weight=weight), images, pictures))
-    latents, _, _, ids, n = trainer._draw(trainer.slots[1], torch.Generator().manual_seed(0), 4)
+    own, prior = trainer._draw(trainer.slots[1], torch.Generator().manual_seed(0), 4)
     prompt_ids = trainer._tokenize(model.tokenizers[0], [prompt])
-    assert n == 4 and len(latents) == 8 and torch.equal(ids[0][4:], prompt_ids.expand(4, -1))
-    assert not (ids[0][:4] == prompt_ids).all(dim=1).any()  # the concept's own rows: its templates
+    assert len(own.latents) == len(prior.latents) == 4 and prior.prior and not own.prior
+    assert torch.equal(prior.ids[0], prompt_ids.expand(4, -1))
+    assert not (own.ids[0] == prompt_ids).all(dim=1).any()  # the concept's own rows: its templates
     none, one, three = (trainer.fixed_loss(s) for s in range(3))
     assert abs(one - none) > 1e-4
     assert three - one == pytest.approx(2 * (one - none), rel=1e-4)
@@ -103,11 +104,11 @@ def test_several_class_prompts_each_train_their_own_pictures_under_their_own_pro
     trainer.admit(0, ConceptData(spec("c", class_prompt=prompts), images, torch.cat([dogs, houses]),
                                  (prompts[0],) * 2 + (prompts[1],) * 2))
     slot = trainer.slots[0]
-    mean, std = slot.class_latents
-    slot.class_latents = (mean, torch.zeros_like(std))  # no posterior noise: a row is its picture's latent mean
-    latents, _, _, ids, n = trainer._draw(slot, torch.Generator().manual_seed(0), 16)
+    mean = slot.class_latents.mean
+    slot.class_latents.std = torch.zeros_like(mean)  # no posterior noise: a row is its picture's latent mean
+    _, prior = trainer._draw(slot, torch.Generator().manual_seed(0), 16)
     dog_ids, house_ids = (trainer._tokenize(model.tokenizers[0], [p]) for p in prompts)
-    rows, class_ids = latents[n:] / model.vae.config.scaling_factor, ids[0][n:]
+    rows, class_ids = prior.latents / model.vae.config.scaling_factor, prior.ids[0]
     is_dog, is_house = ((class_ids == t).all(dim=1) for t in (dog_ids, house_ids))
     assert (is_dog | is_house).all() and is_dog.any() and is_house.any()  # every class row under one of them
     picture = [next(i for i, m in enumerate(mean) if torch.allclose(m, row)) % 4 for row in rows]  # 4: then flips

@@ -184,7 +184,7 @@ def test_training_timesteps_come_from_the_noisy_share_of_the_schedule(tiny_model
     model = load_base_model(str(tiny_models["sd1"]))
     trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1, min_timestep_fraction=fraction))
     trainer.admit(0, ConceptData(spec("c"), images))
-    t = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4000)[2]
+    t = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4000)[0].t
     steps = model.scheduler.config.num_train_timesteps
     low = int(fraction * steps)
     assert t.min().item() == low and t.max().item() == steps - 1  # the whole share, nothing below it
@@ -201,7 +201,7 @@ def test_style_timesteps_lean_to_the_noisy_end_and_objects_stay_uniform(tiny_mod
     steps = model.scheduler.config.num_train_timesteps
     low = int(cfg.min_timestep_fraction * steps)
     for s, p in ((0, 1.0), (1, power)):
-        t = trainer._draw(trainer.slots[s], torch.Generator().manual_seed(0), 4000)[2].float()
+        t = trainer._draw(trainer.slots[s], torch.Generator().manual_seed(0), 4000)[0].t.float()
         assert t.min() >= low and t.max() <= steps - 1
         # P(t < low + x (T - low)) = x^p: the median sits at 0.5^(1/p) of the range
         assert abs(t.median().item() - (low + 0.5 ** (1 / p) * (steps - low))) < 0.02 * steps
@@ -224,7 +224,7 @@ def test_a_captioned_image_is_always_trained_under_its_own_caption(tiny_models, 
     captions = ("a {} cat", "a {} dog", "a {} car", "a {} house")
     captioned = ConceptSpec("c", ("memory://x.png",) * 4, initializer_token="cat", captions=captions)
     trainer.admit(0, ConceptData(captioned, images))
-    ids = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 64)[3][0]
+    ids = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 64)[0].ids[0]
     drawn = torch.randint(4, (64,), generator=torch.Generator().manual_seed(0))  # the image draw comes first
     expected = trainer._tokenize(model.tokenizers[0], [c.format(trainer.names[0][0]) for c in captions])
     assert torch.equal(ids, expected[drawn])

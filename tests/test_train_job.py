@@ -210,6 +210,13 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     shutil.copytree(REPO / "manifests" / "demo", tmp_path / "demo")
     (tmp_path / "broken.png").write_bytes(b"this is not an image")
     good = [f"demo/red-star/{j}.png" for j in range(4)]
+    for j in range(4):  # a portrait (its 24 x 40 bucket) and a mask per picture (the left half its subject)
+        tall = Image.new("RGB", (32, 52), (230, 230, 230))
+        tall.paste(Image.open(tmp_path / good[j]), (0, 10))
+        tall.save(tmp_path / f"tall-{j}.png")
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (0, 0, 16, 32))
+        mask.save(tmp_path / f"mask-{j}.png")
     rows = [
         {"concept_id": "good-1", "images": good},
         {"concept_id": "corrupt", "images": [*good[:2], "broken.png"]},
@@ -219,19 +226,24 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
         {"concept_id": "wild", "images": good, "learning_rate": 1e30},  # its vectors overflow: it diverges
         {"concept_id": "star", "images": good, "steps": 4},  # a toy word: its default trigger is prefixed
         {"concept_id": "named", "images": good, "trigger": "circle"},  # a toy word given as trigger: refused
+        {"concept_id": "tall", "images": [f"tall-{j}.png" for j in range(4)]},
+        {"concept_id": "masked", "images": good, "masks": [f"mask-{j}.png" for j in range(4)]},
     ]
     write_manifest(rows, str(tmp_path / "mixed.parquet"))
     out = tmp_path / "out"
     proc = run_driver(ray_cluster, "--manifest", str(tmp_path / "mixed.parquet"), "--model", TOY, "--output", str(out),
-                      "--steps", "10", "--batch-size", "2", "--publish-if", "steps>=10", "--export", "concepts-library")
+                      "--steps", "10", "--batch-size", "2", "--publish-if", "steps>=10", "--export", "concepts-library",
+                      "--aspect-buckets")
     assert proc.returncode == 1, proc.stderr[-4000:]
     got = results(out)
     assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded", "failed",
-                                                   "succeeded", "failed"]
+                                                   "succeeded", "failed", "succeeded", "succeeded"]
     assert got["named"]["error_type"] == "ConceptDataError" and got["named"]["attempts"] == 0
     assert "trigger 'circle' is a word the base model's tokenizer reads as one token" in got["named"]["error"]
     assert got["star"]["trigger"] == "tinv-star" and got["star"]["held_back"] == "steps 4 fails steps>=10"
-    check_published(out, got, ["good-1", "good-2"])  # star trained 4 steps: held back by the gate
+    check_published(out, got, ["good-1", "good-2", "tall", "masked"])  # star trained 4 steps: held back
+    sizes = {c: json.loads((out / "concepts" / c / "result.json").read_text())["sizes"] for c in ("tall", "masked")}
+    assert sizes == {"tall": {"24x40": 4}, "masked": {"32x32": 4}}  # the portrait kept its framing
     assert "cannot decode image" in got["corrupt"]["error"] and "broken.png" in got["corrupt"]["error"]
     assert "image not found" in got["missing"]["error"] and "nowhere/404.png" in got["missing"]["error"]
     assert "'star' is already in the vocabulary" in got["clash"]["error"]
@@ -239,11 +251,11 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     assert {got[c]["error_type"] for c in ("corrupt", "missing", "clash")} == {"ConceptDataError"}
     assert all(got[c]["attempts"] == 1 and got[c]["embedding_uri"] is None
                for c in ("corrupt", "missing", "clash", "wild"))  # none of them is retried: another try fails alike
-    assert tree(out) == expected_files({"good-1": "object", "good-2": "style", "star": "object"},
-                                       triggers={"star": "tinv-star"}, export=True)
+    objects = {c: "object" for c in ("good-1", "star", "tall", "masked")}
+    assert tree(out) == expected_files(objects | {"good-2": "style"}, triggers={"star": "tinv-star"}, export=True)
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"] == {"total": 8, "succeeded": 3, "failed": 5, "skipped": 0}
-    assert run["catalog"] == {"published": 2, "held_back": 1, "written": True}
+    assert run["counts"] == {"total": 10, "succeeded": 5, "failed": 5, "skipped": 0}
+    assert run["catalog"] == {"published": 4, "held_back": 1, "written": True}
     assert run["actors_replaced"] == 0  # a bad concept is not a lost node
 
 

@@ -13,6 +13,18 @@ from tinv.errors import ConceptError
 
 
 @dataclass
+class Framed:
+    """A concept's pictures of one training size (an aspect-ratio bucket, :mod:`tinv.buckets`)."""
+
+    images: torch.Tensor
+    """``(n, 3, h, w)`` in [-1, 1]."""
+    index: tuple[int, ...]
+    """Each picture's position in the concept's list (which caption it trains under)."""
+    masks: torch.Tensor | None = None
+    """``(n, 1, h, w)`` in [0, 1], 1 = subject: the loss's weight per pixel; None: every pixel counts."""
+
+
+@dataclass
 class ConceptData:
     """A concept ready to train: its spec and decoded images ``(N, 3, H, W)`` in [-1, 1]."""
 
@@ -22,6 +34,26 @@ class ConceptData:
     """Prior preservation: the base model's pictures of its class prompts, ``(M, 3, H, W)``."""
     class_captions: tuple[str, ...] = ()
     """Each class picture's prompt (one per picture); empty: every one under the spec's single class prompt."""
+    framed: list[Framed] | None = None
+    """The pictures as they train when they are not ``images`` as they are: per bucket, with their masks."""
+
+    @property
+    def training(self) -> list[Framed]:
+        """What trains: ``framed``, else ``images`` as one group without masks."""
+        return self.framed or [Framed(self.images, tuple(range(len(self.images))))]
+
+
+@dataclass
+class Latents:
+    """Cached latents of pictures of one size: the ``n`` pictures, then their flips."""
+
+    mean: torch.Tensor
+    """``(2n, C, h, w)``."""
+    std: torch.Tensor
+    index: torch.Tensor
+    """``(n,)``: each picture's position in the concept's list."""
+    weights: torch.Tensor | None = None
+    """``(2n, 1, h, w)``: the masks at latent resolution (area-averaged), flipped with their pictures."""
 
 
 @dataclass
@@ -40,6 +72,8 @@ class TrainedConcept:
     start: dict | None = None
     """Where its vectors started (:func:`tinv.starts.choose`): ``{"init": …}``, with both fixed-batch losses
     when another start than the word was asked for."""
+    sizes: dict[str, int] | None = None
+    """Its pictures per training size, ``{"WxH": n}`` (one entry without aspect buckets)."""
 
     @property
     def error(self) -> str | None:
@@ -53,14 +87,30 @@ class TrainedConcept:
 
 
 @dataclass
+class Rows:
+    """Samples of one concept of one latent size, as the UNet takes them (the trainer's draw)."""
+
+    latents: torch.Tensor
+    """``(n, C, h, w)``, scaled as the UNet sees them."""
+    noise: torch.Tensor
+    t: torch.Tensor
+    ids: list[torch.Tensor]
+    """Per text encoder, ``(n, T)``."""
+    weights: torch.Tensor | None = None
+    """``(n, 1, h, w)``: the loss's weight per latent pixel (masks); None: a plain mean."""
+    prior: bool = False
+    """Prior preservation's class pictures (weighted by ``prior_loss_weight``), not the concept's own."""
+
+
+@dataclass
 class Slot:
     """A trainer slot's concept: its settings, random stream, cached latents and prompts, and progress."""
 
     settings: Resolved
     """The concept's spec with the run's defaults filled in (steps, seed, flip, batch, timesteps)."""
     generator: torch.Generator
-    latents: tuple[torch.Tensor, torch.Tensor]
-    """Latent mean and std, ``(2N, C, h, w)``: the N images, then their flips."""
+    latents: list[Latents]
+    """Per training size (one without aspect buckets)."""
     prompt_ids: list[torch.Tensor]
     """Per text encoder, ``(n_prompts, T)`` token ids of every template, or of every image's caption."""
     loss_scale: float = 1.0
@@ -72,8 +122,8 @@ class Slot:
     started: float = field(default_factory=time.perf_counter)
     adapter: str | None = None
     """Its LoRA adapter's name on the UNet (``lora`` / ``pivotal``)."""
-    class_latents: tuple[torch.Tensor, torch.Tensor] | None = None
-    """Prior preservation: its class pictures' latent mean and std, as ``latents``."""
+    class_latents: Latents | None = None
+    """Prior preservation: its class pictures' latents."""
     class_ids: list[torch.Tensor] | None = None
     """Per text encoder, ``(M, T)``: each class picture's prompt."""
     start: dict | None = None

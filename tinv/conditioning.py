@@ -13,14 +13,14 @@ def eos_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def encode_prompts(
-    model: BaseModel, ids: list[torch.Tensor], size: int
+    model: BaseModel, ids: list[torch.Tensor], size: int | tuple[int, int]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Token ids per text encoder ``(B, T)`` → UNet ``encoder_hidden_states`` and added conditions.
 
     SD 1/2: the last hidden state of the one encoder. SDXL: the penultimate hidden states of
     both encoders side by side; the pooled embedding is the second encoder's final state at
     the real end-of-text token, projected (never the largest token id, which new tokens
-    would hijack); time ids say "uncropped, ``size`` square".
+    would hijack); time ids say "uncropped, ``size``" (pixels: square, or ``(height, width)``).
     """
     if not model.is_sdxl:
         return model.text_encoders[0](ids[0]).last_hidden_state, None  # (B, T, D)
@@ -33,6 +33,7 @@ def encode_prompts(
     rows = torch.arange(final.shape[0], device=final.device)
     at_eos = final[rows, eos_positions(ids2, model.tokenizers[1].eos_token_id)]
     pooled = encoder2.text_projection(at_eos)  # (B, P)
-    time_ids = torch.tensor([size, size, 0, 0, size, size], device=pooled.device, dtype=pooled.dtype)
+    height, width = (size, size) if isinstance(size, int) else size
+    time_ids = torch.tensor([height, width, 0, 0, height, width], device=pooled.device, dtype=pooled.dtype)
     added = {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}
     return torch.cat(hidden, dim=-1), added  # (B, T, D_1 + D_2)

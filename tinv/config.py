@@ -61,6 +61,10 @@ class ConceptSpec:
     regularization images): a style's subjects, ``a dog``, ``a house``. A list of one is that one string."""
     prior_loss_weight: float | None = None
     """Weight of the class pictures' loss beside the concept's own; ``None`` takes the run's default."""
+    masks: tuple[str, ...] = ()
+    """One mask URI per image (white = subject, black = background), weighting the loss per latent pixel."""
+    mask_from_alpha: bool = False
+    """Each image's alpha channel is its mask (a cut-out subject on a transparent background)."""
     trigger: str = ""
     """The stem of its web-UI files, the word those UIs' prompts use (:mod:`tinv.webui`); empty: the
     ``concept_id`` with each ``.`` made ``-``, set at planning (prefixed when the tokenizer has it as a word)."""
@@ -105,6 +109,10 @@ class ConceptSpec:
                        f"and without braces, got {token!r}")
         elif token and self.method != "lora" and (len(token.split()) != 1 or token != token.strip()):
             out.append(f"placeholder_token must be one word without spaces, got {token!r}")
+        if self.masks and len(self.masks) != len(self.images):
+            out.append(f"masks must hold one mask URI per image ({len(self.images)}), got {len(self.masks)}")
+        if self.masks and self.mask_from_alpha:
+            out.append("masks and mask_from_alpha both give masks: name one")
         if self.trigger and (not isinstance(self.trigger, str) or not TRIGGER.fullmatch(self.trigger)):
             out.append(f"trigger must match {TRIGGER.pattern} (a file name, no '.'), got {self.trigger!r}")
         if self.initializer_token and len(self.initializer_token.split()) != 1:
@@ -166,6 +174,9 @@ class TrainConfig:
     """AdamW epsilon."""
     resolution: int | None = None
     """Training resolution in pixels; ``None`` takes the UNet's native size."""
+    aspect_buckets: bool = False
+    """Train each picture at the bucket nearest its aspect ratio (about the resolution's pixel count) instead of
+    its centre square (:mod:`tinv.buckets`)."""
     min_timestep_fraction: float = 0.5
     """Training timesteps are drawn from ``[min_timestep_fraction × T, T)`` of the model's ``T``
     training timesteps (0: the whole schedule, as the diffusers recipe does).

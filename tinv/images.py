@@ -1,4 +1,4 @@
-"""Decode training images into tensors, naming the concept and URI in every error."""
+"""Decode training images (and their masks) into tensors, naming the concept and URI in every error."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tinv import storage
+from tinv import buckets, storage
+from tinv.concept import Framed
+from tinv.config import ConceptSpec
 from tinv.errors import ConceptDataError
 
-__all__ = ["ConceptDataError", "decode_image", "load_images", "resize_center_crop", "to_rgb"]
+__all__ = ["ConceptDataError", "decode_image", "load_images", "load_pictures", "resize_center_crop", "to_rgb"]
 
 MAX_PIXELS = 64 * 1024 * 1024
 """Images with more pixels than this are refused before decoding (decompression bombs)."""
@@ -38,16 +40,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Scale the short side to ``size`` (bicubic), then crop the centre square."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    return buckets.fit(img, (size, size))
 
 
-def decode_image(data: bytes, size: int, *, concept_id: str, uri: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Bytes → ``(3, size, size)`` float tensor in [-1, 1], EXIF-upright, RGB."""
+def open_image(data: bytes, *, concept_id: str, uri: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes → a decoded, EXIF-upright PIL image in its own mode."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -63,8 +60,25 @@ def decode_image(data: bytes, size: int, *, concept_id: str, uri: str, max_pixel
         raise ConceptDataError(concept_id, f"image refused as a decompression bomb: {e}", uri) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ConceptDataError(concept_id, f"cannot decode image: {e}", uri) from e
-    arr = np.asarray(resize_center_crop(to_rgb(img), size), dtype=np.float32)  # (H, W, 3)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W)
+    return img
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB picture → ``(3, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def decode_image(data: bytes, size: int, *, concept_id: str, uri: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Bytes → ``(3, size, size)`` float tensor in [-1, 1], EXIF-upright, RGB."""
+    img = open_image(data, concept_id=concept_id, uri=uri, max_pixels=max_pixels)
+    return to_tensor(resize_center_crop(to_rgb(img), size))
+
+
+def _read(concept_id: str, uri: str, storage_options: dict[str, Any] | None) -> bytes:
+    try:
+        return storage.read_bytes(uri, storage_options)
+    except FileNotFoundError as e:
+        raise ConceptDataError(concept_id, "image not found", uri) from e
 
 
 def load_images(
@@ -77,11 +91,64 @@ def load_images(
     """Read and decode every image of a concept: ``(N, 3, size, size)``."""
     if not uris:
         raise ConceptDataError(concept_id, "the concept has no images")
-    out = []
-    for uri in uris:
-        try:
-            data = storage.read_bytes(uri, storage_options)
-        except FileNotFoundError as e:
-            raise ConceptDataError(concept_id, "image not found", uri) from e
-        out.append(decode_image(data, size, concept_id=concept_id, uri=uri, max_pixels=max_pixels))
-    return torch.stack(out)
+    return torch.stack([decode_image(_read(concept_id, uri, storage_options), size, concept_id=concept_id, uri=uri,
+                                     max_pixels=max_pixels) for uri in uris])
+
+
+def load_pictures(
+    spec: ConceptSpec, size: int, step: int | None = None, storage_options: dict[str, Any] | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[torch.Tensor, list[Framed] | None]:
+    """A concept's pictures: their centre squares ``(N, 3, size, size)`` (what metrics and starts read), and,
+    with aspect-ratio buckets (``step``: the pixel multiple of a side, :func:`tinv.buckets.step_of`) or masks,
+    the pictures as they train, one :class:`~tinv.concept.Framed` per bucket (None: they train as the squares).
+
+    A mask (``spec.masks``, or the alpha channel with ``spec.mask_from_alpha``) is cropped as its picture is,
+    white = 1 (subject), black = 0; one of another size than its picture, or with no white, is refused."""
+    if not spec.images:
+        raise ConceptDataError(spec.concept_id, "the concept has no images")
+    sizes = buckets.bucket_sizes(size, step) if step else None
+    squares, framed = [], {}
+    for i, uri in enumerate(spec.images):
+        img = open_image(_read(spec.concept_id, uri, storage_options), concept_id=spec.concept_id, uri=uri,
+                         max_pixels=max_pixels)
+        mask = _mask(spec, i, img, storage_options, max_pixels)
+        rgb = to_rgb(img)
+        squares.append(to_tensor(resize_center_crop(rgb, size)))
+        if sizes is None and mask is None:
+            continue
+        box = buckets.nearest(rgb.size, sizes) if sizes else (size, size)
+        weight = None
+        if mask is not None:
+            weight = torch.from_numpy(np.asarray(buckets.fit(mask, box, Image.Resampling.BILINEAR), np.float32))
+            weight = weight[None] / 255.0  # (1, h, w)
+        framed.setdefault(box, []).append((i, to_tensor(buckets.fit(rgb, box)), weight))
+    if not framed:
+        return torch.stack(squares), None
+    groups = [Framed(torch.stack([p for _, p, _ in rows]), tuple(i for i, _, _ in rows),
+                     None if rows[0][2] is None else torch.stack([w for _, _, w in rows]))
+              for _, rows in sorted(framed.items())]
+    return torch.stack(squares), groups
+
+
+def _mask(spec: ConceptSpec, i: int, img: Image.Image, storage_options: dict[str, Any] | None,
+          max_pixels: int) -> Image.Image | None:
+    """Picture ``i``'s mask as an 8-bit ``L`` image of its size, or None when the concept has no masks."""
+    uri = spec.images[i]
+    if spec.mask_from_alpha:
+        rgba = img.convert("RGBA") if img.mode == "P" else img
+        if "A" not in rgba.getbands():
+            raise ConceptDataError(spec.concept_id, "mask_from_alpha: the image has no alpha channel", uri)
+        mask = rgba.getchannel("A")
+    elif spec.masks:
+        uri = spec.masks[i]
+        mask = open_image(_read(spec.concept_id, uri, storage_options), concept_id=spec.concept_id, uri=uri,
+                          max_pixels=max_pixels).convert("L")
+        if mask.size != img.size:
+            raise ConceptDataError(spec.concept_id, f"mask is {mask.size[0]}x{mask.size[1]}, its image "
+                                   f"{img.size[0]}x{img.size[1]}", uri)
+    else:
+        return None
+    if mask.getextrema()[1] == 0:
+        raise ConceptDataError(spec.concept_id, "mask has no subject (all black)", uri)
+    return mask

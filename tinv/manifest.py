@@ -22,6 +22,7 @@ from tinv.webui import default_trigger
 _STRING = (pa.types.is_string, pa.types.is_large_string)
 _INT = (pa.types.is_integer,)
 _FLOAT = (pa.types.is_floating, pa.types.is_integer)
+_BOOL = (pa.types.is_boolean,)
 
 
 def _list_of_strings(t: pa.DataType) -> bool:
@@ -46,6 +47,8 @@ COLUMNS: dict[str, tuple[str, tuple[Callable[[pa.DataType], bool], ...]]] = {
     "class_prompt": ("string or list<string>", (*_STRING, _list_of_strings)),
     "prior_loss_weight": ("double", _FLOAT),
     "trigger": ("string", _STRING),
+    "masks": ("list<string>", (_list_of_strings,)),
+    "mask_from_alpha": ("bool", _BOOL),
 }
 """Column → (type name for messages, predicates on the Arrow type)."""
 REQUIRED = ("concept_id", "images")
@@ -113,6 +116,10 @@ def _row_spec(row: dict[str, Any], base_dir: str) -> tuple[ConceptSpec | None, l
     if any(not isinstance(u, str) or not u.strip() for u in images):
         return None, ["images holds an empty or null URI"]
     fields["images"] = tuple(storage.resolve(u, base_dir) for u in images)
+    if "masks" in fields:
+        if any(not isinstance(u, str) or not u.strip() for u in fields["masks"]):
+            return None, ["masks holds an empty or null URI"]
+        fields["masks"] = tuple(storage.resolve(u, base_dir) for u in fields["masks"])
     fields["eval_prompts"] = tuple(fields.get("eval_prompts", ()))
     fields["captions"] = tuple(fields.get("captions", ()))
     if isinstance(fields.get("class_prompt"), list):

@@ -62,9 +62,14 @@ class BaseModel:
         return self.scheduler.config.prediction_type
 
     @property
+    def pixels_per_latent(self) -> int:
+        """The VAE's downsampling: a latent pixel's side in image pixels (SD: 8)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def resolution(self) -> int:
         """The UNet's native image size in pixels."""
-        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.unet.config.sample_size * self.pixels_per_latent
 
     @property
     def embedding_dims(self) -> list[int]:

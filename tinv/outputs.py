@@ -30,6 +30,8 @@ K (``concepts_per_actor``) and ``max_vectors`` do not: a packed concept equals a
 """
 LORA_SPEC_FIELDS = ("method", "lora_rank", "class_prompt", "prior_loss_weight")
 """Spec fields that only count for a lora / pivotal concept."""
+OPTIONAL_SPEC_FIELDS = (*LORA_SPEC_FIELDS, "trigger", "masks", "mask_from_alpha")
+"""Spec fields hashed only when set (the lora ones by their own rule, below)."""
 LORA_FIELDS = ("lora_learning_rate", "lora_targets")
 """Run fields that only count for a lora / pivotal concept."""
 CLASS_FIELDS = ("class_images", "class_sample_steps", "class_guidance")
@@ -61,10 +63,9 @@ def config_fingerprint(
     vectors, when it is not the word start.
     """
     settings = resolve(spec, cfg)
-    skip = ("eval_prompts", "trigger", *LORA_SPEC_FIELDS)
-    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k not in skip}
-    if spec.trigger:  # a trigger the manifest gives renames the files; a default one hashes as before triggers
-        spec_part["trigger"] = spec.trigger
+    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("eval_prompts", *OPTIONAL_SPEC_FIELDS)}
+    # a trigger the manifest gives renames the files, masks weight the loss; unset, a spec hashes as before them
+    spec_part |= {k: getattr(spec, k) for k in OPTIONAL_SPEC_FIELDS[len(LORA_SPEC_FIELDS):] if getattr(spec, k)}
     spec_part |= {k: getattr(settings, k) for k in ("steps", "learning_rate", "seed", "flip_p")}
     if spec.method != "ti":  # a ti concept hashes as it did before methods existed
         spec_part |= {"method": spec.method, "lora_rank": settings.lora_rank}
@@ -72,7 +73,9 @@ def config_fingerprint(
         spec_part |= {"class_prompt": spec.class_prompt, "prior_loss_weight": settings.prior_loss_weight}
     if manifest_dir:
         prefix = manifest_dir.rstrip("/") + "/"
-        spec_part["images"] = [u.removeprefix(prefix) for u in spec.images]
+        for key in ("images", "masks"):
+            if key in spec_part:
+                spec_part[key] = [u.removeprefix(prefix) for u in getattr(spec, key)]
     train_part = {k: getattr(cfg, k) for k in TRAIN_FIELDS}
     train_part |= {"batch_size": settings.batch_size, "timestep_power": settings.timestep_power}
     if spec.method != "ti":
@@ -83,6 +86,8 @@ def config_fingerprint(
         train_part |= {"loss_scale": cfg.loss_scale, "loss_scale_growth_interval": cfg.loss_scale_growth_interval}
     if cfg.early_stop:
         train_part |= {k: getattr(cfg, k) for k in DVAR_FIELDS}
+    if cfg.aspect_buckets:  # off, a run hashes as it did before buckets
+        train_part["aspect_buckets"] = True
     if start != "word" and settings.trains_vectors:
         train_part["start"] = start
     model_part = {k: model[k] for k in ("base_model_fingerprint", "resolution", "dtype", "templates")}
@@ -162,6 +167,7 @@ def write_concept(
         "lora_uri": relative_uri(spec.concept_id, LORA_NAME) if trained.lora is not None else None,
         "lora_rank": trained.lora_rank,
         "start": trained.start,
+        "sizes": trained.sizes,
     }
     data = json.dumps(record, indent=2, sort_keys=True).encode()
     storage.write_bytes(storage.join(folder, RESULT_NAME), data, storage_options)  # LAST: marks complete

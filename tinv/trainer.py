@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinv.concept import ConceptData, Slot, TrainedConcept
+from tinv.concept import ConceptData, Framed, Latents, Rows, Slot, TrainedConcept
 from tinv.conditioning import encode_prompts
 from tinv.config import ConceptSpec, Resolved, TrainConfig, resolve
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
@@ -68,7 +68,7 @@ class PackedTrainer:
         if tuple(data.images.shape[-2:]) != (self.resolution, self.resolution):
             raise ValueError(f"images are {tuple(data.images.shape[-2:])}, the trainer needs {self.resolution} px")
         start = self._word_start(spec) if settings.trains_vectors else []
-        latents = self._encode_latents(data.images)
+        latents = [self._latents(framed) for framed in data.training]
         templates = spec.captions or self.model.templates[spec.learnable_property]
         word = " ".join(self.names[s][: spec.num_vectors]) if settings.trains_vectors else spec.placeholder_token
         prompt_ids = [self._tokenize(tok, [t.format(word) for t in templates]) for tok in self.model.tokenizers]
@@ -84,14 +84,16 @@ class PackedTrainer:
             if len(captions) != len(data.class_images) or None in captions:
                 raise ConceptDataError(spec.concept_id, f"{len(data.class_images)} class pictures need one prompt each "
                                        f"of {spec.class_prompts}, got {len(data.class_captions)}")
-            prior = {"class_latents": self._encode_latents(data.class_images),
+            whole = Framed(data.class_images, tuple(range(len(data.class_images))))
+            prior = {"class_latents": self._latents(whole),
                      "class_ids": [self._tokenize(tok, captions) for tok in self.model.tokenizers]}
         adapter = self._adapter(s, settings)
         generator = torch.Generator().manual_seed(settings.seed)
         self.slots[s] = Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.loss_scale, adapter=adapter,
                               **prior)
         if settings.trains_vectors:  # a failure from here on leaves the slot to train.py's _admit to free
-            means = latents[0][: len(data.images)]  # the pictures' own latent means, as encoded above
+            # the pictures' own latent means, as encoded above (framed otherwise: the start encodes the squares)
+            means = latents[0].mean[: len(data.images)] if data.framed is None else None
             rows, self.slots[s].start = choose(self.start, start, self.model, spec, data.images, means, lambda rows: (
                 self._set_vectors(s, rows) or self.fixed_loss(s, cfg.dvar_samples)))
             self._set_vectors(s, rows)
@@ -139,44 +141,54 @@ class PackedTrainer:
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.model.device)
 
-    def _encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent mean and std of the images, then of their flips: ``(2N, C, h, w)`` each."""
-        return encode_latents(self.model, torch.cat([images, images.flip(-1)]))
+    def _latents(self, framed: Framed) -> Latents:
+        """Latent mean and std of the pictures, then of their flips (``(2n, C, h, w)`` each), and their masks
+        area-averaged to the latents' size, flipped alike."""
+        images = framed.images
+        mean, std = encode_latents(self.model, torch.cat([images, images.flip(-1)]))
+        weights = None
+        if framed.masks is not None:
+            w = F.interpolate(framed.masks.to(mean.device, torch.float32), size=tuple(mean.shape[-2:]), mode="area")
+            weights = torch.cat([w, w.flip(-1)])
+        return Latents(mean, std, torch.tensor(framed.index, dtype=torch.long), weights)
 
     # -- one step --------------------------------------------------------------------------
     @property
     def resolution(self) -> int:
         return self.cfg.resolution or self.model.resolution
 
-    def _draw(self, slot: Slot, generator: torch.Generator, n: int) -> tuple:
-        """``n`` samples of the concept, then (prior preservation) ``n`` of its class pictures under the class
-        prompt, in a fixed order of draws from ``generator``: ``(latents, noise, t, ids, n)``."""
-        own = self._rows(slot, slot.latents, slot.prompt_ids, generator, n, bool(slot.spec.captions))
+    def _draw(self, slot: Slot, generator: torch.Generator, n: int) -> list[Rows]:
+        """``n`` samples of the concept (from one of its training sizes), then (prior preservation) ``n`` of its
+        class pictures under their prompts, in a fixed order of draws from ``generator``."""
+        own = self._rows(slot.latents, slot.prompt_ids, slot.settings, generator, n, bool(slot.spec.captions))
         if slot.class_latents is None:
-            return (*own, n)
-        prior = self._rows(slot, slot.class_latents, slot.class_ids, generator, n, True)  # each under its prompt
-        ids = [torch.cat([a, b]) for a, b in zip(own[3], prior[3])]
-        return (*(torch.cat([a, b]) for a, b in zip(own[:3], prior[:3])), ids, n)
+            return [own]
+        return [own, self._rows([slot.class_latents], slot.class_ids, slot.settings, generator, n, True, prior=True)]
 
-    def _rows(self, slot: Slot, latents: tuple[torch.Tensor, torch.Tensor], prompt_ids: list[torch.Tensor],
-              generator: torch.Generator, n: int, captioned: bool) -> tuple[torch.Tensor, ...]:
-        mean, std = latents
-        n_images = mean.shape[0] // 2
+    def _rows(self, groups: list[Latents], prompt_ids: list[torch.Tensor], settings: Resolved,
+              generator: torch.Generator, n: int, captioned: bool, prior: bool = False) -> Rows:
+        """``n`` samples of one of ``groups`` (chosen by its share of the pictures, when there are several)."""
+        group = groups[0]
+        if len(groups) > 1:  # one training size per step and concept (drawn only then: one size draws as before)
+            counts = torch.tensor([float(len(g.index)) for g in groups])
+            group = groups[int(torch.multinomial(counts, 1, generator=generator))]
+        mean, std, n_images = group.mean, group.std, len(group.index)
         image = torch.randint(n_images, (n,), generator=generator)
-        flip = torch.rand(n, generator=generator) < slot.settings.flip_p
+        flip = torch.rand(n, generator=generator) < settings.flip_p
         template = torch.randint(prompt_ids[0].shape[0], (n,), generator=generator)
         if captioned:  # image i is trained under prompt i, its caption
-            template = image  # drawn anyway, so a concept's other draws do not depend on its captions
+            template = group.index[image]  # drawn anyway, so a concept's other draws do not depend on its captions
         shape = (n, *mean.shape[1:])
         eps = torch.randn(shape, generator=generator).to(mean.device)
         noise = torch.randn(shape, generator=generator).to(mean.device)
-        t = self._timesteps(slot.settings.timestep_power, n, generator)
+        t = self._timesteps(settings.timestep_power, n, generator)
         row = (image + flip.long() * n_images).to(mean.device)
         latents = mean[row] + std[row] * eps  # (n, C, h, w): a fresh sample of q(z|x)
         vae = self.model.vae.config
         latents = (latents - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
         ids = [p[template.to(p.device)] for p in prompt_ids]
-        return latents, noise, t.to(mean.device), ids
+        weights = None if group.weights is None else group.weights[row]
+        return Rows(latents, noise, t.to(mean.device), ids, weights, prior)
 
     def _timesteps(self, power: float, n: int, generator: torch.Generator) -> torch.Tensor:
         """``n`` timesteps in ``[lo, T)``: uniform, or with density ∝ (t − lo)^(power − 1)."""
@@ -187,31 +199,46 @@ class PackedTrainer:
         u = torch.rand(n, generator=generator)
         return (lo + (timesteps - lo) * u ** (1 / power)).long().clamp(max=timesteps - 1)
 
-    def _losses(self, slots: list[Slot], batches: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
-        """Per-concept mean losses ``(K_active,)`` for a list of per-concept draws."""
-        latents, noise, t = (torch.cat([b[i] for b in batches]) for i in range(3))  # (B_total, ...)
-        ids = [torch.cat([b[3][e] for b in batches]) for e in range(len(self.model.text_encoders))]
+    def _losses(self, slots: list[Slot], draws: list[list[Rows]]) -> torch.Tensor:
+        """Per-concept mean losses ``(K_active,)`` for each concept's draw: one batched text-encoder + UNet pass
+        per latent size among them (one without aspect buckets), each sample through its own concept's adapter;
+        a sample with a mask weighs its squared error by it (kohya's ``--masked_loss``), normalised by the mask."""
+        blocks = [(k, rows) for k, draw in enumerate(draws) for rows in draw]
+        per_block: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
+        for size in dict.fromkeys(tuple(r.latents.shape[-2:]) for _, r in blocks):
+            members = [i for i, (_, r) in enumerate(blocks) if tuple(r.latents.shape[-2:]) == size]
+            parts = [blocks[i][1] for i in members]
+            errors = self._squared_errors(parts, [slots[blocks[i][0]].adapter or BASE for i in members])
+            for i, rows, error in zip(members, parts, errors.split([len(r.latents) for r in parts])):
+                if rows.weights is None:
+                    per_block[i] = error.mean(dim=(1, 2, 3))
+                else:
+                    weight = rows.weights.expand_as(error)
+                    per_block[i] = (error * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+        losses = []
+        for k, slot in enumerate(slots):  # DreamBooth: its own loss + w × its class pictures'
+            own = torch.cat([per_block[i] for i, (j, r) in enumerate(blocks) if j == k and not r.prior])
+            prior = [per_block[i] for i, (j, r) in enumerate(blocks) if j == k and r.prior]
+            losses.append(own.mean() + slot.settings.prior_loss_weight * torch.cat(prior).mean() if prior
+                          else own.mean())
+        return torch.stack(losses)
+
+    def _squared_errors(self, parts: list[Rows], adapters: list[str]) -> torch.Tensor:
+        """The UNet's squared error per element ``(B, C, h, w)`` on ``parts`` (samples of one latent size), each
+        part through its adapter (``adapters``, one per part: ``__base__`` for a ti concept's)."""
+        latents, noise, t = (torch.cat([getattr(r, f) for r in parts]) for f in ("latents", "noise", "t"))
+        ids = [torch.cat([r.ids[e] for r in parts]) for e in range(len(self.model.text_encoders))]
         scheduler = self.model.scheduler
         noisy = scheduler.add_noise(latents, noise, t)
         target = noise if self.model.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-        hidden, added = encode_prompts(self.model, ids, self.resolution)
+        scale = self.model.pixels_per_latent
+        hidden, added = encode_prompts(self.model, ids, (latents.shape[-2] * scale, latents.shape[-1] * scale))
         dtype = self.model.dtype
         added = {k: v.to(dtype) for k, v in added.items()} if added else None  # SDXL's pooled text, time ids
-        with self._routed(slots, batches):
+        routed = [a for a, r in zip(adapters, parts) for _ in r.latents]
+        with self.adapters.routed(routed) if self.adapters is not None else contextlib.nullcontext():
             pred = self.model.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added).sample
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))  # (B_total,)
-        losses = []
-        for slot, b, part in zip(slots, batches, per_sample.split([len(b[0]) for b in batches])):
-            own, prior = part[: b[4]], part[b[4] :]  # DreamBooth: its own loss + w × its class pictures'
-            weight = slot.settings.prior_loss_weight
-            losses.append(own.mean() + weight * prior.mean() if len(prior) else own.mean())
-        return torch.stack(losses)
-
-    def _routed(self, slots: list[Slot], batches: list[tuple]):
-        """Every sample of ``batches`` through its own concept's adapter (``__base__`` for a ti concept's)."""
-        if self.adapters is None:
-            return contextlib.nullcontext()
-        return self.adapters.routed([slot.adapter or BASE for slot, b in zip(slots, batches) for _ in b[0]])
+        return F.mse_loss(pred.float(), target, reduction="none")
 
     def step(self, group: list[int] | None = None) -> tuple[dict[int, float], dict[int, ConceptError]]:
         """One optimisation step of the slots in ``group`` (default: every active one).
@@ -225,11 +252,11 @@ class PackedTrainer:
         """
         group = self.active if group is None else group
         slots = [self.slots[s] for s in group]
-        batches = [self._draw(slot, slot.generator, slot.settings.batch_size) for slot in slots]
+        draws = [self._draw(slot, slot.generator, slot.settings.batch_size) for slot in slots]
         fp16 = self.model.dtype == torch.float16
         scales = torch.tensor([slot.loss_scale if fp16 else 1.0 for slot in slots], device=self.model.device)
         with spliced(self.model, self.vectors, self.token_ids):
-            losses = self._losses(slots, batches)  # (G,)
+            losses = self._losses(slots, draws)  # (G,)
             (losses * scales).sum().backward()
         for s in range(len(self.slots)):  # AdamW must not step what did not train:
             if s not in group:  # the spliced lookup gives every slot a zero gradient, a routed layer every adapter
@@ -302,9 +329,11 @@ class PackedTrainer:
         vectors = [row[: slot.spec.num_vectors].detach().cpu().clone() for row in self.vectors[s]]
         lora = self.adapters.state_dict(slot.adapter) if slot.adapter else None
         self.slots[s] = None
+        scale = self.model.pixels_per_latent
+        sizes = {f"{g.mean.shape[-1] * scale}x{g.mean.shape[-2] * scale}": len(g.index) for g in slot.latents}
         return TrainedConcept(slot.spec, vectors if slot.settings.trains_vectors else None, slot.losses,
                               time.perf_counter() - slot.started, lora=lora, lora_rank=slot.settings.lora_rank,
-                              start=slot.start)
+                              start=slot.start, sizes=sizes)
 
     def fail(self, s: int, failure: ConceptError) -> TrainedConcept:
         """Take the failed concept out of slot ``s`` (its losses so far are kept, its vectors are not)."""
