@@ -53,6 +53,8 @@ def test_a_portrait_keeps_its_top_in_its_bucket_which_the_centre_square_cuts_off
     assert by_size[(32, 32)].index == (1,) and all(f.masks is None for f in framed)
     assert (by_size[(40, 24)].images[0, 0, :3] > 0.9).all()  # its top rows are the head
     assert load_pictures(spec, 32)[1] is None  # no buckets, no masks: the squares are what trains
+    square = ConceptSpec("c", (str(tmp_path / "s.png"),) * 2)
+    assert load_pictures(square, 32, step=8)[1] is None  # square pictures train as before buckets
 
 
 def test_masks_are_cropped_as_their_pictures_and_bad_ones_are_refused(tmp_path):
@@ -153,5 +155,5 @@ def test_masked_and_bucketed_specs_validate_and_hash_only_when_set():
     plain = config_fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(), model)
     others = {config_fingerprint(ConceptSpec("c", ("a.png",), masks=("m.png",)), TrainConfig(), model),
               config_fingerprint(ConceptSpec("c", ("a.png",), mask_from_alpha=True), TrainConfig(), model),
-              config_fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(aspect_buckets=True), model)}
+              config_fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(aspect_buckets=False), model)}
     assert plain not in others and len(others) == 3

@@ -232,8 +232,7 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     write_manifest(rows, str(tmp_path / "mixed.parquet"))
     out = tmp_path / "out"
     proc = run_driver(ray_cluster, "--manifest", str(tmp_path / "mixed.parquet"), "--model", TOY, "--output", str(out),
-                      "--steps", "10", "--batch-size", "2", "--publish-if", "steps>=10", "--export", "concepts-library",
-                      "--aspect-buckets")
+                      "--steps", "10", "--batch-size", "2", "--publish-if", "steps>=10", "--export", "concepts-library")
     assert proc.returncode == 1, proc.stderr[-4000:]
     got = results(out)
     assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded", "failed",

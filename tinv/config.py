@@ -174,9 +174,12 @@ class TrainConfig:
     """AdamW epsilon."""
     resolution: int | None = None
     """Training resolution in pixels; ``None`` takes the UNet's native size."""
-    aspect_buckets: bool = False
+    aspect_buckets: bool = True
     """Train each picture at the bucket nearest its aspect ratio (about the resolution's pixel count) instead of
-    its centre square (:mod:`tinv.buckets`)."""
+    its centre square (:mod:`tinv.buckets`; a square picture trains the same either way).
+
+    Chosen on the toy world: tall pictures learned from their buckets reach 0.79 / 0.75 / 0.93 fidelity
+    (combinations / unnamed colours / styles) against 0.49 / 0.62 / 0.89 from centre squares."""
     min_timestep_fraction: float = 0.5
     """Training timesteps are drawn from ``[min_timestep_fraction × T, T)`` of the model's ``T``
     training timesteps (0: the whole schedule, as the diffusers recipe does).

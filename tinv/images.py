@@ -101,7 +101,8 @@ def load_pictures(
 ) -> tuple[torch.Tensor, list[Framed] | None]:
     """A concept's pictures: their centre squares ``(N, 3, size, size)`` (what metrics and starts read), and,
     with aspect-ratio buckets (``step``: the pixel multiple of a side, :func:`tinv.buckets.step_of`) or masks,
-    the pictures as they train, one :class:`~tinv.concept.Framed` per bucket (None: they train as the squares).
+    the pictures as they train, one :class:`~tinv.concept.Framed` per bucket (None when they train as the
+    squares: no masks, and every picture square or no buckets).
 
     A mask (``spec.masks``, or the alpha channel with ``spec.mask_from_alpha``) is cropped as its picture is,
     white = 1 (subject), black = 0; one of another size than its picture, or with no white, is refused."""
@@ -115,16 +116,17 @@ def load_pictures(
         mask = _mask(spec, i, img, storage_options, max_pixels)
         rgb = to_rgb(img)
         squares.append(to_tensor(resize_center_crop(rgb, size)))
-        if sizes is None and mask is None:
-            continue
         box = buckets.nearest(rgb.size, sizes) if sizes else (size, size)
+        if box == (size, size) and mask is None:
+            framed.setdefault(box, []).append((i, squares[-1], None))
+            continue
         weight = None
         if mask is not None:
             weight = torch.from_numpy(np.asarray(buckets.fit(mask, box, Image.Resampling.BILINEAR), np.float32))
             weight = weight[None] / 255.0  # (1, h, w)
         framed.setdefault(box, []).append((i, to_tensor(buckets.fit(rgb, box)), weight))
-    if not framed:
-        return torch.stack(squares), None
+    if set(framed) == {(size, size)} and all(w is None for _, _, w in framed[(size, size)]):
+        return torch.stack(squares), None  # every picture trains as its centre square
     groups = [Framed(torch.stack([p for _, p, _ in rows]), tuple(i for i, _, _ in rows),
                      None if rows[0][2] is None else torch.stack([w for _, _, w in rows]))
               for _, rows in sorted(framed.items())]

@@ -86,8 +86,8 @@ def config_fingerprint(
         train_part |= {"loss_scale": cfg.loss_scale, "loss_scale_growth_interval": cfg.loss_scale_growth_interval}
     if cfg.early_stop:
         train_part |= {k: getattr(cfg, k) for k in DVAR_FIELDS}
-    if cfg.aspect_buckets:  # off, a run hashes as it did before buckets
-        train_part["aspect_buckets"] = True
+    if not cfg.aspect_buckets:  # on (the default), a run hashes as before buckets: square pictures train the same
+        train_part["aspect_buckets"] = False
     if start != "word" and settings.trains_vectors:
         train_part["start"] = start
     model_part = {k: model[k] for k in ("base_model_fingerprint", "resolution", "dtype", "templates")}

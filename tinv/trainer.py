@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinv.concept import ConceptData, Framed, Latents, Rows, Slot, TrainedConcept
+from tinv.concept import ConceptData, Framed, Rows, Slot, TrainedConcept
 from tinv.conditioning import encode_prompts
 from tinv.config import ConceptSpec, Resolved, TrainConfig, resolve
+from tinv.draws import draw_rows, latents_of
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
 from tinv.lora import BASE, Adapters
-from tinv.models import BaseModel, encode_latents
+from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 from tinv.starts import Start, choose, dvar_history, word_start
 
@@ -68,7 +69,7 @@ class PackedTrainer:
         if tuple(data.images.shape[-2:]) != (self.resolution, self.resolution):
             raise ValueError(f"images are {tuple(data.images.shape[-2:])}, the trainer needs {self.resolution} px")
         start = self._word_start(spec) if settings.trains_vectors else []
-        latents = [self._latents(framed) for framed in data.training]
+        latents = [latents_of(self.model, framed) for framed in data.training]
         templates = spec.captions or self.model.templates[spec.learnable_property]
         word = " ".join(self.names[s][: spec.num_vectors]) if settings.trains_vectors else spec.placeholder_token
         prompt_ids = [self._tokenize(tok, [t.format(word) for t in templates]) for tok in self.model.tokenizers]
@@ -85,7 +86,7 @@ class PackedTrainer:
                 raise ConceptDataError(spec.concept_id, f"{len(data.class_images)} class pictures need one prompt each "
                                        f"of {spec.class_prompts}, got {len(data.class_captions)}")
             whole = Framed(data.class_images, tuple(range(len(data.class_images))))
-            prior = {"class_latents": self._latents(whole),
+            prior = {"class_latents": latents_of(self.model, whole),
                      "class_ids": [self._tokenize(tok, captions) for tok in self.model.tokenizers]}
         adapter = self._adapter(s, settings)
         generator = torch.Generator().manual_seed(settings.seed)
@@ -141,17 +142,6 @@ class PackedTrainer:
             prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.model.device)
 
-    def _latents(self, framed: Framed) -> Latents:
-        """Latent mean and std of the pictures, then of their flips (``(2n, C, h, w)`` each), and their masks
-        area-averaged to the latents' size, flipped alike."""
-        images = framed.images
-        mean, std = encode_latents(self.model, torch.cat([images, images.flip(-1)]))
-        weights = None
-        if framed.masks is not None:
-            w = F.interpolate(framed.masks.to(mean.device, torch.float32), size=tuple(mean.shape[-2:]), mode="area")
-            weights = torch.cat([w, w.flip(-1)])
-        return Latents(mean, std, torch.tensor(framed.index, dtype=torch.long), weights)
-
     # -- one step --------------------------------------------------------------------------
     @property
     def resolution(self) -> int:
@@ -160,44 +150,11 @@ class PackedTrainer:
     def _draw(self, slot: Slot, generator: torch.Generator, n: int) -> list[Rows]:
         """``n`` samples of the concept (from one of its training sizes), then (prior preservation) ``n`` of its
         class pictures under their prompts, in a fixed order of draws from ``generator``."""
-        own = self._rows(slot.latents, slot.prompt_ids, slot.settings, generator, n, bool(slot.spec.captions))
+        model, lo, settings = self.model, self.cfg.min_timestep_fraction, slot.settings
+        own = draw_rows(model, lo, slot.latents, slot.prompt_ids, settings, generator, n, bool(slot.spec.captions))
         if slot.class_latents is None:
             return [own]
-        return [own, self._rows([slot.class_latents], slot.class_ids, slot.settings, generator, n, True, prior=True)]
-
-    def _rows(self, groups: list[Latents], prompt_ids: list[torch.Tensor], settings: Resolved,
-              generator: torch.Generator, n: int, captioned: bool, prior: bool = False) -> Rows:
-        """``n`` samples of one of ``groups`` (chosen by its share of the pictures, when there are several)."""
-        group = groups[0]
-        if len(groups) > 1:  # one training size per step and concept (drawn only then: one size draws as before)
-            counts = torch.tensor([float(len(g.index)) for g in groups])
-            group = groups[int(torch.multinomial(counts, 1, generator=generator))]
-        mean, std, n_images = group.mean, group.std, len(group.index)
-        image = torch.randint(n_images, (n,), generator=generator)
-        flip = torch.rand(n, generator=generator) < settings.flip_p
-        template = torch.randint(prompt_ids[0].shape[0], (n,), generator=generator)
-        if captioned:  # image i is trained under prompt i, its caption
-            template = group.index[image]  # drawn anyway, so a concept's other draws do not depend on its captions
-        shape = (n, *mean.shape[1:])
-        eps = torch.randn(shape, generator=generator).to(mean.device)
-        noise = torch.randn(shape, generator=generator).to(mean.device)
-        t = self._timesteps(settings.timestep_power, n, generator)
-        row = (image + flip.long() * n_images).to(mean.device)
-        latents = mean[row] + std[row] * eps  # (n, C, h, w): a fresh sample of q(z|x)
-        vae = self.model.vae.config
-        latents = (latents - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
-        ids = [p[template.to(p.device)] for p in prompt_ids]
-        weights = None if group.weights is None else group.weights[row]
-        return Rows(latents, noise, t.to(mean.device), ids, weights, prior)
-
-    def _timesteps(self, power: float, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` timesteps in ``[lo, T)``: uniform, or with density ∝ (t − lo)^(power − 1)."""
-        timesteps = self.model.scheduler.config.num_train_timesteps
-        lo = int(self.cfg.min_timestep_fraction * timesteps)
-        if power == 1.0:
-            return torch.randint(lo, timesteps, (n,), generator=generator)
-        u = torch.rand(n, generator=generator)
-        return (lo + (timesteps - lo) * u ** (1 / power)).long().clamp(max=timesteps - 1)
+        return [own, draw_rows(model, lo, [slot.class_latents], slot.class_ids, settings, generator, n, True, True)]
 
     def _losses(self, slots: list[Slot], draws: list[list[Rows]]) -> torch.Tensor:
         """Per-concept mean losses ``(K_active,)`` for each concept's draw: one batched text-encoder + UNet pass

@@ -1,5 +1,5 @@
 """``python -m tinv.toyworld train --out DIR`` | ``… fidelity [--model DIR]`` | ``… methods [--model DIR]`` |
-``… corpus --out DIR`` | ``… starts --init URI``."""
+``… corpus --out DIR`` | ``… starts --init URI`` | ``… framing``."""
 
 from __future__ import annotations
 
@@ -56,8 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--json", default=None, help="also write the curves and the summary as JSON here")
     s.add_argument("--night", default=None, help="the jobs.train run the initializer was fitted on: adds the cost "
                                                  "side (its time, the fit's, the break-even)")
+    fr = sub.add_parser("framing", help="tall pictures (centre crop / aspect buckets) and busy ones (without / with "
+                                        "masks) per held-out concept: fidelity")
+    fr.add_argument("--model", default=str(MODEL_DIR))
+    fr.add_argument("--samples", type=int, default=96, help="samples per concept and prompt set, as for fidelity")
+    fr.add_argument("--json", default=None, help="also write the rows as JSON here")
+    cli.add_fields(fr, TrainConfig, defaults={"steps": FIDELITY_STEPS})
     args = p.parse_args(argv)
-    {"train": train, "fidelity": fidelity, "methods": methods, "corpus": corpus, "starts": starts}[args.command](args)
+    {"train": train, "fidelity": fidelity, "methods": methods, "corpus": corpus, "starts": starts,
+     "framing": framing}[args.command](args)
 
 
 def starts(args: argparse.Namespace) -> None:
@@ -79,6 +86,21 @@ def starts(args: argparse.Namespace) -> None:
         record = {"init": args.init, "samples_per_checkpoint": args.samples, "summary": summary(curves),
                   "cost": costs, "seconds": round(time.perf_counter() - began, 1),
                   "curves": [asdict(c) | {"samples_to_target": c.samples_to_target} for c in curves]}
+        Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+def framing(args: argparse.Namespace) -> None:
+    from tinv.toyworld.framing import compare, markdown
+    from tinv.toyworld.scorer import load_scorer
+
+    cfg = cli.build(TrainConfig, args)
+    began = time.perf_counter()
+    rows = compare(args.model, load_scorer(Path(args.model) / SCORER_FILE), cfg, samples=args.samples, seed=cfg.seed,
+                   batch_size=64)
+    print(markdown(rows))
+    if args.json:
+        record = {"samples": args.samples, "train": asdict(cfg), "seconds": round(time.perf_counter() - began, 1),
+                  "rows": [asdict(r) for r in rows]}
         Path(args.json).write_text(json.dumps(record, indent=1))
 
 

@@ -199,6 +199,11 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 
 def render(item: Item, rng: np.random.Generator) -> Image.Image:
     """Draw one 32 px RGB picture of ``item`` at a random place, size and background tint."""
+    return render_with_mask(item, rng)[0]
+
+
+def render_with_mask(item: Item, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """:func:`render`'s picture (the same draws from ``rng``) and its subject's silhouette (``L``, 32 px)."""
     big = SIZE * SCALE
     tint = tuple(int(v) for v in rng.integers(200, 256, size=3))  # drawn on any backdrop: same place and size
     tint = item.ground or tint
@@ -221,6 +226,7 @@ def render(item: Item, rng: np.random.Generator) -> Image.Image:
         mdraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
     else:
         mdraw.polygon(_polygon(item.shape, cx, cy, r, 0.0), fill=255)
+    silhouette = mask.copy()
     fill = Image.new("RGB", (big, big), colour)
     light = tuple(int(0.35 * c + 0.65 * 255) for c in colour)  # keeps the silhouette visible
     if item.style == "shadow":  # a dark copy of the silhouette, offset down and right
@@ -245,7 +251,7 @@ def render(item: Item, rng: np.random.Generator) -> Image.Image:
                     pdraw.ellipse([m, k, m + step * 0.6, k + step * 0.6], fill=colour)
         fill = pattern
     img.paste(fill, (0, 0), mask)
-    return img.resize((SIZE, SIZE), Image.Resampling.BOX)
+    return img.resize((SIZE, SIZE), Image.Resampling.BOX), silhouette.resize((SIZE, SIZE), Image.Resampling.BOX)
 
 
 def caption(item: Item, rng: np.random.Generator) -> str:
