@@ -45,9 +45,8 @@ class ConceptSpec:
     eval_prompts: tuple[str, ...] = ()
     """Evaluation prompts, ``{}`` standing for the token; empty means the property's default set."""
     captions: tuple[str, ...] = ()
-    """One training prompt per image, ``{}`` standing for the token (``a {} on a red star``): each
-    image is trained under its own caption instead of the property's templates, so what the caption
-    names (the content under a style) stays with its words and out of the new one. Empty: templates."""
+    """One training prompt per image, ``{}`` standing for the token (``a {} on a red star``), instead of the
+    property's templates: what the caption names stays with its words, out of the new one. Empty: templates."""
     method: str = "ti"
     """``ti``, ``lora`` or ``pivotal`` (:data:`METHODS`). For ``lora`` the token is not a new word: the
     tokenizer reads it as ordinary text, and may be several words: DreamBooth's rare identifier and the class
@@ -62,12 +61,11 @@ class ConceptSpec:
     prior_loss_weight: float | None = None
     """Weight of the class pictures' loss beside the concept's own; ``None`` takes the run's default."""
     masks: tuple[str, ...] = ()
-    """One mask URI per image (white = subject, black = background), weighting the loss per latent pixel."""
+    """One mask URI per image (white = subject), weighting the loss per latent pixel; or ``mask_from_alpha``."""
     mask_from_alpha: bool = False
     """Each image's alpha channel is its mask (a cut-out subject on a transparent background)."""
     trigger: str = ""
-    """The stem of its web-UI files, the word those UIs' prompts use (:mod:`tinv.webui`); empty: the
-    ``concept_id`` with each ``.`` made ``-``, set at planning (prefixed when the tokenizer has it as a word)."""
+    """Its web-UI files' stem and prompt word (:mod:`tinv.webui`); empty: derived from the id at planning."""
 
     def __post_init__(self) -> None:
         errors = self.problems()
@@ -175,27 +173,21 @@ class TrainConfig:
     resolution: int | None = None
     """Training resolution in pixels; ``None`` takes the UNet's native size."""
     aspect_buckets: bool = True
-    """Train each picture at the bucket nearest its aspect ratio (about the resolution's pixel count) instead of
-    its centre square (:mod:`tinv.buckets`; a square picture trains the same either way).
-
-    Chosen on the toy world: tall pictures learned from their buckets reach 0.79 / 0.75 / 0.93 fidelity
-    (combinations / unnamed colours / styles) against 0.49 / 0.62 / 0.89 from centre squares."""
+    """Train each picture at the bucket nearest its aspect ratio instead of its centre square (:mod:`tinv.buckets`;
+    a square picture trains the same either way). Chosen on the toy world (docs/defaults.md)."""
     min_timestep_fraction: float = 0.5
     """Training timesteps are drawn from ``[min_timestep_fraction × T, T)`` of the model's ``T``
     training timesteps (0: the whole schedule, as the diffusers recipe does).
 
-    What a new word has to set (layout, colour, backdrop) is decided at high noise; at low noise the
-    denoiser reads it off the latent whatever the prompt says. kohya's sd-scripts (``--min_timestep``)
-    and diffusers' SDXL example (``--timestep_bias_strategy``) expose the same knob. Default chosen on
-    the toy world (docs/defaults.md)."""
+    What a new word has to set (layout, colour, backdrop) is decided at high noise; at low noise the denoiser
+    reads it off the latent whatever the prompt says (kohya's ``--min_timestep`` is the same knob). Default
+    chosen on the toy world (docs/defaults.md)."""
     style_timestep_power: float = 4.0
-    """``style`` concepts draw t = lo + (T − lo)·u^(1/p), u uniform on [0, 1), lo the
-    ``min_timestep_fraction`` bound: density ∝ (t − lo)^(p − 1), leaning to the noisy end (1: uniform,
-    as objects draw).
+    """``style`` concepts draw t = lo + (T − lo)·u^(1/p), u uniform on [0, 1), lo the ``min_timestep_fraction``
+    bound: density ∝ (t − lo)^(p − 1), leaning to the noisy end (1: uniform, as objects draw).
 
-    A style's word has to decide the whole look from pure noise, where the prompt is all the denoiser
-    has; the few middle draws pin the exact tone. diffusers' SDXL example calls the same idea
-    ``--timestep_bias_strategy later``. Default chosen on the toy world (docs/defaults.md)."""
+    A style's word decides the whole look from pure noise, where the prompt is all the denoiser has
+    (diffusers' SDXL example: ``--timestep_bias_strategy later``). Chosen on the toy world (docs/defaults.md)."""
     style_batch_size: int = 8
     """Samples per step for ``style`` concepts (``batch_size`` is the objects'): most of a style's draws
     are at high noise, so its gradient is noisier. Default chosen on the toy world (docs/defaults.md)."""
