@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -99,7 +100,7 @@ class TrainerWorker:
             self.load_error = e
             return
         print(f"[tinv] {self.name}: model loaded in {time.monotonic() - began:.1f} s ({self.model.dtype}, "
-              f"{self.model.device})", flush=True)
+              f"{self.model.device})", file=sys.stderr, flush=True)  # a log line: stdout is a command's output
         self.resolution = PackedTrainer(self.model, self.cfg).resolution
         samples = SampleConfig(**(setup.samples or {}))
         self.evaluator = Evaluator(self.model, samples, load_metrics(self.model, samples.metrics))

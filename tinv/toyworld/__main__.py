@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     fr.add_argument("--model", default=str(MODEL_DIR))
     fr.add_argument("--samples", type=int, default=96, help="samples per concept and prompt set, as for fidelity")
     fr.add_argument("--json", default=None, help="also write the rows as JSON here")
+    fr.add_argument("--step-cost", action="store_true", help="only time a packed step of square, mixed and tall "
+                                                             "concepts (one UNet pass per latent size)")
     cli.add_fields(fr, TrainConfig, defaults={"steps": FIDELITY_STEPS})
     args = p.parse_args(argv)
     {"train": train, "fidelity": fidelity, "methods": methods, "corpus": corpus, "starts": starts,
@@ -90,9 +92,12 @@ def starts(args: argparse.Namespace) -> None:
 
 
 def framing(args: argparse.Namespace) -> None:
-    from tinv.toyworld.framing import compare, markdown
+    from tinv.toyworld.framing import compare, markdown, step_cost
     from tinv.toyworld.scorer import load_scorer
 
+    if args.step_cost:
+        print(json.dumps(step_cost(args.model), indent=1))
+        return
     cfg = cli.build(TrainConfig, args)
     began = time.perf_counter()
     rows = compare(args.model, load_scorer(Path(args.model) / SCORER_FILE), cfg, samples=args.samples, seed=cfg.seed,

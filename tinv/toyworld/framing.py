@@ -9,11 +9,14 @@ user's path (PNG files, :func:`tinv.images.load_pictures`), judged on square sam
   subject) and with aspect-ratio buckets (the 24 x 40 bucket: the whole canvas, a little smaller);
 - **busy** (objects): each picture with small shapes of other colours scattered on its backdrop around the
   subject; learned as it is and with the renderer's subject silhouettes as masks.
+
+:func:`step_cost` times what buckets cost a packed step whose concepts have different sizes.
 """
 
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +32,7 @@ from tinv.toyworld.fidelity import Draw, judge, share, token
 from tinv.toyworld.scorer import Scorer
 from tinv.toyworld.world import NAMED_COLOURS, SIZE, render_with_mask
 from tinv.train import ConceptData, train_concepts
+from tinv.trainer import PackedTrainer
 
 TALL = (SIZE, SIZE * 3 // 2)
 """The portrait canvas (width, height)."""
@@ -131,3 +135,29 @@ def markdown(rows: list[Row]) -> str:
                  for v in VARIANTS]
         lines.append(f"| **{kind} mean** | | " + " | ".join(cell(m) for m in means) + " |")
     return "\n".join(lines)
+
+
+def step_cost(model_dir: str, steps: int = 40, repeats: int = 3) -> dict[str, float]:
+    """Seconds per packed step (K = 4, tinv's defaults) of the held-out combinations and unnamed colours: all
+    square, two of them tall (two latent sizes: two UNet passes a step), all tall (one size); the median of
+    ``repeats`` interleaved runs of ``steps`` steps, and each mix's ratio to the all-square step."""
+    model = load_base_model(model_dir)
+    objects = [c for c in CONCEPTS if c.kind != "style"][:4]
+    mixes = {"square": ("square",) * 4, "two_tall": ("square", "square", "tall_bucketed", "tall_bucketed"),
+             "all_tall": ("tall_bucketed",) * 4}
+    data = {name: [variant_data(c, v, 6, i, model) for i, (c, v) in enumerate(zip(objects, mix))]
+            for name, mix in mixes.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in mixes}
+    for _ in range(repeats):
+        for name, concepts in data.items():
+            trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=4))
+            for s, d in enumerate(concepts):
+                trainer.admit(s, d)
+            trainer.step()  # warm-up
+            began = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            seconds[name].append((time.perf_counter() - began) / steps)
+    median = {name: float(np.median(v)) for name, v in seconds.items()}
+    return {**{f"{n}_s_per_step": round(v, 4) for n, v in median.items()},
+            **{f"{n}_vs_square": round(v / median["square"], 3) for n, v in median.items() if n != "square"}}
