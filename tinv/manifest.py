@@ -112,14 +112,11 @@ def _row_spec(row: dict[str, Any], base_dir: str) -> tuple[ConceptSpec | None, l
     errors = [f"{c} is missing" for c in REQUIRED if c not in fields]
     if errors:
         return None, errors
-    images = tuple(fields.pop("images"))
-    if any(not isinstance(u, str) or not u.strip() for u in images):
-        return None, ["images holds an empty or null URI"]
-    fields["images"] = tuple(storage.resolve(u, base_dir) for u in images)
-    if "masks" in fields:
-        if any(not isinstance(u, str) or not u.strip() for u in fields["masks"]):
-            return None, ["masks holds an empty or null URI"]
-        fields["masks"] = tuple(storage.resolve(u, base_dir) for u in fields["masks"])
+    for column in ("images", "masks"):  # URIs, relative ones against the manifest's folder
+        if column in fields:
+            if any(not isinstance(u, str) or not u.strip() for u in fields[column]):
+                return None, [f"{column} holds an empty or null URI"]
+            fields[column] = tuple(storage.resolve(u, base_dir) for u in fields[column])
     fields["eval_prompts"] = tuple(fields.get("eval_prompts", ()))
     fields["captions"] = tuple(fields.get("captions", ()))
     if isinstance(fields.get("class_prompt"), list):

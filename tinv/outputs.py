@@ -30,8 +30,8 @@ K (``concepts_per_actor``) and ``max_vectors`` do not: a packed concept equals a
 """
 LORA_SPEC_FIELDS = ("method", "lora_rank", "class_prompt", "prior_loss_weight")
 """Spec fields that only count for a lora / pivotal concept."""
-OPTIONAL_SPEC_FIELDS = (*LORA_SPEC_FIELDS, "trigger", "masks", "mask_from_alpha")
-"""Spec fields hashed only when set (the lora ones by their own rule, below)."""
+SET_ONLY_SPEC_FIELDS = ("trigger", "masks", "mask_from_alpha")
+"""Spec fields hashed only when set: unset, a spec hashes as it did before they existed."""
 LORA_FIELDS = ("lora_learning_rate", "lora_targets")
 """Run fields that only count for a lora / pivotal concept."""
 CLASS_FIELDS = ("class_images", "class_sample_steps", "class_guidance")
@@ -63,9 +63,9 @@ def config_fingerprint(
     vectors, when it is not the word start.
     """
     settings = resolve(spec, cfg)
-    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k not in ("eval_prompts", *OPTIONAL_SPEC_FIELDS)}
-    # a trigger the manifest gives renames the files, masks weight the loss; unset, a spec hashes as before them
-    spec_part |= {k: getattr(spec, k) for k in OPTIONAL_SPEC_FIELDS[len(LORA_SPEC_FIELDS):] if getattr(spec, k)}
+    skip = ("eval_prompts", *LORA_SPEC_FIELDS, *SET_ONLY_SPEC_FIELDS)
+    spec_part = {k: v for k, v in dataclasses.asdict(spec).items() if k not in skip}
+    spec_part |= {k: getattr(spec, k) for k in SET_ONLY_SPEC_FIELDS if getattr(spec, k)}  # files renamed, loss masked
     spec_part |= {k: getattr(settings, k) for k in ("steps", "learning_rate", "seed", "flip_p")}
     if spec.method != "ti":  # a ti concept hashes as it did before methods existed
         spec_part |= {"method": spec.method, "lora_rank": settings.lora_rank}

@@ -15,7 +15,6 @@ user's path (PNG files, :func:`tinv.images.load_pictures`), judged on square sam
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from tinv.buckets import step_of
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.images import load_pictures
 from tinv.models import BaseModel, load_base_model
+from tinv.samples import png_bytes
 from tinv.toyworld.concepts import CONCEPTS, Concept
 from tinv.toyworld.fidelity import Draw, judge, share, token
 from tinv.toyworld.scorer import Scorer
@@ -72,12 +72,6 @@ def busy(picture: Image.Image, mask: Image.Image, colour: str | None, rng: np.ra
     return Image.composite(picture, clutter, mask.point(lambda v: 255 if v > 16 else 0))
 
 
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def variant_data(concept: Concept, variant: str, n: int, seed: int, model: BaseModel) -> ConceptData:
     """The concept's pictures for ``variant`` written as PNGs (``memory://``) and read back as a job reads a
     manifest's, with buckets or masks as the variant says."""
@@ -92,12 +86,13 @@ def variant_data(concept: Concept, variant: str, n: int, seed: int, model: BaseM
         elif variant.startswith("busy"):
             picture = busy(picture, mask, concept.colour, place)
         images.append(f"{root}/{i}.png")
-        storage.write_bytes(images[-1], _png(picture))
-        masks.append(f"{root}/{i}.mask.png")
-        storage.write_bytes(masks[-1], _png(mask))
+        storage.write_bytes(images[-1], png_bytes(picture))
+        if variant == "busy_masked":
+            masks.append(f"{root}/{i}.mask.png")
+            storage.write_bytes(masks[-1], png_bytes(mask))
     spec = ConceptSpec(concept.name, tuple(images), placeholder_token=token(concept),
                        learnable_property=concept.learnable_property, initializer_token=concept.initializer,
-                       captions=concept.captions(n, seed), masks=tuple(masks) if variant == "busy_masked" else ())
+                       captions=concept.captions(n, seed), masks=tuple(masks))
     step = step_of(model) if variant == "tall_bucketed" else None
     squares, framed = load_pictures(spec, model.resolution, step)
     return ConceptData(spec, squares, framed=framed)
