@@ -217,7 +217,8 @@ class TrainerWorker:
             future.set_result(self._failed(request, spec, trained.failure, trained.seconds))
             return
         concept = EvalConcept(spec.concept_id, spec.placeholder_token, trained.vectors, spec.learnable_property,
-                              spec.eval_prompts, images, lora=trained.lora)
+                              spec.eval_prompts, images, lora=trained.lora,
+                              text_lora=trained.text_lora)
         try:
             drawn = self.evaluator.run([concept])[0]
         except Exception as e:  # noqa: BLE001 — drawing this concept's samples raised: it alone fails

@@ -112,10 +112,10 @@ class EvalWorker:
         """The embedding and pictures of ``spec``; a typed error when they cannot be had."""
         storage_options = self.setup.storage_options
         try:
-            token, vectors, lora = spec.placeholder_token, None, None
+            token, vectors, lora, text = spec.placeholder_token, None, None, None
             if spec.lora_uri:
                 read = read_lora(storage.read_bytes(spec.lora_uri, storage_options))
-                lora, token, vectors = read.state, token or read.token, read.vectors
+                lora, token, vectors, text = read.state, token or read.token, read.vectors, read.text
                 if token is None:
                     raise ConceptDataError(spec.concept_id, "a LoRA without a bundled embedding needs its --token",
                                            spec.lora_uri)
@@ -135,7 +135,7 @@ class EvalWorker:
         except OSError as e:  # storage still failing after its own retries: worth another attempt
             raise TransientError(f"storage error: {e!r}") from e
         return EvalConcept(spec.concept_id, token, vectors, spec.learnable_property, spec.eval_prompts, training,
-                           lora=lora)
+                           lora=lora, text_lora=text)
 
 
 def check_fits(model: BaseModel, vectors: list[torch.Tensor], uri: str) -> None:

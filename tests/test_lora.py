@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_train import snapshot
@@ -21,17 +23,20 @@ def lora_snapshot(model) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer", ""): v for k, v in snapshot(model).items() if "lora_" not in k}
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
-def test_base_weights_are_bit_identical_and_only_adapters_and_vectors_train(tiny_models, images, kind):
+@pytest.mark.parametrize("kind,text", [("sd1", False), ("sdxl", False), ("sd1", True), ("sdxl", True)])
+def test_base_weights_are_bit_identical_and_only_adapters_and_vectors_train(tiny_models, images, kind, text):
+    """``text``: the adapters cover the text encoders' attention too (``lora_text_encoder``)."""
     model = load_base_model(str(tiny_models[kind]))
     before = snapshot(model)
-    cfg = TrainConfig(steps=4, concepts_per_actor=3, batch_size=2, lora_learning_rate=1e-2)
+    cfg = TrainConfig(steps=4, concepts_per_actor=3, batch_size=2, lora_learning_rate=1e-2, lora_text_encoder=text)
     specs = [spec("t"), spec("l", method="lora", placeholder_token="sks"), spec("p", method="pivotal", lora_rank=2)]
     out = {o.spec.concept_id: o for o in train_concepts(model, [ConceptData(s, images) for s in specs], cfg)}
     assert [out[c].error for c in "tlp"] == [None] * 3
     after = lora_snapshot(model)
     assert before.keys() == after.keys() and [k for k in before if not torch.equal(before[k], after[k])] == []
-    assert all(not p.requires_grad for n, p in model.unet.named_parameters() if "lora_" not in n)
+    for module in (model.unet, *model.text_encoders):
+        assert all(not p.requires_grad for n, p in module.named_parameters() if "lora_" not in n)
+    assert out["t"].text_lora is None
     assert out["t"].lora is None and out["t"].vectors is not None
     assert out["l"].vectors is None and out["p"].vectors is not None  # a lora token is plain text
     for c, rank in (("l", 4), ("p", 2)):
@@ -40,12 +45,20 @@ def test_base_weights_are_bit_identical_and_only_adapters_and_vectors_train(tiny
         ups = [v for k, v in lora.items() if "lora_B" in k]
         assert ups and all(v.dtype == torch.float32 for v in lora.values())
         assert max(v.abs().max() for v in ups) > 0  # B starts at zero: it moved
+        assert (out[c].text_lora is not None) == text
+        for encoder, state in zip(model.text_encoders, out[c].text_lora or []):  # one per encoder, on its attention
+            assert {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[1] for k in state} == {"q_proj", "k_proj", "v_proj",
+                                                                                  "out_proj"}
+            assert max(v.abs().max() for k, v in state.items() if "lora_B" in k) > 0
+        assert len(out[c].text_lora or []) == (len(model.text_encoders) if text else 0)
     init = model.text_encoders[0].get_input_embeddings().weight[model.tokenizers[0].convert_tokens_to_ids("cat</w>")]
     assert (out["p"].vectors[0] - init).abs().max() > 1e-4  # pivotal: the token learns beside the adapter
 
 
-def test_a_packed_lora_concept_equals_it_trained_alone(tiny_models, images):
-    """Each sample goes through its own concept's adapter: packing changes nothing, nor does a slot's reuse."""
+@pytest.mark.parametrize("text", [False, True])
+def test_a_packed_lora_concept_equals_it_trained_alone(tiny_models, images, text):
+    """Each sample goes through its own concept's adapter: packing changes nothing, nor does a slot's reuse;
+    ``text``: nor in the text encoders, whose adapters the same routes steer."""
     model = load_base_model(str(tiny_models["sd1"]))
     specs = [
         spec("a", method="lora", placeholder_token="sks", steps=5, seed=1),
@@ -55,11 +68,10 @@ def test_a_packed_lora_concept_equals_it_trained_alone(tiny_models, images):
     ]
     data = {s.concept_id: ConceptData(s, images[: 2 + i % 3], images[1:] if s.class_prompt else None)
             for i, s in enumerate(specs)}
-    cfg = TrainConfig(concepts_per_actor=3, batch_size=2, lora_learning_rate=1e-2)
+    cfg = TrainConfig(concepts_per_actor=3, batch_size=2, lora_learning_rate=1e-2, lora_text_encoder=text)
     packed = {o.spec.concept_id: o for o in train_concepts(model, data.values(), cfg)}
     for s in specs:
-        solo = next(train_concepts(model, [data[s.concept_id]], TrainConfig(concepts_per_actor=1, batch_size=2,
-                                                                            lora_learning_rate=1e-2)))
+        solo = next(train_concepts(model, [data[s.concept_id]], replace(cfg, concepts_per_actor=1)))
         p = packed[s.concept_id]
         assert len(p.losses) == s.steps
         torch.testing.assert_close(torch.tensor(p.losses), torch.tensor(solo.losses), rtol=1e-4, atol=1e-5)
@@ -69,9 +81,12 @@ def test_a_packed_lora_concept_equals_it_trained_alone(tiny_models, images):
         # AdamW moves an element by about its learning rate whatever the size of its gradient, so where a
         # gradient is near zero the float noise of another batch composition shows: a bound of 1% of one
         # step's move on any element, and a mean difference a hundred times smaller
-        if p.lora is not None:
-            diffs = torch.cat([(p.lora[k] - solo.lora[k]).abs().flatten() for k in p.lora])
+        for mine, alone in zip([p.lora, *(p.text_lora or [])], [solo.lora, *(solo.text_lora or [])]):
+            if mine is None:
+                continue
+            diffs = torch.cat([(mine[k] - alone[k]).abs().flatten() for k in mine])
             assert diffs.max() <= 1e-4 and diffs.mean() <= 1e-6, (s.concept_id, diffs.max(), diffs.mean())
+        assert (p.text_lora is not None) == (solo.text_lora is not None) == (text and s.method != "ti")
 
 
 def test_pivotal_trains_vectors_and_adapter_at_their_own_learning_rates(tiny_models, images):
@@ -82,10 +97,10 @@ def test_pivotal_trains_vectors_and_adapter_at_their_own_learning_rates(tiny_mod
     groups = trainer.optimizer.param_groups
     lora = trainer.lora_groups[0]
     assert groups[0]["lr"] == 3e-3 and groups[1]["lr"] == 2e-3 and lora["lr"] == 7e-4
-    assert {id(p) for p in lora["params"]} == {id(p) for p in trainer.adapters.parameters("slot0")}
+    assert {id(p) for p in lora["params"]} == {id(p) for p in Adapters.of(model.unet).parameters("slot0")}
     assert 1 not in trainer.lora_groups  # a ti slot has no adapter
     trainer.admit(0, ConceptData(spec("t2"), images))  # a ti concept takes the pivotal slot: its adapter goes
-    assert trainer.adapters.parameters("slot0") == [] and trainer.lora_groups[0]["params"] == []
+    assert Adapters.of(model.unet).parameters("slot0") == [] and trainer.lora_groups[0]["params"] == []
 
 
 def test_routing_sends_each_sample_through_its_own_adapter_only(tiny_models):
@@ -113,3 +128,13 @@ def test_routing_sends_each_sample_through_its_own_adapter_only(tiny_models):
     assert (zeros[0] - base[0]).abs().max() > 1e-3 and (ones[2] - zeros[2]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="routes"), adapters.routed(["slot0"]):
         unet(x, t, h)
+
+
+def test_a_text_encoder_lora_counts_in_the_fingerprint_of_lora_concepts_only():
+    from tinv.outputs import config_fingerprint
+
+    model = {"base_model_fingerprint": "m", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
+    ti, lora = spec("t"), spec("l", method="lora", placeholder_token="sks")
+    on = TrainConfig(lora_text_encoder=True)
+    assert config_fingerprint(ti, on, model) == config_fingerprint(ti, TrainConfig(), model)
+    assert config_fingerprint(lora, on, model) != config_fingerprint(lora, TrainConfig(), model)

@@ -11,19 +11,22 @@ from safetensors.torch import load_file
 
 from tinv.config import ConceptSpec, TrainConfig
 from tinv.formats import DIFFUSERS_NAME, embedding_files
-from tinv.lora_files import LORA_NAME, lora_files
+from tinv.lora_files import LORA_NAME, NESTED, lora_files, read_lora
 from tinv.models import load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.train import ConceptData, train_concepts
 from tinv.webui import lora_path
 
 PROMPT = "a photo of a {} on a table"
+prefixes = {("sd1", False): (), ("sdxl", False): (), ("sd1", True): ("lora_te_",),
+            ("sdxl", True): ("lora_te1_", "lora_te2_")}
 
 
-def trained_concepts(model, images):
+def trained_concepts(model, images, text: bool = False):
     specs = [ConceptSpec("piv", ("x",), initializer_token="toy", method="pivotal", lora_rank=2),
              ConceptSpec("sks", ("x",), placeholder_token="sks", method="lora")]
-    cfg = TrainConfig(steps=8, concepts_per_actor=2, batch_size=2, learning_rate=0.05, lora_learning_rate=0.05)
+    cfg = TrainConfig(steps=8, concepts_per_actor=2, batch_size=2, learning_rate=0.05, lora_learning_rate=0.05,
+                      lora_text_encoder=text)
     return {t.spec.concept_id: t for t in train_concepts(model, [ConceptData(s, images) for s in specs], cfg)}
 
 
@@ -50,15 +53,17 @@ def theirs(model_dir, folder, t, file: str | None, steps: int = 3) -> np.ndarray
     return (image * 255).round()
 
 
-@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("kind,text", [("sd1", False), ("sdxl", False), ("sd1", True), ("sdxl", True)])
 def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_draws(tiny_models, images, tmp_path,
-                                                                                   kind):
+                                                                                   kind, text):
+    """``text``: the LoRA covers the text encoders too (``lora_text_encoder``), in kohya's ``lora_te`` names."""
     model = load_base_model(str(tiny_models[kind]))
-    for cid, t in trained_concepts(model, images).items():
+    for cid, t in trained_concepts(model, images, text).items():
+        assert (t.text_lora is not None) == text
         folder = tmp_path / cid
         folder.mkdir()
         files = lora_files(cid, t.spec.placeholder_token, cid, t.spec.method, t.lora_rank, t.lora, t.vectors,
-                           {"base_model_fingerprint": "fp"})
+                           {"base_model_fingerprint": "fp"}, t.text_lora)
         if t.vectors is not None:
             files |= embedding_files(cid, t.spec.placeholder_token, cid, t.vectors, {})
         for name, data in files.items():
@@ -69,7 +74,9 @@ def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_dra
         assert meta["method"] == t.spec.method and meta["lora_rank"] == str(t.lora_rank)
         assert meta["base_model_fingerprint"] == "fp" and meta["token"] == t.spec.placeholder_token
         assert meta["trigger"] == cid
-        assert keys and all(k.startswith(("lora_unet_", "bundle_emb.")) for k in keys)
+        assert keys and all(k.startswith(("lora_unet_", "bundle_emb.", *prefixes[kind, text])) for k in keys)
+        for prefix in prefixes[kind, text]:  # kohya's names for the text encoders' layers
+            assert any(k.startswith(prefix + "text_model_encoder_layers_0_self_attn_q_proj.") for k in keys)
         assert any(k.endswith(".alpha") for k in keys) and any(".lora_down." in k for k in keys)
         bundled = [k for k in keys if k.startswith("bundle_emb.")]
         if t.vectors is None:
@@ -81,8 +88,19 @@ def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_dra
                 assert torch.equal(state[f"bundle_emb.{cid}.{key}"], vectors)
             assert len(bundled) == len(keys)
 
+        for name in (LORA_NAME, lora_path(cid)):  # read back as the evaluate job reads a LoRA file
+            read = read_lora((folder / name).read_bytes())
+            assert read.state.keys() == t.lora.keys() and all(torch.allclose(read.state[k], t.lora[k]) for k in t.lora)
+            assert (read.text is None) == (not text)
+            for mine, back in zip(t.text_lora or [], read.text or []):  # named as published: text_model.encoder.…
+                mine = {k if k.startswith(NESTED) else NESTED + k: v for k, v in mine.items()}
+                assert back.keys() == mine.keys() and all(torch.allclose(back[k], mine[k]) for k in mine)
         ours = sample(model, [t.vectors], [SampleRequest(0, PROMPT, 7)], steps=3, guidance=5.0,
-                      words=[t.spec.placeholder_token], loras=[t.lora])[0].astype(float)
+                      words=[t.spec.placeholder_token], loras=[t.lora], text_loras=[t.text_lora])[0].astype(float)
+        if text:  # the text encoders' part draws its share: without it the picture is another
+            unet_only = sample(model, [t.vectors], [SampleRequest(0, PROMPT, 7)], steps=3, guidance=5.0,
+                               words=[t.spec.placeholder_token], loras=[t.lora])[0].astype(float)
+            assert np.abs(unet_only - ours).max() > 8, cid
         base = theirs(tiny_models[kind], folder, t, None)
         assert np.abs(ours - base).max() > 8, cid  # the LoRA changes the drawing
         for file in (LORA_NAME, lora_path(cid)):

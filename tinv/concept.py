@@ -69,6 +69,8 @@ class TrainedConcept:
     lora: dict[str, torch.Tensor] | None = None
     """``lora`` / ``pivotal``: the UNet adapter in peft's naming (``…to_q.lora_A.weight``), fp32 on CPU."""
     lora_rank: int | None = None
+    text_lora: list[dict[str, torch.Tensor]] | None = None
+    """With ``lora_text_encoder``: its adapter on each text encoder, in peft's naming (``…q_proj.lora_A.weight``)."""
     start: dict | None = None
     """Where its vectors started (:func:`tinv.starts.choose`): ``{"init": …}``, with both fixed-batch losses
     when another start than the word was asked for."""

@@ -15,6 +15,8 @@ METHODS = ("ti", "lora", "pivotal")
 plain text); pivotal tuning (new token vectors and an adapter, trained together)."""
 LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 """The UNet's attention projections: the targets of diffusers' ``train_dreambooth_lora.py``."""
+LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+"""A CLIP text encoder's attention projections: that script's targets with ``--train_text_encoder``."""
 
 
 @dataclass(frozen=True)
@@ -156,8 +158,7 @@ class TrainConfig:
     batch_size: int = 4
     """Samples per object concept per step."""
     concepts_per_actor: int = 4
-    """K: concepts an actor trains at once, in one batch (continuous batching refills a slot when its
-    concept ends)."""
+    """K: concepts an actor trains at once, in one batch (a slot is refilled when its concept ends)."""
     max_vectors: int = 8
     """Largest ``num_vectors`` a concept may ask for (slot capacity)."""
     seed: int = 0
@@ -176,24 +177,21 @@ class TrainConfig:
     """Train each picture at the bucket nearest its aspect ratio instead of its centre square (:mod:`tinv.buckets`;
     a square picture trains the same either way). Chosen on the toy world (docs/defaults.md)."""
     min_timestep_fraction: float = 0.5
-    """Training timesteps are drawn from ``[min_timestep_fraction × T, T)`` of the model's ``T``
-    training timesteps (0: the whole schedule, as the diffusers recipe does).
+    """Training timesteps are drawn from ``[min_timestep_fraction × T, T)`` of the model's ``T`` (0: all, as
+    the diffusers recipe does; kohya's ``--min_timestep``). Chosen on the toy world (docs/defaults.md).
 
-    What a new word has to set (layout, colour, backdrop) is decided at high noise; at low noise the denoiser
-    reads it off the latent whatever the prompt says (kohya's ``--min_timestep`` is the same knob). Default
-    chosen on the toy world (docs/defaults.md)."""
+    What a new word sets (layout, colour, backdrop) is decided at high noise; at low noise the denoiser reads
+    it off the latent whatever the prompt says."""
     style_timestep_power: float = 4.0
-    """``style`` concepts draw t = lo + (T − lo)·u^(1/p), u uniform on [0, 1), lo the ``min_timestep_fraction``
-    bound: density ∝ (t − lo)^(p − 1), leaning to the noisy end (1: uniform, as objects draw).
+    """``style`` concepts draw t = lo + (T − lo)·u^(1/p), u uniform on [0, 1): density ∝ (t − lo)^(p − 1), leaning
+    to the noisy end (1: uniform, as objects draw). Chosen on the toy world (docs/defaults.md).
 
-    A style's word decides the whole look from pure noise, where the prompt is all the denoiser has
-    (diffusers' SDXL example: ``--timestep_bias_strategy later``). Chosen on the toy world (docs/defaults.md)."""
+    A style's word decides the whole look from pure noise, where the prompt is all the denoiser has."""
     style_batch_size: int = 8
     """Samples per step for ``style`` concepts (``batch_size`` is the objects'): most of a style's draws
     are at high noise, so its gradient is noisier. Default chosen on the toy world (docs/defaults.md)."""
     loss_scale: float = 65536.0
-    """fp16 only: each slot's initial dynamic loss scale (halved when its gradient overflows; the
-    defaults are ``torch.amp.GradScaler``'s)."""
+    """fp16 only: each slot's initial dynamic loss scale, halved on overflow (``torch.amp.GradScaler``'s)."""
     loss_scale_growth_interval: int = 2000
     """fp16 only: a slot's loss scale doubles after this many steps without overflow."""
     early_stop: bool = True
@@ -210,10 +208,12 @@ class TrainConfig:
     lora_rank: int = 4
     """Default LoRA rank of ``lora`` / ``pivotal`` concepts (alpha = rank); diffusers' DreamBooth-LoRA default."""
     lora_learning_rate: float = 1e-4
-    """AdamW learning rate of a concept's LoRA (its token vectors keep ``learning_rate``); the value of
-    diffusers' DreamBooth-LoRA examples, not tuned here."""
+    """AdamW learning rate of a concept's LoRA (its vectors keep ``learning_rate``); diffusers' DreamBooth-LoRA rate."""
     lora_targets: tuple[str, ...] = LORA_TARGETS
     """Module names (suffixes) of the UNet that get LoRA layers."""
+    lora_text_encoder: bool = False
+    """Give a concept's LoRA the text encoders' attention too (:data:`LORA_TEXT_TARGETS`, its learning rate;
+    diffusers' ``--train_text_encoder``): its identifier's words then mean the concept in the encoder."""
     prior_loss_weight: float = 1.0
     """Default weight of the class pictures' loss for concepts with a ``class_prompt`` (diffusers' default)."""
     class_images: int = 100

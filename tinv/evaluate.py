@@ -45,6 +45,8 @@ class EvalConcept:
     """``(N, 3, H, W)`` training pictures in [-1, 1] at the model's size, for metrics."""
     lora: dict[str, torch.Tensor] | None = None
     """``lora`` / ``pivotal``: its UNet LoRA in peft's naming, which its samples go through."""
+    text_lora: list[dict[str, torch.Tensor]] | None = None
+    """Its LoRA per text encoder, if it has one (:attr:`tinv.concept.TrainedConcept.text_lora`)."""
 
 
 @dataclass
@@ -135,6 +137,7 @@ class Evaluator:
                 self.model, [c.vectors for c in concepts], requests, steps=self.cfg.sample_steps,
                 guidance=self.cfg.guidance, batch_size=self.cfg.sample_batch_size, pipe=self.pipe,
                 words=[c.token for c in concepts], loras=[c.lora for c in concepts],
+                text_loras=[c.text_lora for c in concepts],
             )
         out, start = [], 0
         for concept, pairs in zip(concepts, plan):

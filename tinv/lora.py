@@ -7,7 +7,8 @@ trainer slot owns one peft adapter (``slot{s}``) on the UNet's attention project
 on every LoRA layer hands it the adapter name of each sample in the batch (peft's mixed-batch forward),
 so a packed batch sends each sample through its own concept's adapter and no other; samples of other
 concepts (Textual Inversion) go through the base weights alone (``__base__``), also outside any routing.
-The base weights are never touched: peft wraps each targeted layer and only the adapters train.
+The base weights are never touched: peft wraps each targeted layer and only the adapters train. The text
+encoders can carry adapters of the same names (:data:`tinv.config.LORA_TEXT_TARGETS`), routed alike (:func:`routed`).
 """
 
 from __future__ import annotations
@@ -23,15 +24,14 @@ from torch import nn
 
 BASE = "__base__"
 """peft's name for "no adapter" in a mixed batch."""
-DEFAULT_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
-"""The UNet's attention projections: the targets of diffusers' ``train_dreambooth_lora.py``."""
 
 
 class Adapters:
     """The LoRA adapters of one UNet, one per trainer slot, and the routing of samples to them."""
 
     def __init__(self, unet: nn.Module) -> None:
-        """Use :meth:`of`: one UNet has one router (a second one's hooks would override the first's routes)."""
+        """Use :meth:`of`: one module has one router (a second one's hooks would override the first's routes).
+        ``unet`` is the module the adapters sit in: the UNet, or a text encoder."""
         self.unet = unet
         self.routes: list[str] | None = None
         self._hooked: set[int] = set()
@@ -69,6 +69,10 @@ class Adapters:
     def load(self, name: str, state: dict[str, torch.Tensor]) -> None:
         """Adapter ``name`` holding ``state`` (peft naming, as :meth:`state_dict` gives, scaled to alpha = rank
         as :func:`tinv.lora_files.read_lora` gives a file's), on the modules it names."""
+        if hasattr(self.unet, "text_model"):  # CLIP's names: nested in some transformers classes and versions
+            state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+        elif hasattr(self.unet, "encoder") and hasattr(self.unet, "embeddings"):  # a flattened CLIP text model
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
         ranks = {v.shape[0] for k, v in state.items() if ".lora_A." in k}
         if len(ranks) != 1:
             raise ValueError(f"a LoRA state of one rank expected, got ranks {sorted(ranks)}")
@@ -104,6 +108,11 @@ class Adapters:
         finally:
             self.routes = previous
 
+    @classmethod
+    def present(cls, modules: Sequence[nn.Module]) -> list[Adapters]:
+        """The routers of those of ``modules`` that have one."""
+        return [m._tinv_adapters for m in modules if getattr(m, "_tinv_adapters", None) is not None]
+
     def _route(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A batch twice the routes' length is classifier-free guidance's (unconditional, then conditional
         halves, as diffusers' pipelines stack them): both halves of a sample take its adapter."""
@@ -113,3 +122,27 @@ class Adapters:
         if routes is not None and len(routes) != batch:
             raise ValueError(f"{len(routes)} routes for a batch of {batch} at a LoRA layer")
         return args, {**kwargs, "adapter_names": routes or [BASE] * batch}
+
+
+@contextlib.contextmanager
+def routed(modules: Sequence[nn.Module], names: list[str]) -> Iterator[None]:
+    """:meth:`Adapters.routed` on every one of ``modules`` that has adapters (the UNet, the text encoders)."""
+    with contextlib.ExitStack() as stack:
+        for adapters in Adapters.present(modules):
+            stack.enter_context(adapters.routed(names))
+        yield
+
+
+def remove_everywhere(modules: Sequence[nn.Module], name: str) -> None:
+    """Drop adapter ``name`` from each of ``modules``."""
+    for module in modules:
+        Adapters.of(module).remove(name)
+
+
+def add_everywhere(
+    places: Sequence[tuple[nn.Module, Sequence[str]]], name: str, rank: int, seed: int
+) -> list[nn.Parameter]:
+    """Adapter ``name`` of ``rank`` on each ``(module, targets)`` (the UNet first, then any text encoders; the
+    i-th seeded ``seed + i``, so the UNet's is the same with or without the others); all their parameters."""
+    return [p for i, (module, targets) in enumerate(places)
+            for p in Adapters.of(module).add(name, rank, targets, seed + i)]

@@ -80,6 +80,8 @@ def config_fingerprint(
     train_part |= {"batch_size": settings.batch_size, "timestep_power": settings.timestep_power}
     if spec.method != "ti":
         train_part |= {k: getattr(cfg, k) for k in LORA_FIELDS}
+        if cfg.lora_text_encoder:  # off, a lora concept hashes as before it existed
+            train_part["lora_text_encoder"] = True
     if spec.class_prompt:
         train_part |= {k: getattr(cfg, k) for k in CLASS_FIELDS}
     if model["dtype"] == "torch.float16":
@@ -189,7 +191,7 @@ def learned_files(
     if trained.lora is not None:
         prompts = {"class_prompt": json.dumps(list(spec.class_prompts))} if spec.class_prompts else {}
         files |= lora_files(spec.concept_id, spec.placeholder_token, trigger, spec.method, trained.lora_rank,
-                            trained.lora, trained.vectors, metadata | prompts)
+                            trained.lora, trained.vectors, metadata | prompts, trained.text_lora)
     return files
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from tinv.conditioning import encode_prompts
-from tinv.lora import BASE, Adapters
+from tinv.lora import BASE, Adapters, remove_everywhere, routed
 from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 
@@ -114,36 +114,40 @@ def sample(
     pipe=None,
     words: list[str] | None = None,
     loras: list[dict[str, torch.Tensor] | None] | None = None,
+    text_loras: list[list[dict[str, torch.Tensor]] | None] | None = None,
 ) -> np.ndarray:
     """Draw each request: ``(N, H, W, 3)`` uint8. ``vectors[c][e]`` is concept c's ``(n, D_e)``; None for
     a concept without a new token, whose ``{}`` reads ``words[c]`` as plain text. ``loras[c]``, if given,
-    is concept c's UNet LoRA (peft naming), which its samples and only its go through.
+    is concept c's UNet LoRA (peft naming), which its samples and only its go through, and ``text_loras[c]``
+its LoRA on each text encoder, which its prompts (and their empty negative prompts, as diffusers encodes
+them) go through.
 
     An image depends only on its own prompt, vectors, LoRA and seed: the initial noise comes from
     its own ``torch.Generator(seed)``, whatever else shares the batch.
     """
     pipe = pipe or pipeline(model)
     loras = loras or [None] * len(vectors)
-    with _adapters(model, loras) as routes:
+    text_loras = text_loras or [None] * len(vectors)
+    with _adapters(model, loras, text_loras) as routes:
         return _sample(model, vectors, requests, steps, guidance, batch_size, pipe, words, routes)
 
 
 @contextlib.contextmanager
-def _adapters(model: BaseModel, loras: list[dict[str, torch.Tensor] | None]) -> Iterator[list[str]]:
-    """Load each concept's LoRA as adapter ``sample{c}`` for the duration; yield each concept's route."""
+def _adapters(model: BaseModel, loras: list[dict[str, torch.Tensor] | None],
+              text_loras: list[list[dict[str, torch.Tensor]] | None]) -> Iterator[list[str]]:
+    """Load each concept's LoRA as adapter ``sample{c}`` (UNet, text encoders) for the duration; yield each
+    concept's route."""
     routes = [BASE if lora is None else f"sample{c}" for c, lora in enumerate(loras)]
-    if all(lora is None for lora in loras):
-        yield routes
-        return
-    adapters = Adapters.of(model.unet)
+    modules = [model.unet, *model.text_encoders]
     try:
-        for name, lora in zip(routes, loras):
-            if lora is not None:
-                adapters.load(name, lora)
+        for name, lora, text in zip(routes, loras, text_loras):
+            for module, state in zip(modules, [lora, *(text or [])] if lora is not None else []):
+                if state:  # else a text encoder its LoRA leaves alone
+                    Adapters.of(module).load(name, state)
         yield routes
     finally:
         for name in set(routes) - {BASE}:
-            adapters.remove(name)
+            remove_everywhere(modules, name)
 
 
 def _sample(model: BaseModel, vectors: list[list[torch.Tensor] | None], requests: list[SampleRequest], steps: int,
@@ -172,15 +176,15 @@ def _sample(model: BaseModel, vectors: list[list[torch.Tensor] | None], requests
         for i in range(0, len(requests), batch_size):
             chunk = requests[i : i + batch_size]
             texts = [r.prompt.format(said[r.concept]) for r in chunk]  # {}: the slot's tokens, or plain text
-            cond = _embed(model, texts, size)
-            if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL: as diffusers does, no prompt
-                uncond = (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]))
-            else:
-                uncond = _embed(model, [""] * len(chunk), size)
-            kwargs = {"prompt_embeds": cond[0], "negative_prompt_embeds": uncond[0]}
-            if model.is_sdxl:
-                kwargs |= {"pooled_prompt_embeds": cond[1], "negative_pooled_prompt_embeds": uncond[1]}
-            with Adapters.of(model.unet).routed([routes[r.concept] for r in chunk]):
+            with routed([model.unet, *model.text_encoders], [routes[r.concept] for r in chunk]):
+                cond = _embed(model, texts, size)
+                if getattr(pipe.config, "force_zeros_for_empty_prompt", False):  # SDXL: as diffusers does
+                    uncond = (torch.zeros_like(cond[0]), torch.zeros_like(cond[1]))
+                else:
+                    uncond = _embed(model, [""] * len(chunk), size)
+                kwargs = {"prompt_embeds": cond[0], "negative_prompt_embeds": uncond[0]}
+                if model.is_sdxl:
+                    kwargs |= {"pooled_prompt_embeds": cond[1], "negative_pooled_prompt_embeds": uncond[1]}
                 images = pipe(
                     **kwargs,
                     generator=[torch.Generator().manual_seed(r.seed) for r in chunk],

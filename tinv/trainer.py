@@ -5,14 +5,13 @@ noise, timestep), one batched text-encoder + UNet pass gives a mean loss per slo
 losses gives every slot exactly its own gradient (Textual Inversion, Gal et al. 2022, arXiv 2208.01618).
 Each slot has its own AdamW state, learning rate and fp16 loss scale, so slots never couple (a slot that
 turns non-finite is dropped alone). A ``lora`` or ``pivotal`` concept's slot also owns a LoRA adapter on
-the UNet (:mod:`tinv.lora`, DreamBooth's bulk form, Ruiz et al. 2022, arXiv 2208.12242), through which
-only that concept's samples pass, with its own learning rate. :func:`tinv.train.train_concepts` runs it
-over a stream of concepts.
+the UNet, and on the text encoders with ``lora_text_encoder`` (:mod:`tinv.lora`, DreamBooth's bulk form,
+Ruiz et al. 2022, arXiv 2208.12242), through which only that concept's samples pass, at its own rate.
+:func:`tinv.train.train_concepts` runs it over a stream of concepts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -22,10 +21,10 @@ from torch import nn
 
 from tinv.concept import ConceptData, Framed, Rows, Slot, TrainedConcept
 from tinv.conditioning import encode_prompts
-from tinv.config import ConceptSpec, Resolved, TrainConfig, resolve
+from tinv.config import LORA_TEXT_TARGETS, ConceptSpec, Resolved, TrainConfig, resolve
 from tinv.draws import draw_rows, latents_of
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
-from tinv.lora import BASE, Adapters
+from tinv.lora import BASE, Adapters, add_everywhere, remove_everywhere, routed
 from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 from tinv.starts import Start, choose, dvar_history, word_start
@@ -44,13 +43,12 @@ class PackedTrainer:
             for _ in range(cfg.concepts_per_actor)
         ]  # [slot][encoder] → (M, D) fp32
         groups = [{"params": row, "lr": cfg.learning_rate} for row in self.vectors]
-        self.optimizer = torch.optim.AdamW(
-            groups, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-        )
+        self.optimizer = torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
         self.slots: list[Slot | None] = [None] * cfg.concepts_per_actor
         self.step_count = 0
-        self.adapters: Adapters | None = None
-        """Created with the first lora / pivotal concept: a ti-only run leaves the UNet as it is."""
+        self.lora_modules: list[nn.Module] = []
+        """Where adapters sit, from the first lora / pivotal concept on: a ti-only run leaves the model as it is."""
         self.lora_groups: dict[int, dict] = {}
         """slot → its adapter's optimizer parameter group."""
 
@@ -108,18 +106,20 @@ class PackedTrainer:
             self.vectors[s][e][: len(row)] = row.to(self.vectors[s][e].device)
 
     def _adapter(self, s: int, settings: Resolved) -> str | None:
-        """Give slot ``s`` a fresh LoRA adapter (seeded by the concept) if its method has one."""
-        name = f"slot{s}"
+        """Give slot ``s`` a fresh LoRA adapter (seeded by the concept) if its method has one: on the UNet, and on
+        the text encoders with ``lora_text_encoder``."""
+        name, cfg = f"slot{s}", self.cfg
         if settings.lora_rank is None:
+            remove_everywhere(self.lora_modules, name)
             if s in self.lora_groups:
-                self.adapters.remove(name)
                 self.lora_groups[s]["params"] = []
             return None
-        if self.adapters is None:
-            self.adapters = Adapters.of(self.model.unet)
-        params = self.adapters.add(name, settings.lora_rank, self.cfg.lora_targets, seed=settings.seed)
+        texts = self.model.text_encoders if cfg.lora_text_encoder else []
+        places = [(self.model.unet, cfg.lora_targets), *((e, LORA_TEXT_TARGETS) for e in texts)]
+        self.lora_modules = [module for module, _ in places]
+        params = add_everywhere(places, name, settings.lora_rank, seed=settings.seed)
         if s not in self.lora_groups:
-            self.optimizer.add_param_group({"params": params, "lr": self.cfg.lora_learning_rate})
+            self.optimizer.add_param_group({"params": params, "lr": cfg.lora_learning_rate})
             self.lora_groups[s] = self.optimizer.param_groups[-1]
         self.lora_groups[s]["params"] = params
         return name
@@ -189,11 +189,10 @@ class PackedTrainer:
         noisy = scheduler.add_noise(latents, noise, t)
         target = noise if self.model.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
         scale = self.model.pixels_per_latent
-        hidden, added = encode_prompts(self.model, ids, (latents.shape[-2] * scale, latents.shape[-1] * scale))
         dtype = self.model.dtype
-        added = {k: v.to(dtype) for k, v in added.items()} if added else None  # SDXL's pooled text, time ids
-        routed = [a for a, r in zip(adapters, parts) for _ in r.latents]
-        with self.adapters.routed(routed) if self.adapters is not None else contextlib.nullcontext():
+        with routed(self.lora_modules, [a for a, r in zip(adapters, parts) for _ in r.latents]):
+            hidden, added = encode_prompts(self.model, ids, (latents.shape[-2] * scale, latents.shape[-1] * scale))
+            added = {k: v.to(dtype) for k, v in added.items()} if added else None  # SDXL's pooled text, time ids
             pred = self.model.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added).sample
         return F.mse_loss(pred.float(), target, reduction="none")
 
@@ -248,10 +247,8 @@ class PackedTrainer:
         return {s: v for s, v in values.items() if s not in failed}, failed
 
     def _rescale(self, slot: Slot, finite: bool) -> None:
-        if not finite:
-            slot.loss_scale, slot.good_steps = slot.loss_scale / 2, 0
-            return
-        slot.good_steps += 1
+        slot.good_steps = slot.good_steps + 1 if finite else 0
+        slot.loss_scale /= 1 if finite else 2
         if slot.good_steps == self.cfg.loss_scale_growth_interval:
             slot.loss_scale, slot.good_steps = slot.loss_scale * 2, 0
 
@@ -284,16 +281,20 @@ class PackedTrainer:
         """Take the finished concept out of slot ``s``."""
         slot = self.slots[s]
         vectors = [row[: slot.spec.num_vectors].detach().cpu().clone() for row in self.vectors[s]]
-        lora = self.adapters.state_dict(slot.adapter) if slot.adapter else None
-        self.slots[s] = None
-        scale = self.model.pixels_per_latent
+        lora, text = self.lora_states(s)
+        self.slots[s], scale = None, self.model.pixels_per_latent
         sizes = {f"{g.mean.shape[-1] * scale}x{g.mean.shape[-2] * scale}": len(g.index) for g in slot.latents}
         return TrainedConcept(slot.spec, vectors if slot.settings.trains_vectors else None, slot.losses,
                               time.perf_counter() - slot.started, lora=lora, lora_rank=slot.settings.lora_rank,
-                              start=slot.start, sizes=sizes)
+                              text_lora=text, start=slot.start, sizes=sizes)
+
+    def lora_states(self, s: int) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
+        """Slot ``s``'s adapter now: the UNet's and the text encoders' (None without), peft naming, fp32 copies."""
+        name = self.slots[s].adapter
+        unet, *text = [Adapters.of(m).state_dict(name) for m in self.lora_modules] if name else [None]
+        return unet, text or None
 
     def fail(self, s: int, failure: ConceptError) -> TrainedConcept:
         """Take the failed concept out of slot ``s`` (its losses so far are kept, its vectors are not)."""
-        slot = self.slots[s]
-        self.slots[s] = None
+        slot, self.slots[s] = self.slots[s], None
         return TrainedConcept(slot.spec, None, slot.losses, time.perf_counter() - slot.started, failure)

@@ -137,6 +137,8 @@ class Draw:
     vectors: torch.Tensor | None = None
     word: str = ""
     lora: dict[str, torch.Tensor] | None = None
+    text_lora: list[dict[str, torch.Tensor]] | None = None
+    """Its LoRA on each text encoder, if it has one."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,8 @@ def judge(
         requests += [SampleRequest(d, p, seed + k) for k, (p, _) in enumerate(pairs)]
         shapes.append([shape for _, shape in pairs])
     vectors = [None if d.vectors is None else [d.vectors] for d in draws]
-    images = sample(model, vectors, requests, words=[d.word for d in draws], loras=[d.lora for d in draws], **gen)
+    images = sample(model, vectors, requests, words=[d.word for d in draws], loras=[d.lora for d in draws],
+                    text_loras=[d.text_lora for d in draws], **gen)
     items = iter(scorer.predict(pixels(images)))
     out = []
     for draw, named in zip(draws, shapes):

@@ -135,10 +135,11 @@ def compare(
         for run in runs:
             t = learned[run][c.name]
             keys.append((i, run))
-            draws.append(Draw(i, None if t.vectors is None else t.vectors[0], t.spec.placeholder_token, t.lora))
+            draws.append(Draw(i, None if t.vectors is None else t.vectors[0], t.spec.placeholder_token, t.lora,
+                              t.text_lora))
             if t.lora is not None:  # without one the bare prompt draws the base model's samples
                 keys.append((i, run, "bare"))
-                draws.append(Draw(i, word=bare_word(c), lora=t.lora))
+                draws.append(Draw(i, word=bare_word(c), lora=t.lora, text_lora=t.text_lora))
     found = dict(zip(keys, judge(model, scorer, concepts, draws, samples, seed, **gen)))
     rows = []
     for i, c in enumerate(concepts):

@@ -63,8 +63,8 @@ def snapshots(
     def learned(s: int) -> Draw:
         slot = trainer.slots[s]
         vec = trainer.vectors[s][0][: slot.spec.num_vectors].detach().clone()
-        lora = trainer.adapters.state_dict(slot.adapter) if slot.adapter else None
-        return Draw(s, vec if slot.settings.trains_vectors else None, slot.spec.placeholder_token, lora)
+        return Draw(s, vec if slot.settings.trains_vectors else None, slot.spec.placeholder_token,
+                    *trainer.lora_states(s))
 
     copies = {(s, 0): learned(s) for s in range(len(concepts))} if 0 in checkpoints else {}
     stops = {}
