@@ -131,3 +131,24 @@ def test_half_precision_unet_with_fp32_text_encoders_trains_and_draws(tiny_model
     assert trained.failure is None
     (drawn,) = Evaluator(model, CFG).run([EvalConcept("c", "<c>", trained.vectors, prompts=("a photo of a {}",))])
     assert drawn.images.shape == (2, 32, 32, 3) and drawn.images.std() > 0
+
+
+def test_loras_with_text_encoder_parts_draw_as_alone_in_a_mixed_batch(tiny_models, images):
+    from tinv.config import ConceptSpec, TrainConfig
+    from tinv.train import ConceptData, train_concepts
+
+    model = load_base_model(str(tiny_models["sd1"]))
+    cfg = TrainConfig(steps=4, concepts_per_actor=2, batch_size=2, lora_learning_rate=0.05, lora_text_encoder=True)
+    specs = [ConceptSpec(w, ("x",), placeholder_token=f"{w} toy", method="lora", seed=i)
+             for i, w in enumerate(("sks", "zwx"))]
+    trained = list(train_concepts(model, [ConceptData(s, images) for s in specs], cfg))
+    drawn = [EvalConcept(t.spec.concept_id, t.spec.placeholder_token, None, prompts=("a photo of a {}",), lora=t.lora,
+                         text_lora=t.text_lora) for t in trained]
+    evaluator = Evaluator(model, SampleConfig(samples_per_prompt=2, sample_steps=4, sample_batch_size=4))
+    mixed = evaluator.run(drawn)  # one batch of both concepts' samples
+    for concept, got in zip(drawn, mixed):
+        (alone,) = evaluator.run([concept])
+        assert np.abs(got.images.astype(int) - alone.images.astype(int)).max() <= 2
+        (unet_only,) = evaluator.run([EvalConcept(concept.concept_id, concept.token, None, prompts=concept.prompts,
+                                                  lora=concept.lora)])
+        assert np.abs(got.images.astype(int) - unet_only.images.astype(int)).max() > 8  # its text part is drawn

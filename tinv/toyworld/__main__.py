@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--model", default=str(MODEL_DIR))
     m.add_argument("--samples", type=int, default=96, help="samples per concept and prompt set, as for fidelity")
     m.add_argument("--json", default=None, help="also write the rows as JSON here")
+    m.add_argument("--runs", nargs="*", default=None, metavar="RUN",
+                   help="columns to learn and draw, e.g. ti lora lora+prior (default: every one of methods.RUNS)")
     m.add_argument("--toy-lora-rates", action=argparse.BooleanOptionalAction, default=True,
                    help="each method's toy-world LoRA learning rate (tinv.toyworld.methods.TOY_LORA_LEARNING_RATES) "
                         "instead of --lora-learning-rate")
@@ -150,13 +152,18 @@ def fidelity(args: argparse.Namespace) -> None:
 
 
 def methods(args: argparse.Namespace) -> None:
-    from tinv.toyworld.methods import TOY_LORA_LEARNING_RATES, compare, markdown
+    from tinv.toyworld.methods import RUNS, TOY_LORA_LEARNING_RATES, column, compare, markdown
     from tinv.toyworld.scorer import load_scorer
 
     cfg = cli.build(TrainConfig, args)
     rates = TOY_LORA_LEARNING_RATES if args.toy_lora_rates else None
+    named = {column(*run).replace(" ", ""): run for run in RUNS}
+    unknown = sorted(set(args.runs or ()) - set(named))
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; choose from {sorted(named)}")
+    runs = tuple(named[r] for r in args.runs) if args.runs else RUNS
     rows = compare(args.model, load_scorer(Path(args.model) / SCORER_FILE), cfg, samples=args.samples, seed=cfg.seed,
-                   lora_learning_rates=rates, batch_size=64)
+                   runs=runs, lora_learning_rates=rates, batch_size=64)
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) | {"drift": r.drift} for r in rows], indent=1))
