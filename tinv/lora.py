@@ -134,9 +134,9 @@ def routed(modules: Sequence[nn.Module], names: list[str]) -> Iterator[None]:
 
 
 def remove_everywhere(modules: Sequence[nn.Module], name: str) -> None:
-    """Drop adapter ``name`` from each of ``modules``."""
-    for module in modules:
-        Adapters.of(module).remove(name)
+    """Drop adapter ``name`` from each of ``modules`` that has adapters."""
+    for adapters in Adapters.present(modules):
+        adapters.remove(name)
 
 
 def add_everywhere(

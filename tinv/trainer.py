@@ -47,10 +47,11 @@ class PackedTrainer:
                                            weight_decay=cfg.weight_decay)
         self.slots: list[Slot | None] = [None] * cfg.concepts_per_actor
         self.step_count = 0
-        self.lora_modules: list[nn.Module] = []
-        """Where adapters sit, from the first lora / pivotal concept on: a ti-only run leaves the model as it is."""
-        self.lora_groups: dict[int, dict] = {}
-        """slot → its adapter's optimizer parameter group."""
+        texts = model.text_encoders if cfg.lora_text_encoder else []
+        self.lora_places = [(model.unet, cfg.lora_targets), *((e, LORA_TEXT_TARGETS) for e in texts)]
+        """Where a lora / pivotal concept's adapter goes, UNet first (added at admission: a ti-only run adds none)."""
+        self.lora_modules = [module for module, _ in self.lora_places]
+        self.lora_groups: dict[int, dict] = {}  # slot → its adapter's optimizer parameter group
 
     @property
     def active(self) -> list[int]:
@@ -108,18 +109,15 @@ class PackedTrainer:
     def _adapter(self, s: int, settings: Resolved) -> str | None:
         """Give slot ``s`` a fresh LoRA adapter (seeded by the concept) if its method has one: on the UNet, and on
         the text encoders with ``lora_text_encoder``."""
-        name, cfg = f"slot{s}", self.cfg
+        name = f"slot{s}"
         if settings.lora_rank is None:
             remove_everywhere(self.lora_modules, name)
             if s in self.lora_groups:
                 self.lora_groups[s]["params"] = []
             return None
-        texts = self.model.text_encoders if cfg.lora_text_encoder else []
-        places = [(self.model.unet, cfg.lora_targets), *((e, LORA_TEXT_TARGETS) for e in texts)]
-        self.lora_modules = [module for module, _ in places]
-        params = add_everywhere(places, name, settings.lora_rank, seed=settings.seed)
+        params = add_everywhere(self.lora_places, name, settings.lora_rank, seed=settings.seed)
         if s not in self.lora_groups:
-            self.optimizer.add_param_group({"params": params, "lr": cfg.lora_learning_rate})
+            self.optimizer.add_param_group({"params": params, "lr": self.cfg.lora_learning_rate})
             self.lora_groups[s] = self.optimizer.param_groups[-1]
         self.lora_groups[s]["params"] = params
         return name
@@ -247,8 +245,10 @@ class PackedTrainer:
         return {s: v for s, v in values.items() if s not in failed}, failed
 
     def _rescale(self, slot: Slot, finite: bool) -> None:
-        slot.good_steps = slot.good_steps + 1 if finite else 0
-        slot.loss_scale /= 1 if finite else 2
+        if not finite:
+            slot.loss_scale, slot.good_steps = slot.loss_scale / 2, 0
+            return
+        slot.good_steps += 1
         if slot.good_steps == self.cfg.loss_scale_growth_interval:
             slot.loss_scale, slot.good_steps = slot.loss_scale * 2, 0
 
