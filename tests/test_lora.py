@@ -95,12 +95,34 @@ def test_pivotal_trains_vectors_and_adapter_at_their_own_learning_rates(tiny_mod
     trainer.admit(0, ConceptData(spec("p", method="pivotal"), images))
     trainer.admit(1, ConceptData(spec("t", learning_rate=2e-3), images))
     groups = trainer.optimizer.param_groups
-    lora = trainer.lora_groups[0]
+    (lora,) = trainer.lora_groups[0]
     assert groups[0]["lr"] == 3e-3 and groups[1]["lr"] == 2e-3 and lora["lr"] == 7e-4
     assert {id(p) for p in lora["params"]} == {id(p) for p in Adapters.of(model.unet).parameters("slot0")}
     assert 1 not in trainer.lora_groups  # a ti slot has no adapter
     trainer.admit(0, ConceptData(spec("t2"), images))  # a ti concept takes the pivotal slot: its adapter goes
-    assert Adapters.of(model.unet).parameters("slot0") == [] and trainer.lora_groups[0]["params"] == []
+    assert Adapters.of(model.unet).parameters("slot0") == [] and trainer.lora_groups[0][0]["params"] == []
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+@pytest.mark.parametrize("text_rate", [None, 5e-6])
+def test_the_text_encoders_lora_trains_at_its_own_rate(tiny_models, images, kind, text_rate):
+    """``lora_text_encoder_learning_rate`` (kohya's ``--text_encoder_lr``): the encoders' part of a slot's
+    adapter in its own optimizer group at that rate (None: the LoRA rate), the UNet's at the LoRA rate."""
+    model = load_base_model(str(tiny_models[kind]))
+    cfg = TrainConfig(concepts_per_actor=1, lora_learning_rate=7e-4, lora_text_encoder=True,
+                      lora_text_encoder_learning_rate=text_rate)
+    trainer = PackedTrainer(model, cfg)
+    trainer.admit(0, ConceptData(spec("l", method="lora", placeholder_token="sks"), images))
+    unet, *texts = trainer.lora_groups[0]  # one group per encoder
+    assert len(texts) == len(model.text_encoders)
+    assert unet["lr"] == 7e-4 and [t["lr"] for t in texts] == [text_rate or 7e-4] * len(texts)
+    for group, module in zip([unet, *texts], [model.unet, *model.text_encoders]):
+        assert {id(p) for p in group["params"]} == {id(p) for p in Adapters.of(module).parameters("slot0")}
+        assert {id(p) for p in trainer.slot_parameters(0)} >= {id(p) for p in group["params"]}
+    before = [p.detach().clone() for t in texts for p in t["params"]]
+    trainer.step()
+    moved = max((p - b).abs().max().item() for p, b in zip([p for t in texts for p in t["params"]], before))
+    assert 0 < moved <= 1.5 * (text_rate or 7e-4)  # AdamW's first step moves an element by at most about its rate
 
 
 def test_routing_sends_each_sample_through_its_own_adapter_only(tiny_models):
@@ -138,3 +160,7 @@ def test_a_text_encoder_lora_counts_in_the_fingerprint_of_lora_concepts_only():
     on = TrainConfig(lora_text_encoder=True)
     assert config_fingerprint(ti, on, model) == config_fingerprint(ti, TrainConfig(), model)
     assert config_fingerprint(lora, on, model) != config_fingerprint(lora, TrainConfig(), model)
+    rate = replace(on, lora_text_encoder_learning_rate=1e-5)  # counted when given, and only with the flag on
+    assert config_fingerprint(lora, rate, model) != config_fingerprint(lora, on, model)
+    assert config_fingerprint(lora, replace(TrainConfig(), lora_text_encoder_learning_rate=1e-5), model) == \
+        config_fingerprint(lora, TrainConfig(), model)

@@ -178,15 +178,12 @@ class TrainConfig:
     a square picture trains the same either way). Chosen on the toy world (docs/defaults.md)."""
     min_timestep_fraction: float = 0.5
     """Training timesteps are drawn from ``[min_timestep_fraction × T, T)`` of the model's ``T`` (0: all, as
-    the diffusers recipe does; kohya's ``--min_timestep``). Chosen on the toy world (docs/defaults.md).
-
-    What a new word sets (layout, colour, backdrop) is decided at high noise; at low noise the denoiser reads
-    it off the latent whatever the prompt says."""
+    the diffusers recipe does; kohya's ``--min_timestep``). Chosen on the toy world (docs/defaults.md): what a
+    new word sets (layout, colour, backdrop) is decided at high noise; at low noise the latent shows it."""
     style_timestep_power: float = 4.0
     """``style`` concepts draw t = lo + (T − lo)·u^(1/p), u uniform on [0, 1): density ∝ (t − lo)^(p − 1), leaning
-    to the noisy end (1: uniform, as objects draw). Chosen on the toy world (docs/defaults.md).
-
-    A style's word decides the whole look from pure noise, where the prompt is all the denoiser has."""
+    to the noisy end (1: uniform, as objects draw). Chosen on the toy world (docs/defaults.md): a style's word
+    decides the whole look from pure noise, where the prompt is all the denoiser has."""
     style_batch_size: int = 8
     """Samples per step for ``style`` concepts (``batch_size`` is the objects'): most of a style's draws
     are at high noise, so its gradient is noisier. Default chosen on the toy world (docs/defaults.md)."""
@@ -212,8 +209,10 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     """Module names (suffixes) of the UNet that get LoRA layers."""
     lora_text_encoder: bool = False
-    """Give a concept's LoRA the text encoders' attention too (:data:`LORA_TEXT_TARGETS`, its learning rate;
-    diffusers' ``--train_text_encoder``): its identifier's words then mean the concept in the encoder."""
+    """Give a concept's LoRA the text encoders' attention too (:data:`LORA_TEXT_TARGETS`; diffusers'
+    ``--train_text_encoder``): its identifier's words then mean the concept in the encoder."""
+    lora_text_encoder_learning_rate: float | None = None
+    """AdamW learning rate of that text-encoder part (kohya's ``--text_encoder_lr``); None: ``lora_learning_rate``."""
     prior_loss_weight: float = 1.0
     """Default weight of the class pictures' loss for concepts with a ``class_prompt`` (diffusers' default)."""
     class_images: int = 100
@@ -248,6 +247,7 @@ class TrainConfig:
             "loss_scale_growth_interval >= 1": self.loss_scale_growth_interval >= 1,
             "lora_rank >= 1": self.lora_rank >= 1,
             "lora_learning_rate > 0": self.lora_learning_rate > 0,
+            "lora_text_encoder_learning_rate > 0": (self.lora_text_encoder_learning_rate or 1) > 0,
             "lora_targets not empty": bool(self.lora_targets),
             "prior_loss_weight >= 0": self.prior_loss_weight >= 0,
             "class_images >= 1": self.class_images >= 1,

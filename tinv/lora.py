@@ -141,8 +141,7 @@ def remove_everywhere(modules: Sequence[nn.Module], name: str) -> None:
 
 def add_everywhere(
     places: Sequence[tuple[nn.Module, Sequence[str]]], name: str, rank: int, seed: int
-) -> list[nn.Parameter]:
+) -> list[list[nn.Parameter]]:
     """Adapter ``name`` of ``rank`` on each ``(module, targets)`` (the UNet first, then any text encoders; the
-    i-th seeded ``seed + i``, so the UNet's is the same with or without the others); all their parameters."""
-    return [p for i, (module, targets) in enumerate(places)
-            for p in Adapters.of(module).add(name, rank, targets, seed + i)]
+    i-th seeded ``seed + i``, so the UNet's is the same with or without the others); each one's parameters."""
+    return [Adapters.of(module).add(name, rank, targets, seed + i) for i, (module, targets) in enumerate(places)]

@@ -82,6 +82,8 @@ def config_fingerprint(
         train_part |= {k: getattr(cfg, k) for k in LORA_FIELDS}
         if cfg.lora_text_encoder:  # off, a lora concept hashes as before it existed
             train_part["lora_text_encoder"] = True
+            if cfg.lora_text_encoder_learning_rate is not None:
+                train_part["lora_text_encoder_learning_rate"] = cfg.lora_text_encoder_learning_rate
     if spec.class_prompt:
         train_part |= {k: getattr(cfg, k) for k in CLASS_FIELDS}
     if model["dtype"] == "torch.float16":

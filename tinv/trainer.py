@@ -51,11 +51,12 @@ class PackedTrainer:
         self.lora_places = [(model.unet, cfg.lora_targets), *((e, LORA_TEXT_TARGETS) for e in texts)]
         """Where a lora / pivotal concept's adapter goes, UNet first (added at admission: a ti-only run adds none)."""
         self.lora_modules = [module for module, _ in self.lora_places]
-        self.lora_groups: dict[int, dict] = {}  # slot → its adapter's optimizer parameter group
+        self.lora_rates = [cfg.lora_learning_rate, *[cfg.lora_text_encoder_learning_rate or cfg.lora_learning_rate]
+                           * len(texts)]  # each place's LoRA learning rate
+        self.lora_groups: dict[int, list[dict]] = {}  # slot → its adapter's optimizer parameter groups
 
     @property
-    def active(self) -> list[int]:
-        """The occupied slots, in order."""
+    def active(self) -> list[int]:  # the occupied slots, in order
         return [s for s, slot in enumerate(self.slots) if slot is not None]
 
     # -- admission -------------------------------------------------------------------------
@@ -112,19 +113,21 @@ class PackedTrainer:
         name = f"slot{s}"
         if settings.lora_rank is None:
             remove_everywhere(self.lora_modules, name)
-            if s in self.lora_groups:
-                self.lora_groups[s]["params"] = []
+            for group in self.lora_groups.get(s, []):
+                group["params"] = []
             return None
-        params = add_everywhere(self.lora_places, name, settings.lora_rank, seed=settings.seed)
-        if s not in self.lora_groups:
-            self.optimizer.add_param_group({"params": params, "lr": self.cfg.lora_learning_rate})
-            self.lora_groups[s] = self.optimizer.param_groups[-1]
-        self.lora_groups[s]["params"] = params
+        parts = add_everywhere(self.lora_places, name, settings.lora_rank, seed=settings.seed)
+        if s not in self.lora_groups:  # one optimizer group per place, at its rate
+            for params, lr in zip(parts, self.lora_rates):
+                self.optimizer.add_param_group({"params": params, "lr": lr})
+            self.lora_groups[s] = self.optimizer.param_groups[-len(parts):]
+        for group, params in zip(self.lora_groups[s], parts):
+            group["params"] = params
         return name
 
     def slot_parameters(self, s: int) -> list[nn.Parameter]:
         """Everything slot ``s`` trains: its token vectors and its adapter, if it has one."""
-        return [*self.vectors[s], *(self.lora_groups[s]["params"] if s in self.lora_groups else [])]
+        return [*self.vectors[s], *(p for group in self.lora_groups.get(s, []) for p in group["params"])]
 
     def _word_start(self, spec: ConceptSpec) -> list[torch.Tensor]:
         """Its tokens checked new to every tokenizer, then its word start (:func:`tinv.starts.word_start`)."""
@@ -136,9 +139,8 @@ class PackedTrainer:
         return word_start(self.model, spec)
 
     def _tokenize(self, tokenizer, prompts: list[str]) -> torch.Tensor:
-        return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.model.device)
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.model.device)
 
     # -- one step --------------------------------------------------------------------------
     @property
@@ -197,13 +199,11 @@ class PackedTrainer:
     def step(self, group: list[int] | None = None) -> tuple[dict[int, float], dict[int, ConceptError]]:
         """One optimisation step of the slots in ``group`` (default: every active one).
 
-        Returns slot → loss for the slots that stepped, and slot → :class:`ConceptDivergedError` for those
-        whose loss, gradient or vectors became non-finite (their vectors are left as they were; the others
-        step exactly as they would alone). In fp16 each slot's loss is multiplied by its own scale; a slot
-        whose gradient overflows skips this step and halves its scale, ``loss_scale_growth_interval`` good
-        steps double it (``torch.amp.GradScaler``'s rule, kept per slot because slots must not share a
-        skipped step), and a slot whose gradient overflows even below a scale of 1 has diverged.
-        """
+        Returns slot → loss for the slots that stepped, and slot → :class:`ConceptDivergedError` for those whose
+        loss, gradient or vectors became non-finite (left as they were; the others step as they would alone). In
+        fp16 each slot's loss is multiplied by its own scale (``torch.amp.GradScaler``'s rule, per slot: slots must
+        not share a skipped step): an overflow skips the step and halves it, ``loss_scale_growth_interval`` good
+        steps double it, and a slot overflowing below a scale of 1 has diverged."""
         group = self.active if group is None else group
         slots = [self.slots[s] for s in group]
         draws = [self._draw(slot, slot.generator, slot.settings.batch_size) for slot in slots]
