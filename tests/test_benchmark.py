@@ -42,6 +42,10 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
         assert all(v["samples_per_s"] > 0 for v in rows.values())
         assert rows["lora-k4"]["samples_per_step"] == 4 * rows["lora"]["samples_per_step"]
         assert rows["lora"]["flops_per_sample"] > rows["tinv"]["flops_per_sample"]  # the adapters are counted
+        if torch.bfloat16 in measure.native_half(torch.device("cpu")):  # and in bf16, K=1 and K=4
+            for name in ("tinv-k4", "lora", "lora-k4", "pivotal", "pivotal-k4"):
+                half = rows[f"{name}-bf16-unet"]
+                assert half["samples_per_step"] == rows[name]["samples_per_step"] and half["samples_per_s"] > 0
     g = r["generate"]
     assert g["batched"]["images_per_s"] > 0 and g["per_concept"]["images_per_s"] > 0
     d = r["driver"]["runs"][0]

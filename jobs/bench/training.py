@@ -17,9 +17,10 @@ from tinv.train import ConceptData, PackedTrainer
 
 VARIANTS = ["recipe", "latent-cache", "tinv", "tinv-k4", "channels-last", "compile", "threads-1", "bf16", "bf16-unet",
             "fp16", "fp16-unet", "checkpointing", "xformers"]
-METHOD_VARIANTS = ["tinv", "tinv-k4", "lora", "lora-k4", "pivotal", "pivotal-k4", "bf16-unet", "lora-bf16-unet",
-                   "pivotal-bf16-unet"]
-"""The methods section: each method at K=1 and K=4 (a packed batch of K concepts, each its own adapter)."""
+METHOD_VARIANTS = ["tinv", "tinv-k4", "lora", "lora-k4", "pivotal", "pivotal-k4", "bf16-unet", "tinv-k4-bf16-unet",
+                   "lora-bf16-unet", "lora-k4-bf16-unet", "pivotal-bf16-unet", "pivotal-k4-bf16-unet"]
+"""The methods section: each method at K=1 and K=4 (a packed batch of K concepts, each its own adapter), fp32
+and with the frozen UNet in bf16."""
 
 
 def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int, steps: int,
@@ -71,10 +72,16 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
     one = tinv_trainer(model, images, 1, resolution, tinv_steps)
     if want("tinv"):
         out.append(Variant("tinv", "+ separate trainable vectors (tinv.PackedTrainer, K=1)", one.step, b, tinv_n))
-    if want("tinv-k4"):
-        four = tinv_trainer(model, images, 4, resolution, tinv_steps)
-        out.append(Variant("tinv-k4", "+ packing K=4 concepts per step", four.step, 4 * b, tinv_n))
     unet = model.unet
+    bf16 = {"enter": switch(model, [unet], torch.bfloat16), "leave": switch(model, [unet], torch.float32),
+            "dtype": "bf16"} if torch.bfloat16 in native_half(model.device) else None
+    if want("tinv-k4") or want("tinv-k4-bf16-unet"):
+        four = tinv_trainer(model, images, 4, resolution, tinv_steps)
+        if want("tinv-k4"):
+            out.append(Variant("tinv-k4", "+ packing K=4 concepts per step", four.step, 4 * b, tinv_n))
+        if want("tinv-k4-bf16-unet") and bf16:
+            out.append(Variant("tinv-k4-bf16-unet", "tinv K=4, frozen UNet in bf16 (vectors and AdamW fp32)",
+                               four.step, 4 * b, tinv_n, flops_from="tinv-k4", **bf16))
     if want("channels-last"):
         out.append(Variant("channels-last", "tinv K=1, UNet in channels_last", one.step, b, tinv_n,
                            enter=lambda: unet.to(memory_format=torch.channels_last),
@@ -103,18 +110,16 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
                                    flops_from="tinv", dtype=name))
     for method in ("lora", "pivotal"):  # DreamBooth-LoRA and pivotal tuning, rank 4 on the attention projections
         what = {"lora": "LoRA on the UNet's attention, no new token", "pivotal": "new token + LoRA"}[method]
-        if want(method) or want(f"{method}-bf16-unet"):
-            alone = tinv_trainer(model, images, 1, resolution, tinv_steps, method)
-            if want(method):
-                out.append(Variant(method, f"{method}, K=1: {what}", alone.step, b, tinv_n))
-            if want(f"{method}-bf16-unet") and torch.bfloat16 in native_half(model.device):
-                out.append(Variant(f"{method}-bf16-unet", f"{method}, K=1, frozen UNet in bf16 (LoRA and AdamW fp32)",
-                                   alone.step, b, tinv_n, enter=switch(model, [unet], torch.bfloat16),
-                                   leave=switch(model, [unet], torch.float32), flops_from=method, dtype="bf16"))
-        if want(f"{method}-k4"):
-            packed = tinv_trainer(model, images, 4, resolution, tinv_steps, method)
-            out.append(Variant(f"{method}-k4", f"{method}, K=4 packed, each sample through its own adapter",
-                               packed.step, 4 * b, tinv_n))
+        for k, name, how in ((1, method, f"K=1: {what}"), (4, f"{method}-k4", "K=4 packed, each sample through its "
+                                                                             "own adapter")):
+            if not (want(name) or want(f"{name}-bf16-unet")):
+                continue
+            trainer = tinv_trainer(model, images, k, resolution, tinv_steps, method)
+            if want(name):
+                out.append(Variant(name, f"{method}, {how}", trainer.step, k * b, tinv_n))
+            if want(f"{name}-bf16-unet") and bf16:
+                out.append(Variant(f"{name}-bf16-unet", f"{method}, K={k}, frozen UNet in bf16 (LoRA and AdamW fp32)",
+                                   trainer.step, k * b, tinv_n, flops_from=name, **bf16))
     if want("checkpointing"):
         out.append(Variant("checkpointing", "tinv K=1, gradient checkpointing in the UNet and text encoder",
                            one.step, b, tinv_n, enter=lambda: checkpointing(model, True),
