@@ -35,10 +35,14 @@ def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int
 
 
 def switch(model: BaseModel, modules: list[torch.nn.Module], dtype: torch.dtype) -> Callable[[], None]:
-    """Put ``modules`` in ``dtype`` (the model's own dtype follows the UNet)."""
+    """Put ``modules`` in ``dtype`` (the model's own dtype follows the UNet); their LoRA adapters stay fp32, as
+    the trainer makes them (:meth:`tinv.lora.Adapters.add`) whatever the base's dtype."""
     def apply() -> None:
         for m in modules:
             m.to(dtype)
+            for name, p in m.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
         model.dtype = dtype
     return apply
 
