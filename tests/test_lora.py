@@ -160,6 +160,9 @@ def test_a_text_encoder_lora_counts_in_the_fingerprint_of_lora_concepts_only():
     on = TrainConfig(lora_text_encoder=True)
     assert config_fingerprint(ti, on, model) == config_fingerprint(ti, TrainConfig(), model)
     assert config_fingerprint(lora, on, model) != config_fingerprint(lora, TrainConfig(), model)
+    for bad in (0.0, -1e-4):  # refused, not read as "the LoRA rate"
+        with pytest.raises(ValueError, match="lora_text_encoder_learning_rate"):
+            TrainConfig(lora_text_encoder_learning_rate=bad)
     rate = replace(on, lora_text_encoder_learning_rate=1e-5)  # counted when given, and only with the flag on
     assert config_fingerprint(lora, rate, model) != config_fingerprint(lora, on, model)
     assert config_fingerprint(lora, replace(TrainConfig(), lora_text_encoder_learning_rate=1e-5), model) == \

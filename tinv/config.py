@@ -209,8 +209,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = LORA_TARGETS
     """Module names (suffixes) of the UNet that get LoRA layers."""
     lora_text_encoder: bool = False
-    """Give a concept's LoRA the text encoders' attention too (:data:`LORA_TEXT_TARGETS`; diffusers'
-    ``--train_text_encoder``): its identifier's words then mean the concept in the encoder."""
+    """Give a concept's LoRA the text encoders' attention too (:data:`LORA_TEXT_TARGETS`, diffusers' option)."""
     lora_text_encoder_learning_rate: float | None = None
     """AdamW learning rate of that text-encoder part (kohya's ``--text_encoder_lr``); None: ``lora_learning_rate``."""
     prior_loss_weight: float = 1.0
@@ -247,7 +246,8 @@ class TrainConfig:
             "loss_scale_growth_interval >= 1": self.loss_scale_growth_interval >= 1,
             "lora_rank >= 1": self.lora_rank >= 1,
             "lora_learning_rate > 0": self.lora_learning_rate > 0,
-            "lora_text_encoder_learning_rate > 0": (self.lora_text_encoder_learning_rate or 1) > 0,
+            "lora_text_encoder_learning_rate is None or > 0": self.lora_text_encoder_learning_rate is None
+            or self.lora_text_encoder_learning_rate > 0,
             "lora_targets not empty": bool(self.lora_targets),
             "prior_loss_weight >= 0": self.prior_loss_weight >= 0,
             "class_images >= 1": self.class_images >= 1,
