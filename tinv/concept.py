@@ -102,6 +102,13 @@ class Rows:
     """``(n, 1, h, w)``: the loss's weight per latent pixel (masks); None: a plain mean."""
     prior: bool = False
     """Prior preservation's class pictures (weighted by ``prior_loss_weight``), not the concept's own."""
+    dropped: torch.Tensor | None = None
+    """``(n,)`` bool: the samples drawn under the empty prompt (``caption_dropout``); None: none."""
+
+    def uncaptioned(self) -> torch.Tensor:
+        """``(n,)`` bool: which samples are under the empty prompt."""
+        none = torch.zeros(len(self.latents), dtype=torch.bool, device=self.latents.device)
+        return none if self.dropped is None else self.dropped
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from tinv.models import BaseModel
@@ -12,15 +15,26 @@ def eos_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (ids == eos_id).int().argmax(dim=-1)
 
 
+def forces_zeros(model: BaseModel) -> bool:
+    """The model folder's ``force_zeros_for_empty_prompt`` (SDXL's pipeline default when unsaid: True): an SDXL
+    pipeline then conditions an empty negative prompt on zeros, not on the encoding of ``""`` (SDXL base says
+    so). SD 1/2 pipelines have no such setting."""
+    index = Path(model.local_dir) / "model_index.json"
+    config = json.loads(index.read_text()) if index.is_file() else {}
+    return bool(config.get("force_zeros_for_empty_prompt", True))
+
+
 def encode_prompts(
-    model: BaseModel, ids: list[torch.Tensor], size: int | tuple[int, int]
+    model: BaseModel, ids: list[torch.Tensor], size: int | tuple[int, int], zeroed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
     """Token ids per text encoder ``(B, T)`` → UNet ``encoder_hidden_states`` and added conditions.
 
     SD 1/2: the last hidden state of the one encoder. SDXL: the penultimate hidden states of
     both encoders side by side; the pooled embedding is the second encoder's final state at
     the real end-of-text token, projected (never the largest token id, which new tokens
-    would hijack); time ids say "uncropped, ``size``" (pixels: square, or ``(height, width)``).
+    would hijack); time ids say "uncropped, ``size``" (pixels: square, or ``(height, width)``). SDXL rows
+    marked in ``zeroed`` ``(B,)`` get all-zero hidden states and pooled embedding (what its pipeline
+    gives an empty prompt when it :func:`forces_zeros`).
     """
     if not model.is_sdxl:
         return model.text_encoders[0](ids[0]).last_hidden_state, None  # (B, T, D)
@@ -35,5 +49,8 @@ def encode_prompts(
     pooled = encoder2.text_projection(at_eos)  # (B, P)
     height, width = (size, size) if isinstance(size, int) else size
     time_ids = torch.tensor([height, width, 0, 0, height, width], device=pooled.device, dtype=pooled.dtype)
-    added = {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}
-    return torch.cat(hidden, dim=-1), added  # (B, T, D_1 + D_2)
+    states = torch.cat(hidden, dim=-1)  # (B, T, D_1 + D_2)
+    if zeroed is not None:
+        keep = (~zeroed).to(states.dtype)
+        states, pooled = states * keep[:, None, None], pooled * keep[:, None].to(pooled.dtype)
+    return states, {"text_embeds": pooled, "time_ids": time_ids.expand(pooled.shape[0], 6)}

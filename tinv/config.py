@@ -212,6 +212,11 @@ class TrainConfig:
     """Give a concept's LoRA the text encoders' attention too (:data:`LORA_TEXT_TARGETS`, diffusers' option)."""
     lora_text_encoder_learning_rate: float | None = None
     """AdamW learning rate of that text-encoder part (kohya's ``--text_encoder_lr``); None: ``lora_learning_rate``."""
+    caption_dropout: float = 0.0
+    """Share of a ``lora`` / ``pivotal`` concept's own training samples drawn under the empty prompt instead of
+    its caption (kohya's ``caption_dropout_rate``; on SDXL all-zero conditioning, what its pipeline gives an
+    empty negative prompt): it trains the unconditional branch that classifier-free guidance subtracts, which a
+    LoRA otherwise shifts untrained. ``ti`` concepts ignore it (the empty prompt holds no token to train)."""
     prior_loss_weight: float = 1.0
     """Default weight of the class pictures' loss for concepts with a ``class_prompt`` (diffusers' default)."""
     class_images: int = 100
@@ -249,6 +254,7 @@ class TrainConfig:
             "lora_text_encoder_learning_rate is None or > 0": self.lora_text_encoder_learning_rate is None
             or self.lora_text_encoder_learning_rate > 0,
             "lora_targets not empty": bool(self.lora_targets),
+            "0 <= caption_dropout < 1": 0 <= self.caption_dropout < 1,
             "prior_loss_weight >= 0": self.prior_loss_weight >= 0,
             "class_images >= 1": self.class_images >= 1,
             "class_sample_steps >= 1": self.class_sample_steps >= 1,
@@ -277,6 +283,8 @@ class Resolved:
     """Its adapter's rank; None for ``ti`` (no adapter)."""
     prior_loss_weight: float | None = None
     """Its class loss's weight; None without a ``class_prompt`` (no prior preservation)."""
+    caption_dropout: float = 0.0
+    """Share of its own samples drawn under the empty prompt (0 for ``ti``)."""
 
     @property
     def trains_vectors(self) -> bool:
@@ -297,4 +305,5 @@ def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
         lora_rank=None if spec.method == "ti" else spec.lora_rank or cfg.lora_rank,
         prior_loss_weight=None if not spec.class_prompt else
         cfg.prior_loss_weight if spec.prior_loss_weight is None else spec.prior_loss_weight,
+        caption_dropout=0.0 if spec.method == "ti" else cfg.caption_dropout,
     )

@@ -32,9 +32,12 @@ def latents_of(model: BaseModel, framed: Framed) -> Latents:
 def draw_rows(
     model: BaseModel, min_timestep_fraction: float, groups: list[Latents], prompt_ids: list[torch.Tensor],
     settings: Resolved, generator: torch.Generator, n: int, captioned: bool, prior: bool = False,
+    empty_ids: list[torch.Tensor] | None = None,
 ) -> Rows:
     """``n`` samples of one of ``groups`` (chosen by its share of the pictures, when there are several),
-    each under one of ``prompt_ids`` (its own picture's, when ``captioned``)."""
+    each under one of ``prompt_ids`` (its own picture's, when ``captioned``), or, for a share
+    ``caption_dropout`` of a concept's own samples, under the empty prompt (``empty_ids``, ``(T,)`` per
+    text encoder)."""
     group = groups[0]
     if len(groups) > 1:  # one training size per step and concept (drawn only then: one size draws as before)
         counts = torch.tensor([float(len(g.index)) for g in groups])
@@ -54,8 +57,12 @@ def draw_rows(
     vae = model.vae.config
     latents = (latents - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
     ids = [p[template.to(p.device)] for p in prompt_ids]
+    dropped = None
+    if settings.caption_dropout and not prior:  # drawn last: without dropout a concept draws as it did before
+        dropped = (torch.rand(n, generator=generator) < settings.caption_dropout).to(mean.device)
+        ids = [torch.where(dropped[:, None], e.to(p.device), p) for p, e in zip(ids, empty_ids)]
     weights = None if group.weights is None else group.weights[row]
-    return Rows(latents, noise, t.to(mean.device), ids, weights, prior)
+    return Rows(latents, noise, t.to(mean.device), ids, weights, prior, dropped)
 
 
 def timesteps(

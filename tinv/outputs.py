@@ -58,7 +58,8 @@ def config_fingerprint(
     prompt templates, a digest) of the loaded model. Image URIs (not their bytes) are part of the spec;
     those under ``manifest_dir`` count as written in the manifest (relative), so a manifest folder that
     moves (a job's working dir) keeps its results. Settings that only act in some runs count only there:
-    the fp16 loss scale under fp16, the DVAR settings with early stopping on, and ``start``
+    the fp16 loss scale under fp16, the DVAR settings with early stopping on, caption dropout when not 0 for
+    a concept with an adapter, and ``start``
     (:func:`tinv.starts.start_id`: ``cross``, or a learned initializer's content hash) for a concept with new
     vectors, when it is not the word start.
     """
@@ -84,6 +85,8 @@ def config_fingerprint(
             train_part["lora_text_encoder"] = True
             if cfg.lora_text_encoder_learning_rate is not None:
                 train_part["lora_text_encoder_learning_rate"] = cfg.lora_text_encoder_learning_rate
+        if cfg.caption_dropout:  # none, likewise
+            train_part["caption_dropout"] = cfg.caption_dropout
     if spec.class_prompt:
         train_part |= {k: getattr(cfg, k) for k in CLASS_FIELDS}
     if model["dtype"] == "torch.float16":

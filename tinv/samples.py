@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,7 +27,7 @@ from diffusers import (
 from PIL import Image
 from torch import nn
 
-from tinv.conditioning import encode_prompts
+from tinv.conditioning import encode_prompts, forces_zeros
 from tinv.lora import BASE, Adapters, remove_everywhere, routed
 from tinv.models import BaseModel
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
@@ -69,7 +67,7 @@ def pipeline(model: BaseModel, scheduler: str = "dpm++", text_encoders: bool = F
     tokenizers = model.tokenizers if text_encoders else [None, None]
     if model.is_sdxl:
         pipe = StableDiffusionXLPipeline(
-            force_zeros_for_empty_prompt=_force_zeros(model),
+            force_zeros_for_empty_prompt=forces_zeros(model),
             vae=model.vae,
             text_encoder=encoders[0],
             text_encoder_2=encoders[1],
@@ -93,13 +91,6 @@ def pipeline(model: BaseModel, scheduler: str = "dpm++", text_encoders: bool = F
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
-
-def _force_zeros(model: BaseModel) -> bool:
-    """The model folder's ``force_zeros_for_empty_prompt`` (SDXL's pipeline default when unsaid: True): an
-    empty negative prompt is then all zeros, not the encoding of ``""`` (SDXL base says so)."""
-    index = Path(model.local_dir) / "model_index.json"
-    config = json.loads(index.read_text()) if index.is_file() else {}
-    return bool(config.get("force_zeros_for_empty_prompt", True))
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinv.concept import ConceptData, Framed, Rows, Slot, TrainedConcept
-from tinv.conditioning import encode_prompts
+from tinv.conditioning import encode_prompts, forces_zeros
 from tinv.config import LORA_TEXT_TARGETS, ConceptSpec, Resolved, TrainConfig, resolve
 from tinv.draws import draw_rows, latents_of
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
@@ -54,6 +54,8 @@ class PackedTrainer:
         self.lora_rates = [cfg.lora_learning_rate, *[cfg.lora_text_encoder_learning_rate or cfg.lora_learning_rate]
                            * len(texts)]  # each place's LoRA learning rate
         self.lora_groups: dict[int, list[dict]] = {}  # slot → its adapter's optimizer parameter groups
+        self.empty_ids = [self._tokenize(tok, [""])[0] for tok in model.tokenizers]  # caption dropout's prompt
+        self.zeroes_empty = model.is_sdxl and forces_zeros(model)  # ... which SDXL conditions on zeros
 
     @property
     def active(self) -> list[int]:  # the occupied slots, in order
@@ -151,7 +153,8 @@ class PackedTrainer:
         """``n`` samples of the concept (from one of its training sizes), then (prior preservation) ``n`` of its
         class pictures under their prompts, in a fixed order of draws from ``generator``."""
         model, lo, settings = self.model, self.cfg.min_timestep_fraction, slot.settings
-        own = draw_rows(model, lo, slot.latents, slot.prompt_ids, settings, generator, n, bool(slot.spec.captions))
+        own = draw_rows(model, lo, slot.latents, slot.prompt_ids, settings, generator, n, bool(slot.spec.captions),
+                        empty_ids=self.empty_ids)
         if slot.class_latents is None:
             return [own]
         return [own, draw_rows(model, lo, [slot.class_latents], slot.class_ids, settings, generator, n, True, True)]
@@ -185,13 +188,15 @@ class PackedTrainer:
         part through its adapter (``adapters``, one per part: ``__base__`` for a ti concept's)."""
         latents, noise, t = (torch.cat([getattr(r, f) for r in parts]) for f in ("latents", "noise", "t"))
         ids = [torch.cat([r.ids[e] for r in parts]) for e in range(len(self.model.text_encoders))]
+        zeroed = torch.cat([r.uncaptioned() for r in parts]) if self.zeroes_empty else None  # SDXL's empty prompt
         scheduler = self.model.scheduler
         noisy = scheduler.add_noise(latents, noise, t)
         target = noise if self.model.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
         scale = self.model.pixels_per_latent
         dtype = self.model.dtype
         with routed(self.lora_modules, [a for a, r in zip(adapters, parts) for _ in r.latents]):
-            hidden, added = encode_prompts(self.model, ids, (latents.shape[-2] * scale, latents.shape[-1] * scale))
+            hidden, added = encode_prompts(self.model, ids, (latents.shape[-2] * scale, latents.shape[-1] * scale),
+                                           zeroed)
             added = {k: v.to(dtype) for k, v in added.items()} if added else None  # SDXL's pooled text, time ids
             pred = self.model.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added).sample
         return F.mse_loss(pred.float(), target, reduction="none")
