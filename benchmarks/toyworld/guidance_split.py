@@ -1,0 +1,66 @@
+"""Probe: where a LoRA's language drift comes from, split by guidance and by adapter part.
+
+Trains the toy world's four held-out styles as ``lora`` with prior preservation (the flags are TrainConfig's,
+as in ``python -m tinv.toyworld methods``), then draws each style's bare class prompts (``a <shape>``) from the
+base model and through the concept's adapters (UNet and text encoders; the UNet's part alone; the text
+encoders' part alone), at guidance 1 (no classifier-free guidance) and 5 (the comparison's), and prints the
+share of samples on the style's backdrop with its fidelity beside it. Run from the repository root:
+
+    OMP_NUM_THREADS=2 python benchmarks/toyworld/guidance_split.py --lora-text-encoder \\
+        --lora-text-encoder-learning-rate 3e-3 --lora-learning-rate 1e-3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tinv import cli
+from tinv.config import TrainConfig
+from tinv.models import load_base_model
+from tinv.toyworld import MODEL_DIR, SCORER_FILE
+from tinv.toyworld.concepts import CONCEPTS
+from tinv.toyworld.fidelity import Draw, judge, learn, share
+from tinv.toyworld.methods import bare_word, class_pictures, shows_attribute
+from tinv.toyworld.scorer import load_scorer
+
+PARTS = ("base", "both", "unet", "text")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--samples", type=int, default=48, help="per concept and prompt set (8 per shape)")
+    p.add_argument("--json", default=None)
+    cli.add_fields(p, TrainConfig, defaults={"steps": 200, "prior_loss_weight": 1.0})
+    args = p.parse_args()
+    cfg = cli.build(TrainConfig, args)
+    styles = tuple(c for c in CONCEPTS if c.kind == "style")
+    model = load_base_model(str(MODEL_DIR), precision="fp32")
+    scorer = load_scorer(Path(MODEL_DIR) / SCORER_FILE)
+    learned = learn(model, styles, cfg, method="lora", classes=class_pictures(model, styles, cfg))
+    out = []
+    for guidance in (1.0, 5.0):
+        draws = []
+        for i, c in enumerate(styles):
+            t, word = learned[c.name], bare_word(c)
+            draws += [Draw(i, word=word), Draw(i, word=word, lora=t.lora, text_lora=t.text_lora),
+                      Draw(i, word=word, lora=t.lora), Draw(i, word=word, text_lora=t.text_lora),
+                      Draw(i, None, t.spec.placeholder_token, t.lora, t.text_lora)]
+        found = judge(model, scorer, styles, draws, args.samples, cfg.seed, guidance=guidance, batch_size=64)
+        for i, c in enumerate(styles):
+            got = found[5 * i: 5 * i + 5]
+            row = {"concept": c.name, "guidance": guidance, "fidelity": share(got[4])}
+            row |= {part: float(np.mean([shows_attribute(c, j) for j in js])) for part, js in zip(PARTS, got)}
+            out.append(row)
+            print(f"guidance {guidance:g} {c.name}: backdrop share " + ", ".join(f"{k} {row[k]:.2f}" for k in PARTS)
+                  + f"; fidelity {row['fidelity']:.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": {k: str(v) for k, v in vars(args).items()}, "rows": out}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
