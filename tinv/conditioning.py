@@ -16,9 +16,11 @@ def eos_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def forces_zeros(model: BaseModel) -> bool:
-    """The model folder's ``force_zeros_for_empty_prompt`` (SDXL's pipeline default when unsaid: True): an SDXL
-    pipeline then conditions an empty negative prompt on zeros, not on the encoding of ``""`` (SDXL base says
-    so). SD 1/2 pipelines have no such setting."""
+    """Does the model's pipeline condition an empty negative prompt on zeros, not on the encoding of ``""``?
+    SDXL: its folder's ``force_zeros_for_empty_prompt`` (the pipeline's default when unsaid: True; SDXL base
+    says so). SD 1/2 pipelines have no such setting: never."""
+    if not model.is_sdxl:
+        return False
     index = Path(model.local_dir) / "model_index.json"
     config = json.loads(index.read_text()) if index.is_file() else {}
     return bool(config.get("force_zeros_for_empty_prompt", True))

@@ -92,7 +92,6 @@ def pipeline(model: BaseModel, scheduler: str = "dpm++", text_encoders: bool = F
     return pipe
 
 
-
 @torch.no_grad()
 def sample(
     model: BaseModel,

@@ -55,7 +55,7 @@ class PackedTrainer:
                            * len(texts)]  # each place's LoRA learning rate
         self.lora_groups: dict[int, list[dict]] = {}  # slot → its adapter's optimizer parameter groups
         self.empty_ids = [self._tokenize(tok, [""])[0] for tok in model.tokenizers]  # caption dropout's prompt
-        self.zeroes_empty = model.is_sdxl and forces_zeros(model)  # ... which SDXL conditions on zeros
+        self.zeroes_empty = forces_zeros(model)  # ... which SDXL conditions on zeros
 
     @property
     def active(self) -> list[int]:  # the occupied slots, in order

@@ -41,7 +41,7 @@ def main() -> None:
     model = load_base_model(str(MODEL_DIR), precision="fp32")
     scorer = load_scorer(Path(MODEL_DIR) / SCORER_FILE)
     learned = learn(model, styles, cfg, method="lora", classes=class_pictures(model, styles, cfg))
-    out = []
+    out, per = [], len(PARTS) + 1  # draws per style: the parts, then its own prompts (fidelity)
     for guidance in (1.0, 5.0):
         draws = []
         for i, c in enumerate(styles):
@@ -51,7 +51,7 @@ def main() -> None:
                       Draw(i, None, t.spec.placeholder_token, t.lora, t.text_lora)]
         found = judge(model, scorer, styles, draws, args.samples, cfg.seed, guidance=guidance, batch_size=64)
         for i, c in enumerate(styles):
-            got = found[5 * i: 5 * i + 5]
+            got = found[per * i: per * (i + 1)]
             row = {"concept": c.name, "guidance": guidance, "fidelity": share(got[4])}
             row |= {part: float(np.mean([shows_attribute(c, j) for j in js])) for part, js in zip(PARTS, got)}
             out.append(row)

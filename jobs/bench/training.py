@@ -12,6 +12,7 @@ import torch
 from jobs.bench.measure import HALF_NAMES, Variant, native_half
 from jobs.bench.recipe import RECIPE, recipe_step
 from tinv.config import ConceptSpec, TrainConfig
+from tinv.lora import Adapters
 from tinv.models import BaseModel, enable_gradient_checkpointing, set_attention
 from tinv.train import ConceptData, PackedTrainer
 
@@ -40,9 +41,10 @@ def switch(model: BaseModel, modules: list[torch.nn.Module], dtype: torch.dtype)
     def apply() -> None:
         for m in modules:
             m.to(dtype)
-            for name, p in m.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.float()
+        for adapters in Adapters.present(modules):
+            for layer in adapters.layers():
+                layer.lora_A.float()
+                layer.lora_B.float()
         model.dtype = dtype
     return apply
 
