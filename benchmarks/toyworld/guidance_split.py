@@ -1,6 +1,6 @@
 """Probe: where a LoRA's language drift comes from, split by guidance and by adapter part.
 
-Trains held-out concepts (``--concepts``, default the four chosen) as ``--method`` (``lora`` or ``pivotal``)
+Trains held-out concepts (``--concepts``, default the four styles) as ``--method`` (``lora`` or ``pivotal``)
 with prior preservation (the other flags are TrainConfig's, as in ``python -m tinv.toyworld methods``), then
 draws each concept's bare class prompt(s) (``a <shape>``) from the base model and through the concept's
 adapters (UNet and text encoders; the UNet's part alone; the text encoders' part alone), at guidance 1 (no
