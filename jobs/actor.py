@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tinv import buckets, classes, outputs, webui
-from tinv.config import ConceptSpec, TrainConfig
+from tinv.config import ConceptSpec, TrainConfig, resolve
 from tinv.embedded import EMBEDDED_MODEL
 from tinv.errors import ConceptCrashedError, TinvError, TransientError, describe
 from tinv.evaluate import ConceptEval, EvalConcept, Evaluator
@@ -180,10 +180,11 @@ class TrainerWorker:
     def _class_pictures(self, spec: ConceptSpec) -> tuple[torch.Tensor | None, tuple[str, ...]]:
         """Prior preservation: the class pictures the driver had drawn before training began, of every class
         prompt, and each one's prompt."""
-        if not spec.class_prompts:
+        prompts = resolve(spec, self.cfg).drawn_class_prompts
+        if not prompts:
             return None, ()
         info = worker_info(self.model, self.resolution, self.name)
-        sets = [classes.class_set(p, self.cfg, info) for p in spec.class_prompts]
+        sets = [classes.class_set(p, self.cfg, info) for p in prompts]
         for cls in sets:
             if not classes.is_done(self.setup.output, cls, self.setup.storage_options):
                 raise ConceptDataError(spec.concept_id, f"no class pictures of {cls.prompt!r} were drawn")

@@ -42,7 +42,7 @@ from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.report import Progress, counts, result_rows, skipped_row, write_results, write_run
 from tinv import catalog, classes, cli, outputs, starts, storage, webui
 from tinv.catalog import PublishConfig
-from tinv.config import ConceptSpec, TrainConfig
+from tinv.config import ConceptSpec, TrainConfig, resolve
 from tinv.embedded import DEMO_MANIFEST
 from tinv.errors import ConceptDataError, InitializerError, describe
 from tinv.manifest import read_manifest
@@ -146,7 +146,7 @@ def draw_classes(
     drawing failed fail with its reason; the rest train. Returns the tasks left, those failures, counts."""
     wanted: dict[str, tuple[classes.ClassSet, list[Task]]] = {}
     for task in todo:
-        for prompt in task.spec.class_prompts:
+        for prompt in resolve(task.spec, cfg).drawn_class_prompts:
             cls = classes.class_set(prompt, cfg, model)
             wanted.setdefault(cls.key, (cls, []))[1].append(task)
     missing = [cls for cls, _ in wanted.values() if not classes.is_done(output, cls, storage_options)]

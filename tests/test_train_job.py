@@ -301,3 +301,9 @@ def test_class_pictures_are_drawn_once_per_class_shared_and_kept_for_later_runs(
     assert {r["status"] for r in results(out).values()} == {"succeeded"}
     assert json.loads((out / "run.json").read_text())["classes"] == {"wanted": 2, "drawn": 0, "failed": 0}
     assert {p: p.stat().st_mtime_ns for f in folders for p in f.iterdir()} == before
+    # output preservation needs no class pictures: none wanted, and the prior concepts are redone without them
+    proc = run_driver(ray_cluster, *args, "--steps", "7", "--prior-preservation", "output")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {c: r["status"] for c, r in results(out).items()} == {
+        "star-a": "succeeded", "star-b": "succeeded", "cross": "succeeded", "plain": "skipped"}  # no class: kept
+    assert json.loads((out / "run.json").read_text())["classes"] == {"wanted": 0, "drawn": 0, "failed": 0}

@@ -101,9 +101,11 @@ class Rows:
     weights: torch.Tensor | None = None
     """``(n, 1, h, w)``: the loss's weight per latent pixel (masks); None: a plain mean."""
     prior: bool = False
-    """Prior preservation's class pictures (weighted by ``prior_loss_weight``), not the concept's own."""
+    """Prior preservation's samples (weighted by ``prior_loss_weight``), not the concept's own."""
     dropped: torch.Tensor | None = None
     """``(n,)`` bool: the samples drawn under the empty prompt (``caption_dropout``); None: none."""
+    preserve: bool = False
+    """Their target is the frozen model's own prediction (output preservation), not the noise."""
 
     def uncaptioned(self) -> torch.Tensor:
         """``(n,)`` bool: which samples are under the empty prompt."""
@@ -134,7 +136,7 @@ class Slot:
     class_latents: Latents | None = None
     """Prior preservation: its class pictures' latents."""
     class_ids: list[torch.Tensor] | None = None
-    """Per text encoder, ``(M, T)``: each class picture's prompt."""
+    """Per text encoder, ``(M, T)``: each class picture's prompt (``output`` preservation: each class prompt)."""
     start: dict | None = None
     """Where its vectors started (:func:`tinv.starts.choose`)."""
 

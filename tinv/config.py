@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tinv.webui import TRIGGER
 
@@ -17,6 +17,8 @@ LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 """The UNet's attention projections: the targets of diffusers' ``train_dreambooth_lora.py``."""
 LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 """A CLIP text encoder's attention projections: that script's targets with ``--train_text_encoder``."""
+PRIOR_PRESERVATIONS = ("images", "output", "both")
+"""How a concept with a ``class_prompt`` keeps its class's meaning (:attr:`TrainConfig.prior_preservation`)."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,18 @@ class TrainConfig:
     empty negative prompt): it trains the unconditional branch that classifier-free guidance subtracts, which a
     LoRA otherwise shifts untrained. ``ti`` concepts ignore it (the empty prompt holds no token to train)."""
     prior_loss_weight: float = 1.0
-    """Default weight of the class pictures' loss for concepts with a ``class_prompt`` (diffusers' default)."""
+    """Default weight of the class pictures' loss for concepts with a ``class_prompt`` (diffusers' default); of the
+    output-preservation losses too (``prior_preservation`` ``output``, ``blank_prompt_preservation``)."""
+    prior_preservation: str = field(default="images", metadata={"choices": PRIOR_PRESERVATIONS})
+    """How a concept with a ``class_prompt`` keeps the class's meaning: ``images``, DreamBooth's (the base model's
+    pictures of the class, drawn once per run and class, trained under the class prompt); ``output``, the concept's
+    own noisy samples under the class prompt, pulled to the frozen model's prediction for them (no class pictures
+    are drawn; ai-toolkit's Differential Output Preservation): the loss is the adapter's change to the class;
+    ``both``, the two losses side by side, each at the weight."""
+    blank_prompt_preservation: bool = False
+    """Also pull a ``lora`` / ``pivotal`` concept's prediction under the empty prompt, on its own noisy samples, to
+    the frozen model's (ai-toolkit's Blank Prompt Preservation), so that what classifier-free guidance subtracts
+    stays the base model's; weighted by ``prior_loss_weight``, with or without a ``class_prompt``."""
     class_images: int = 100
     """Pictures the base model draws per class prompt for prior preservation (diffusers' default)."""
     class_sample_steps: int = 25
@@ -256,6 +269,7 @@ class TrainConfig:
             "lora_targets not empty": bool(self.lora_targets),
             "0 <= caption_dropout < 1": 0 <= self.caption_dropout < 1,
             "prior_loss_weight >= 0": self.prior_loss_weight >= 0,
+            f"prior_preservation in {PRIOR_PRESERVATIONS}": self.prior_preservation in PRIOR_PRESERVATIONS,
             "class_images >= 1": self.class_images >= 1,
             "class_sample_steps >= 1": self.class_sample_steps >= 1,
             "init is word, cross or an initializer's URI": bool(self.init.strip()),
@@ -282,18 +296,29 @@ class Resolved:
     lora_rank: int | None = None
     """Its adapter's rank; None for ``ti`` (no adapter)."""
     prior_loss_weight: float | None = None
-    """Its class loss's weight; None without a ``class_prompt`` (no prior preservation)."""
+    """Its class loss's weight; None without a ``class_prompt`` (no prior preservation) nor blank prompt
+    preservation."""
     caption_dropout: float = 0.0
     """Share of its own samples drawn under the empty prompt (0 for ``ti``)."""
+    prior_preservation: str | None = None
+    """``images``, ``output`` or ``both`` (:data:`PRIOR_PRESERVATIONS`) with a ``class_prompt``; None without."""
+    blank_prompt_preservation: bool = False
+    """Its prediction under the empty prompt is kept the frozen model's (never for ``ti``)."""
 
     @property
     def trains_vectors(self) -> bool:
         return self.spec.method != "lora"
 
+    @property
+    def drawn_class_prompts(self) -> tuple[str, ...]:
+        """The class prompts whose pictures the base model draws for it: its own, unless preservation is ``output``."""
+        return self.spec.class_prompts if self.prior_preservation in ("images", "both") else ()
+
 
 def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
     """The one place a concept's spec meets the run config."""
     style = spec.learnable_property == "style"
+    blank = spec.method != "ti" and cfg.blank_prompt_preservation
     return Resolved(
         spec,
         steps=spec.steps or cfg.steps,
@@ -303,7 +328,9 @@ def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
         batch_size=cfg.style_batch_size if style else cfg.batch_size,
         timestep_power=cfg.style_timestep_power if style else 1.0,
         lora_rank=None if spec.method == "ti" else spec.lora_rank or cfg.lora_rank,
-        prior_loss_weight=None if not spec.class_prompt else
+        prior_loss_weight=None if not (spec.class_prompt or blank) else
         cfg.prior_loss_weight if spec.prior_loss_weight is None else spec.prior_loss_weight,
         caption_dropout=0.0 if spec.method == "ti" else cfg.caption_dropout,
+        prior_preservation=cfg.prior_preservation if spec.class_prompt else None,
+        blank_prompt_preservation=blank,
     )

@@ -75,3 +75,16 @@ def timesteps(
         return torch.randint(lo, total, (n,), generator=generator)
     u = torch.rand(n, generator=generator)
     return (lo + (total - lo) * u ** (1 / power)).long().clamp(max=total - 1)
+
+
+def preserved(own: Rows, prompt_ids: list[torch.Tensor], generator: torch.Generator, blank: bool = False) -> Rows:
+    """``own``'s noisy samples again, each under one of ``prompt_ids`` (drawn from ``generator``), with the frozen
+    model's prediction for them as the target: ai-toolkit's Differential Output Preservation under the class
+    prompts; its Blank Prompt Preservation with ``blank`` (``prompt_ids`` the empty prompt's, which SDXL
+    conditions on zeros). Every pixel counts (no mask): the class is kept over the whole picture."""
+    n, device = len(own.latents), own.latents.device
+    pick = torch.randint(prompt_ids[0].shape[0], (n,), generator=generator)
+    ids = [p[pick.to(p.device)] for p in prompt_ids]
+    dropped = torch.ones(n, dtype=torch.bool, device=device) if blank else None
+    return Rows(own.latents, own.noise, own.t, ids, prior=True, dropped=dropped, preserve=True)
+

@@ -58,8 +58,9 @@ def config_fingerprint(
     prompt templates, a digest) of the loaded model. Image URIs (not their bytes) are part of the spec;
     those under ``manifest_dir`` count as written in the manifest (relative), so a manifest folder that
     moves (a job's working dir) keeps its results. Settings that only act in some runs count only there:
-    the fp16 loss scale under fp16, the DVAR settings with early stopping on, caption dropout when not 0 for
-    a concept with an adapter, and ``start``
+    the fp16 loss scale under fp16, the DVAR settings with early stopping on, caption dropout when not 0 and
+    blank prompt preservation when on for a concept with an adapter, ``output`` or ``both`` prior preservation
+    and the class pictures' settings (``images``, ``both``) for one with a class prompt, and ``start``
     (:func:`tinv.starts.start_id`: ``cross``, or a learned initializer's content hash) for a concept with new
     vectors, when it is not the word start.
     """
@@ -87,8 +88,12 @@ def config_fingerprint(
                 train_part["lora_text_encoder_learning_rate"] = cfg.lora_text_encoder_learning_rate
         if cfg.caption_dropout:  # none, likewise
             train_part["caption_dropout"] = cfg.caption_dropout
-    if spec.class_prompt:
+    if settings.drawn_class_prompts:
         train_part |= {k: getattr(cfg, k) for k in CLASS_FIELDS}
+    if settings.prior_preservation not in (None, "images"):  # images (the default): hashed as before this existed
+        train_part["prior_preservation"] = settings.prior_preservation
+    if settings.blank_prompt_preservation:  # off, likewise
+        train_part |= {"blank_prompt_preservation": True, "prior_loss_weight": settings.prior_loss_weight}
     if model["dtype"] == "torch.float16":
         train_part |= {"loss_scale": cfg.loss_scale, "loss_scale_growth_interval": cfg.loss_scale_growth_interval}
     if cfg.early_stop:

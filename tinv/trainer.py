@@ -22,7 +22,7 @@ from torch import nn
 from tinv.concept import ConceptData, Framed, Rows, Slot, TrainedConcept
 from tinv.conditioning import encode_prompts, forces_zeros
 from tinv.config import LORA_TEXT_TARGETS, ConceptSpec, Resolved, TrainConfig, resolve
-from tinv.draws import draw_rows, latents_of
+from tinv.draws import draw_rows, latents_of, preserved
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
 from tinv.lora import BASE, Adapters, add_everywhere, remove_everywhere, routed
 from tinv.models import BaseModel
@@ -79,7 +79,9 @@ class PackedTrainer:
             self.optimizer.state.pop(p, None)
         self.optimizer.param_groups[s]["lr"] = settings.learning_rate
         prior = {}
-        if settings.prior_loss_weight is not None:
+        if settings.prior_preservation == "output":  # the class prompts alone: the frozen model is the target
+            prior = {"class_ids": [self._tokenize(tok, list(spec.class_prompts)) for tok in self.model.tokenizers]}
+        elif settings.prior_preservation is not None:  # images, or both
             if data.class_images is None:
                 raise ConceptDataError(spec.concept_id, f"no class pictures of {spec.class_prompt!r} were given")
             one = spec.class_prompts[0] if len(spec.class_prompts) == 1 else None
@@ -151,13 +153,19 @@ class PackedTrainer:
 
     def _draw(self, slot: Slot, generator: torch.Generator, n: int) -> list[Rows]:
         """``n`` samples of the concept (from one of its training sizes), then (prior preservation) ``n`` of its
-        class pictures under their prompts, in a fixed order of draws from ``generator``."""
+        class pictures under their prompts, or its own ``n`` again under its class prompts (``output``), then its
+        own again under the empty prompt (blank prompt preservation), in a fixed order of draws from ``generator``."""
         model, lo, settings = self.model, self.cfg.min_timestep_fraction, slot.settings
         own = draw_rows(model, lo, slot.latents, slot.prompt_ids, settings, generator, n, bool(slot.spec.captions),
                         empty_ids=self.empty_ids)
-        if slot.class_latents is None:
-            return [own]
-        return [own, draw_rows(model, lo, [slot.class_latents], slot.class_ids, settings, generator, n, True, True)]
+        rows = [own]
+        if slot.class_latents is not None:
+            rows.append(draw_rows(model, lo, [slot.class_latents], slot.class_ids, settings, generator, n, True, True))
+        if settings.prior_preservation in ("output", "both"):  # both: each row under one of its pictures' prompts
+            rows.append(preserved(own, slot.class_ids, generator))
+        if settings.blank_prompt_preservation:
+            rows.append(preserved(own, [e[None] for e in self.empty_ids], generator, blank=True))
+        return rows
 
     def _losses(self, slots: list[Slot], draws: list[list[Rows]]) -> torch.Tensor:
         """Per-concept mean losses ``(K_active,)`` for each concept's draw: one batched text-encoder + UNet pass
@@ -176,16 +184,30 @@ class PackedTrainer:
                     weight = rows.weights.expand_as(error)
                     per_block[i] = (error * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp_min(1e-8)
         losses = []
-        for k, slot in enumerate(slots):  # DreamBooth: its own loss + w × its class pictures'
+        for k, slot in enumerate(slots):  # DreamBooth: its own loss + w × its class samples', each set's mean
             own = torch.cat([per_block[i] for i, (j, r) in enumerate(blocks) if j == k and not r.prior])
-            prior = [per_block[i] for i, (j, r) in enumerate(blocks) if j == k and r.prior]
-            losses.append(own.mean() + slot.settings.prior_loss_weight * torch.cat(prior).mean() if prior
+            prior = [per_block[i].mean() for i, (j, r) in enumerate(blocks) if j == k and r.prior]  # a set a block
+            losses.append(own.mean() + slot.settings.prior_loss_weight * torch.stack(prior).sum() if prior
                           else own.mean())
         return torch.stack(losses)
 
     def _squared_errors(self, parts: list[Rows], adapters: list[str]) -> torch.Tensor:
         """The UNet's squared error per element ``(B, C, h, w)`` on ``parts`` (samples of one latent size), each
-        part through its adapter (``adapters``, one per part: ``__base__`` for a ti concept's)."""
+        part through its adapter (``adapters``, one per part: ``__base__`` for a ti concept's); a part to
+        ``preserve`` has the frozen model's prediction for it as its target (one batched pass without gradient)."""
+        pred, target = self._predict(parts, adapters)
+        kept = [r for r in parts if r.preserve]
+        if kept:
+            with torch.no_grad():
+                frozen, _ = self._predict(kept, [BASE] * len(kept))
+            which = torch.cat([torch.full((len(r.latents),), r.preserve, device=target.device) for r in parts])
+            target = target.clone()
+            target[which] = frozen.float()
+        return F.mse_loss(pred.float(), target, reduction="none")
+
+    def _predict(self, parts: list[Rows], adapters: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's prediction on ``parts``, each through its adapter, and the training target (the noise, or
+        the velocity for a v-prediction model)."""
         latents, noise, t = (torch.cat([getattr(r, f) for r in parts]) for f in ("latents", "noise", "t"))
         ids = [torch.cat([r.ids[e] for r in parts]) for e in range(len(self.model.text_encoders))]
         zeroed = torch.cat([r.uncaptioned() for r in parts]) if self.zeroes_empty else None  # SDXL's empty prompt
@@ -199,7 +221,7 @@ class PackedTrainer:
                                            zeroed)
             added = {k: v.to(dtype) for k, v in added.items()} if added else None  # SDXL's pooled text, time ids
             pred = self.model.unet(noisy.to(dtype), t, hidden.to(dtype), added_cond_kwargs=added).sample
-        return F.mse_loss(pred.float(), target, reduction="none")
+        return pred, target
 
     def step(self, group: list[int] | None = None) -> tuple[dict[int, float], dict[int, ConceptError]]:
         """One optimisation step of the slots in ``group`` (default: every active one).

@@ -120,7 +120,10 @@ def compare(
     """Every concept learned in every run of ``runs`` (``lora_learning_rates``: per method, else ``cfg``'s),
     then every sample drawn in one batched run."""
     model = load_base_model(model_dir, precision="fp32")
-    pictures = class_pictures(model, concepts, cfg) if any(prior for _, prior in runs) else {}
+    pictures = {}  # output preservation alone draws no class pictures: its class prompts are enough
+    if any(prior for _, prior in runs):
+        pictures = ({c.name: (class_prompt(c),) for c in concepts} if cfg.prior_preservation == "output"
+                    else class_pictures(model, concepts, cfg))
     learned, seconds = {}, {}
     for run in runs:
         start = time.perf_counter()
