@@ -19,6 +19,10 @@ LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 """A CLIP text encoder's attention projections: that script's targets with ``--train_text_encoder``."""
 PRIOR_PRESERVATIONS = ("images", "output", "both")
 """How a concept with a ``class_prompt`` keeps its class's meaning (:attr:`TrainConfig.prior_preservation`)."""
+WITH_CLASS_PICTURES = ("images", "both")
+"""The preservations that train on the base model's class pictures (the others draw none)."""
+WITH_FROZEN_TARGET = ("output", "both")
+"""The preservations that train the concept's own samples against the frozen model's prediction."""
 
 
 @dataclass(frozen=True)
@@ -312,7 +316,12 @@ class Resolved:
     @property
     def drawn_class_prompts(self) -> tuple[str, ...]:
         """The class prompts whose pictures the base model draws for it: its own, unless preservation is ``output``."""
-        return self.spec.class_prompts if self.prior_preservation in ("images", "both") else ()
+        return self.spec.class_prompts if self.prior_preservation in WITH_CLASS_PICTURES else ()
+
+    @property
+    def preserves_output(self) -> bool:
+        """Its own samples also train under its class prompts against the frozen model (``output``, ``both``)."""
+        return self.prior_preservation in WITH_FROZEN_TARGET
 
 
 def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:

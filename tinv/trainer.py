@@ -79,9 +79,9 @@ class PackedTrainer:
             self.optimizer.state.pop(p, None)
         self.optimizer.param_groups[s]["lr"] = settings.learning_rate
         prior = {}
-        if settings.prior_preservation == "output":  # the class prompts alone: the frozen model is the target
+        if settings.preserves_output and not settings.drawn_class_prompts:  # the class prompts alone
             prior = {"class_ids": [self._tokenize(tok, list(spec.class_prompts)) for tok in self.model.tokenizers]}
-        elif settings.prior_preservation is not None:  # images, or both
+        elif settings.drawn_class_prompts:
             if data.class_images is None:
                 raise ConceptDataError(spec.concept_id, f"no class pictures of {spec.class_prompt!r} were given")
             one = spec.class_prompts[0] if len(spec.class_prompts) == 1 else None
@@ -161,7 +161,7 @@ class PackedTrainer:
         rows = [own]
         if slot.class_latents is not None:
             rows.append(draw_rows(model, lo, [slot.class_latents], slot.class_ids, settings, generator, n, True, True))
-        if settings.prior_preservation in ("output", "both"):  # both: each row under one of its pictures' prompts
+        if settings.preserves_output:  # with class pictures too: each row under one of its pictures' prompts
             rows.append(preserved(own, slot.class_ids, generator))
         if settings.blank_prompt_preservation:
             rows.append(preserved(own, [e[None] for e in self.empty_ids], generator, blank=True))

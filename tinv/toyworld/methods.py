@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from tinv import classes
-from tinv.config import TrainConfig
+from tinv.config import WITH_CLASS_PICTURES, TrainConfig
 from tinv.models import BaseModel, load_base_model
 from tinv.outputs import learned_files
 from tinv.toyworld.concepts import CONCEPTS, Concept
@@ -122,8 +122,8 @@ def compare(
     model = load_base_model(model_dir, precision="fp32")
     pictures = {}  # output preservation alone draws no class pictures: its class prompts are enough
     if any(prior for _, prior in runs):
-        pictures = ({c.name: (class_prompt(c),) for c in concepts} if cfg.prior_preservation == "output"
-                    else class_pictures(model, concepts, cfg))
+        pictures = (class_pictures(model, concepts, cfg) if cfg.prior_preservation in WITH_CLASS_PICTURES
+                    else {c.name: (class_prompt(c),) for c in concepts})
     learned, seconds = {}, {}
     for run in runs:
         start = time.perf_counter()
