@@ -109,6 +109,36 @@ def test_blank_prompt_preservation_adds_the_empty_prompt_for_adapter_concepts_on
     assert len(trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4)) == 1  # ti: nothing to keep
 
 
+def test_the_empty_prompts_loss_has_its_own_weight_when_set(tiny_models, images):
+    """``blank_prompt_loss_weight`` weighs the blank rows alone (ai-toolkit's multiplier); unset, they take the
+    concept's ``prior_loss_weight`` as the class prompt's rows do."""
+    model = load_base_model(str(tiny_models["sd1"]))
+    cfg = replace(OUTPUT, concepts_per_actor=1, blank_prompt_preservation=True, prior_loss_weight=3.0)
+    totals = {}
+    for blank_weight in (None, 0.5):
+        trainer = PackedTrainer(model, replace(cfg, blank_prompt_loss_weight=blank_weight))
+        trainer.admit(0, ConceptData(spec("c", class_prompt=PROMPT), images))
+        nudge(trainer, 0)
+        draw = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4)
+        assert [(r.prior, r.blank) for r in draw] == [(False, False), (True, False), (True, True)]
+        with torch.no_grad():
+            means = [trainer._squared_errors([r], ["slot0"]).mean().item() for r in draw]
+            totals[blank_weight] = trainer._losses(trainer.slots[0:1], [draw]).item()
+        blank = 3.0 if blank_weight is None else blank_weight
+        assert totals[blank_weight] == pytest.approx(means[0] + 3.0 * means[1] + blank * means[2], rel=1e-5)
+    assert totals[None] != pytest.approx(totals[0.5], rel=1e-3)
+    with pytest.raises(ValueError, match="blank_prompt_preservation where blank_prompt_loss_weight is set"):
+        TrainConfig(blank_prompt_loss_weight=0.5)
+    with pytest.raises(ValueError, match="blank_prompt_loss_weight is None or >= 0"):
+        TrainConfig(blank_prompt_preservation=True, blank_prompt_loss_weight=-1.0)
+    fingerprint = {"base_model_fingerprint": "m", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
+    on = replace(cfg, prior_preservation="images")
+    same, other = (replace(on, blank_prompt_loss_weight=w) for w in (3.0, 1.0))  # 3: the weight it takes unset
+    fp = {c: config_fingerprint(spec("l"), c, fingerprint) for c in (on, same, other)}
+    assert fp[on] == fp[same] != fp[other]
+    assert resolve(spec("l"), same).blank_loss_weight == 3.0 and resolve(spec("l"), OUTPUT).blank_loss_weight is None
+
+
 def test_the_preservation_settings_are_checked_and_count_in_the_fingerprint_where_they_act():
     with pytest.raises(ValueError, match="prior_preservation"):
         TrainConfig(prior_preservation="teacher")

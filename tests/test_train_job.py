@@ -46,6 +46,11 @@ def results(out: Path) -> dict[str, dict]:
     return {r["concept_id"]: r for r in rows}
 
 
+def record(out: Path, concept_id: str) -> dict:
+    """The concept's ``result.json``."""
+    return json.loads((out / "concepts" / concept_id / "result.json").read_text())
+
+
 def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers(demo_run, tmp_path):
     out, log = demo_run
     assert "succeeded" in log, log[-4000:]
@@ -70,7 +75,7 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
 
     model_dir = default_model()
     for cid in DEMO:
-        result = json.loads((out / "concepts" / cid / "result.json").read_text())
+        result = record(out, cid)
         assert result["base_model_fingerprint"] == run["base_model_fingerprint"]
         assert result["steps"] == DEMO_STEPS and result["token"] == f"<{cid}>" and result["config_fingerprint"]
         assert result["metrics"] == dict(rows[cid]["metrics"])
@@ -91,7 +96,7 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
 
     # the pivotal concept: its LoRA is recorded, and diffusers with its two files draws the job's own sample
     (piv,) = [cid for cid, m in methods.items() if m == "pivotal"]
-    result = json.loads((out / "concepts" / piv / "result.json").read_text())
+    result = record(out, piv)
     assert result["method"] == rows[piv]["method"] == "pivotal" and result["lora_rank"] == TrainConfig().lora_rank
     assert result["lora_uri"] == rows[piv]["lora_uri"] == f"concepts/{piv}/pytorch_lora_weights.safetensors"
     assert all(rows[c]["lora_uri"] is None and rows[c]["method"] == "ti" for c in DEMO if c != piv)
@@ -139,7 +144,7 @@ def check_published(out: Path, rows: dict[str, dict], published: list[str]) -> l
                 assert (file.parent / f"{file.stem}.preview.png").read_bytes() == first
                 names.append(file.stem.lower())
     for line in lines:
-        result = json.loads((out / "concepts" / line["concept_id"] / "result.json").read_text())
+        result = record(out, line["concept_id"])
         assert line["files"] == {f"concepts/{line['concept_id']}/{f}": h for f, h in result["sha256"].items()
                                  if not f.startswith("samples/") and f != "grid.png"}
         assert line["base_model_fingerprint"] == result["base_model_fingerprint"]
@@ -201,7 +206,7 @@ def test_a_worker_killed_mid_run_loses_no_concept(ray_cluster, tmp_path):
     for cid, row in rows.items():
         files = {f for f in tree(out / "concepts" / cid) if ".tmp-" not in f}
         assert files == concept_files(cid)
-        result = json.loads((out / "concepts" / cid / "result.json").read_text())
+        result = record(out, cid)
         assert (result["attempts"], result["worker"]) == (row["attempts"], row["worker"])
         assert load_file(out / "concepts" / cid / "learned_embeds.safetensors")[f"<{cid}>"].shape[0] == 1
 
@@ -241,7 +246,7 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     assert "trigger 'circle' is a word the base model's tokenizer reads as one token" in got["named"]["error"]
     assert got["star"]["trigger"] == "tinv-star" and got["star"]["held_back"] == "steps 4 fails steps>=10"
     check_published(out, got, ["good-1", "good-2", "tall", "masked"])  # star trained 4 steps: held back
-    sizes = {c: json.loads((out / "concepts" / c / "result.json").read_text())["sizes"] for c in ("tall", "masked")}
+    sizes = {c: record(out, c)["sizes"] for c in ("tall", "masked")}
     assert sizes == {"tall": {"24x40": 4}, "masked": {"32x32": 4}}  # the portrait kept its framing
     assert "cannot decode image" in got["corrupt"]["error"] and "broken.png" in got["corrupt"]["error"]
     assert "image not found" in got["missing"]["error"] and "nowhere/404.png" in got["missing"]["error"]
@@ -289,11 +294,19 @@ def test_class_pictures_are_drawn_once_per_class_shared_and_kept_for_later_runs(
     assert set(markers) == {"a star", "a cross"} and all(len(list(f.glob("*.png"))) == 3 for f in folders)
     assert json.loads((out / "run.json").read_text())["classes"] == {"wanted": 2, "drawn": 2, "failed": 0}
     for cid, prompts in (("star-a", ["a star"]), ("cross", ["a cross", "a star"])):  # named in the LoRA files
-        trigger = json.loads((out / "concepts" / cid / "result.json").read_text())["trigger"]
+        trigger = record(out, cid)["trigger"]
         assert trigger == {"star-a": "star-a", "cross": "tinv-cross"}[cid]  # "cross" is a word of the toy world
         for name in (LORA_NAME, f"webui/loras/{trigger}.safetensors"):
             with safe_open(str(out / "concepts" / cid / name), "pt") as f:
-                assert json.loads(f.metadata()["class_prompt"]) == prompts
+                meta = f.metadata()
+            assert json.loads(meta["class_prompt"]) == prompts
+            # what it was trained under: all of it as JSON, and kohya's ss_ keys for what kohya names
+            training = record(out, cid)["training"]
+            assert json.loads(meta["training"]) == training
+            assert training | {"steps": 6, "prior_preservation": "images", "class_images": 3,
+                               "prior_loss_weight": 1.0} == training
+            assert (meta["ss_max_train_steps"], meta["ss_prior_loss_weight"]) == ("6", "1.0")
+    assert set(record(out, "plain")["training"]) == {"steps", "learning_rate", "seed", "batch_size"}  # ti
     before = {p: p.stat().st_mtime_ns for f in folders for p in f.iterdir()}
     # more steps: every concept is redone, against the class pictures already there
     proc = run_driver(ray_cluster, *args, "--steps", "7")
@@ -307,3 +320,5 @@ def test_class_pictures_are_drawn_once_per_class_shared_and_kept_for_later_runs(
     assert {c: r["status"] for c, r in results(out).items()} == {
         "star-a": "succeeded", "star-b": "succeeded", "cross": "succeeded", "plain": "skipped"}  # no class: kept
     assert json.loads((out / "run.json").read_text())["classes"] == {"wanted": 0, "drawn": 0, "failed": 0}
+    kept = record(out, "star-b")["training"]
+    assert (kept["prior_preservation"], kept["prior_loss_weight"], "class_images" in kept) == ("output", 0.5, False)

@@ -76,6 +76,8 @@ class TrainedConcept:
     when another start than the word was asked for."""
     sizes: dict[str, int] | None = None
     """Its pictures per training size, ``{"WxH": n}`` (one entry without aspect buckets)."""
+    training: dict[str, object] | None = None
+    """The settings it was trained under (:func:`tinv.config.trained_under`); None for a failed concept."""
 
     @property
     def error(self) -> str | None:
@@ -106,6 +108,8 @@ class Rows:
     """``(n,)`` bool: the samples drawn under the empty prompt (``caption_dropout``); None: none."""
     preserve: bool = False
     """Their target is the frozen model's own prediction (output preservation), not the noise."""
+    blank: bool = False
+    """The empty prompt's preserved samples (weighted by ``blank_loss_weight``, not ``prior_loss_weight``)."""
 
     def uncaptioned(self) -> torch.Tensor:
         """``(n,)`` bool: which samples are under the empty prompt."""

@@ -225,7 +225,8 @@ class TrainConfig:
     LoRA otherwise shifts untrained. ``ti`` concepts ignore it (the empty prompt holds no token to train)."""
     prior_loss_weight: float = 1.0
     """Default weight of the class pictures' loss for concepts with a ``class_prompt`` (diffusers' default); of the
-    output-preservation losses too (``prior_preservation`` ``output``, ``blank_prompt_preservation``)."""
+    output-preservation losses too (``prior_preservation`` ``output``; ``blank_prompt_preservation`` unless
+    ``blank_prompt_loss_weight`` is set)."""
     prior_preservation: str = field(default="images", metadata={"choices": PRIOR_PRESERVATIONS})
     """How a concept with a ``class_prompt`` keeps the class's meaning: ``images``, DreamBooth's (the base model's
     pictures of the class, drawn once per run and class, trained under the class prompt); ``output``, the concept's
@@ -235,7 +236,10 @@ class TrainConfig:
     blank_prompt_preservation: bool = False
     """Also pull a ``lora`` / ``pivotal`` concept's prediction under the empty prompt, on its own noisy samples, to
     the frozen model's (ai-toolkit's Blank Prompt Preservation), so that what classifier-free guidance subtracts
-    stays the base model's; weighted by ``prior_loss_weight``, with or without a ``class_prompt``."""
+    stays the base model's; with or without a ``class_prompt``."""
+    blank_prompt_loss_weight: float | None = None
+    """Weight of that empty-prompt loss (ai-toolkit's ``blank_prompt_preservation_multiplier``); None: the
+    concept's ``prior_loss_weight``."""
     class_images: int = 100
     """Pictures the base model draws per class prompt for prior preservation (diffusers' default)."""
     class_sample_steps: int = 25
@@ -274,6 +278,10 @@ class TrainConfig:
             "0 <= caption_dropout < 1": 0 <= self.caption_dropout < 1,
             "prior_loss_weight >= 0": self.prior_loss_weight >= 0,
             f"prior_preservation in {PRIOR_PRESERVATIONS}": self.prior_preservation in PRIOR_PRESERVATIONS,
+            "blank_prompt_loss_weight is None or >= 0": self.blank_prompt_loss_weight is None
+            or self.blank_prompt_loss_weight >= 0,
+            "blank_prompt_preservation where blank_prompt_loss_weight is set": self.blank_prompt_preservation
+            or self.blank_prompt_loss_weight is None,
             "class_images >= 1": self.class_images >= 1,
             "class_sample_steps >= 1": self.class_sample_steps >= 1,
             "init is word, cross or an initializer's URI": bool(self.init.strip()),
@@ -302,6 +310,8 @@ class Resolved:
     prior_loss_weight: float | None = None
     """Its class loss's weight; None without a ``class_prompt`` (no prior preservation) nor blank prompt
     preservation."""
+    blank_loss_weight: float | None = None
+    """Its empty-prompt preservation loss's weight; None where that is off."""
     caption_dropout: float = 0.0
     """Share of its own samples drawn under the empty prompt (0 for ``ti``)."""
     prior_preservation: str | None = None
@@ -328,6 +338,7 @@ def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
     """The one place a concept's spec meets the run config."""
     style = spec.learnable_property == "style"
     blank = spec.method != "ti" and cfg.blank_prompt_preservation
+    prior_loss_weight = cfg.prior_loss_weight if spec.prior_loss_weight is None else spec.prior_loss_weight
     return Resolved(
         spec,
         steps=spec.steps or cfg.steps,
@@ -337,9 +348,31 @@ def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
         batch_size=cfg.style_batch_size if style else cfg.batch_size,
         timestep_power=cfg.style_timestep_power if style else 1.0,
         lora_rank=None if spec.method == "ti" else spec.lora_rank or cfg.lora_rank,
-        prior_loss_weight=None if not (spec.class_prompt or blank) else
-        cfg.prior_loss_weight if spec.prior_loss_weight is None else spec.prior_loss_weight,
+        prior_loss_weight=prior_loss_weight if spec.class_prompt or blank else None,
+        blank_loss_weight=None if not blank else
+        prior_loss_weight if cfg.blank_prompt_loss_weight is None else cfg.blank_prompt_loss_weight,
         caption_dropout=0.0 if spec.method == "ti" else cfg.caption_dropout,
         prior_preservation=cfg.prior_preservation if spec.class_prompt else None,
         blank_prompt_preservation=blank,
     )
+
+
+def trained_under(settings: Resolved, cfg: TrainConfig) -> dict[str, object]:
+    """The settings a concept was trained under, as ``result.json`` and its LoRA files' metadata record them:
+    steps, rates, seed and batch for every method; a LoRA's rank, targets, rates and caption dropout; its
+    preservation (mode, weight, class pictures per prompt) where it has one."""
+    out: dict[str, object] = {"steps": settings.steps, "learning_rate": settings.learning_rate,
+                              "seed": settings.seed, "batch_size": settings.batch_size}
+    if settings.spec.method == "ti":
+        return out
+    out |= {"lora_rank": settings.lora_rank, "lora_learning_rate": cfg.lora_learning_rate,
+            "lora_targets": list(cfg.lora_targets), "caption_dropout": settings.caption_dropout}
+    if cfg.lora_text_encoder:
+        out["lora_text_encoder_learning_rate"] = cfg.lora_text_encoder_learning_rate or cfg.lora_learning_rate
+    if settings.prior_preservation:
+        out |= {"prior_preservation": settings.prior_preservation, "prior_loss_weight": settings.prior_loss_weight}
+        if settings.drawn_class_prompts:
+            out["class_images"] = cfg.class_images
+    if settings.blank_prompt_preservation:
+        out["blank_prompt_loss_weight"] = settings.blank_loss_weight
+    return out

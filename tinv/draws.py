@@ -86,4 +86,4 @@ def preserved(own: Rows, prompt_ids: list[torch.Tensor], generator: torch.Genera
     pick = torch.randint(prompt_ids[0].shape[0], (n,), generator=generator)
     ids = [p[pick.to(p.device)] for p in prompt_ids]
     dropped = torch.ones(n, dtype=torch.bool, device=device) if blank else None
-    return Rows(own.latents, own.noise, own.t, ids, prior=True, dropped=dropped, preserve=True)
+    return Rows(own.latents, own.noise, own.t, ids, prior=True, dropped=dropped, preserve=True, blank=blank)

@@ -8,7 +8,8 @@
   convention for a LoRA that brings its own embedding (``string_to_param.*`` for SD 1/2, ``clip_l`` /
   ``clip_g`` for SDXL), so the web UI's prompt word is the trigger.
 
-Both carry the concept's method, rank, token, trigger and base-model fingerprint in their metadata. A LoRA
+Both carry the concept's method, rank, token, trigger and base-model fingerprint in their metadata, and the
+settings it was trained under (``training``, JSON; kohya's ``ss_`` keys for those it has one for). A LoRA
 trained on the text encoders too (``lora_text_encoder``) holds them as ``text_encoder.text_model.…`` (SDXL
 also ``text_encoder_2.…``) and, in kohya's layout, ``lora_te_…`` (SDXL ``lora_te1_`` / ``lora_te2_``), the names
 those clients read whichever way the installed transformers nests its CLIP model.
@@ -16,6 +17,7 @@ those clients read whichever way the installed transformers nests its CLIP model
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +85,22 @@ def lora_files(
         LORA_NAME: to_bytes(diffusers_lora(state, text), meta),
         lora_path(trigger): to_bytes(kohya_lora(state, trigger, vectors, text), meta),
     }
+
+
+KOHYA_TRAINING_KEYS = {"ss_max_train_steps": "steps", "ss_seed": "seed", "ss_batch_size_per_device": "batch_size",
+                       "ss_learning_rate": "lora_learning_rate", "ss_unet_lr": "lora_learning_rate",
+                       "ss_text_encoder_lr": "lora_text_encoder_learning_rate",
+                       "ss_caption_dropout_rate": "caption_dropout", "ss_prior_loss_weight": "prior_loss_weight"}
+"""kohya's ``ss_`` metadata keys (what sd-scripts writes and the web UIs' LoRA cards show) → our settings' names."""
+
+
+def training_metadata(training: dict[str, object] | None) -> dict[str, str]:
+    """A LoRA file's metadata for the settings it was trained under: all of them as JSON (``training``), and
+    those kohya has a key for under its ``ss_`` names (only the ones that apply: no class loss, no key)."""
+    if not training:
+        return {}
+    kohya = {key: str(training[name]) for key, name in KOHYA_TRAINING_KEYS.items() if name in training}
+    return {"training": json.dumps(training, sort_keys=True), **kohya}
 
 
 @dataclass

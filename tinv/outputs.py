@@ -18,7 +18,7 @@ from tinv import storage
 from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig, resolve
 from tinv.fingerprint import FINGERPRINT_VERSION
 from tinv.formats import CONCEPTS_LIBRARY, DIFFUSERS_NAME, concepts_library_files, embedding_files
-from tinv.lora_files import LORA_NAME, lora_files
+from tinv.lora_files import LORA_NAME, lora_files, training_metadata
 from tinv.train import TrainedConcept
 from tinv.webui import default_trigger, preview_path
 
@@ -59,8 +59,9 @@ def config_fingerprint(
     those under ``manifest_dir`` count as written in the manifest (relative), so a manifest folder that
     moves (a job's working dir) keeps its results. Settings that only act in some runs count only there:
     the fp16 loss scale under fp16, the DVAR settings with early stopping on, caption dropout when not 0 and
-    blank prompt preservation when on for a concept with an adapter, ``output`` or ``both`` prior preservation
-    and the class pictures' settings (``images``, ``both``) for one with a class prompt, and ``start``
+    blank prompt preservation when on for a concept with an adapter (its weight too, when not the class loss's),
+    ``output`` or ``both`` prior preservation and the class pictures' settings (``images``, ``both``) for one
+    with a class prompt, and ``start``
     (:func:`tinv.starts.start_id`: ``cross``, or a learned initializer's content hash) for a concept with new
     vectors, when it is not the word start.
     """
@@ -94,6 +95,8 @@ def config_fingerprint(
         train_part["prior_preservation"] = settings.prior_preservation
     if settings.blank_prompt_preservation:  # off, likewise
         train_part |= {"blank_prompt_preservation": True, "prior_loss_weight": settings.prior_loss_weight}
+        if settings.blank_loss_weight != settings.prior_loss_weight:  # a weight of its own; else as before it
+            train_part["blank_prompt_loss_weight"] = settings.blank_loss_weight
     if model["dtype"] == "torch.float16":
         train_part |= {"loss_scale": cfg.loss_scale, "loss_scale_growth_interval": cfg.loss_scale_growth_interval}
     if cfg.early_stop:
@@ -180,6 +183,7 @@ def write_concept(
         "lora_rank": trained.lora_rank,
         "start": trained.start,
         "sizes": trained.sizes,
+        "training": trained.training,
     }
     data = json.dumps(record, indent=2, sort_keys=True).encode()
     storage.write_bytes(storage.join(folder, RESULT_NAME), data, storage_options)  # LAST: marks complete
@@ -201,7 +205,8 @@ def learned_files(
     if trained.lora is not None:
         prompts = {"class_prompt": json.dumps(list(spec.class_prompts))} if spec.class_prompts else {}
         files |= lora_files(spec.concept_id, spec.placeholder_token, trigger, spec.method, trained.lora_rank,
-                            trained.lora, trained.vectors, metadata | prompts, trained.text_lora)
+                            trained.lora, trained.vectors, metadata | prompts | training_metadata(trained.training),
+                            trained.text_lora)
     return files
 
 

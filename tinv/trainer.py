@@ -21,7 +21,7 @@ from torch import nn
 
 from tinv.concept import ConceptData, Framed, Rows, Slot, TrainedConcept
 from tinv.conditioning import encode_prompts, forces_zeros
-from tinv.config import LORA_TEXT_TARGETS, ConceptSpec, Resolved, TrainConfig, resolve
+from tinv.config import LORA_TEXT_TARGETS, ConceptSpec, Resolved, TrainConfig, resolve, trained_under
 from tinv.draws import draw_rows, latents_of, preserved
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
 from tinv.lora import BASE, Adapters, add_everywhere, remove_everywhere, routed
@@ -184,11 +184,12 @@ class PackedTrainer:
                     weight = rows.weights.expand_as(error)
                     per_block[i] = (error * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp_min(1e-8)
         losses = []
-        for k, slot in enumerate(slots):  # DreamBooth: its own loss + w × its class samples', each set's mean
+        for k, slot in enumerate(slots):  # DreamBooth: its own loss + w × each prior set's mean (a set a block)
             own = torch.cat([per_block[i] for i, (j, r) in enumerate(blocks) if j == k and not r.prior])
-            prior = [per_block[i].mean() for i, (j, r) in enumerate(blocks) if j == k and r.prior]  # a set a block
-            losses.append(own.mean() + slot.settings.prior_loss_weight * torch.stack(prior).sum() if prior
-                          else own.mean())
+            settings = slot.settings
+            prior = [(settings.blank_loss_weight if r.blank else settings.prior_loss_weight) * per_block[i].mean()
+                     for i, (j, r) in enumerate(blocks) if j == k and r.prior]
+            losses.append(own.mean() + torch.stack(prior).sum() if prior else own.mean())
         return torch.stack(losses)
 
     def _squared_errors(self, parts: list[Rows], adapters: list[str]) -> torch.Tensor:
@@ -313,7 +314,8 @@ class PackedTrainer:
         sizes = {f"{g.mean.shape[-1] * scale}x{g.mean.shape[-2] * scale}": len(g.index) for g in slot.latents}
         return TrainedConcept(slot.spec, vectors if slot.settings.trains_vectors else None, slot.losses,
                               time.perf_counter() - slot.started, lora=lora, lora_rank=slot.settings.lora_rank,
-                              text_lora=text, start=slot.start, sizes=sizes)
+                              text_lora=text, start=slot.start, sizes=sizes,
+                              training=trained_under(slot.settings, self.cfg))
 
     def lora_states(self, s: int) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]] | None]:
         """Slot ``s``'s adapter now: the UNet's and the text encoders' (None without), peft naming, fp32 copies."""
