@@ -61,9 +61,8 @@ def config_fingerprint(
     the fp16 loss scale under fp16, the DVAR settings with early stopping on, caption dropout when not 0 and
     blank prompt preservation when on for a concept with an adapter (its weight too, when not the class loss's),
     ``output`` or ``both`` prior preservation and the class pictures' settings (``images``, ``both``) for one
-    with a class prompt, and ``start``
-    (:func:`tinv.starts.start_id`: ``cross``, or a learned initializer's content hash) for a concept with new
-    vectors, when it is not the word start.
+    with a class prompt, and ``start`` (:func:`tinv.starts.start_id`: ``cross``, or a learned initializer's
+    content hash) for a concept with new vectors, when it is not the word start.
     """
     settings = resolve(spec, cfg)
     skip = ("eval_prompts", *LORA_SPEC_FIELDS, *SET_ONLY_SPEC_FIELDS)
