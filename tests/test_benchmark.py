@@ -46,6 +46,13 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
             for name in ("tinv-k4", "lora", "lora-k4", "pivotal", "pivotal-k4"):
                 half = rows[f"{name}-bf16-unet"]
                 assert half["samples_per_step"] == rows[name]["samples_per_step"] and half["samples_per_s"] > 0
+    for section in ("preservation_toy", "preservation_sd15"):  # pivotal with each prior preservation, K=1
+        rows = {v["variant"]: v for v in r[section]["variants"]}
+        assert rows.keys() == {"pivotal", "pivotal-images", "pivotal-output", "pivotal-output-blank"}
+        assert len({v["samples_per_step"] for v in rows.values()}) == 1  # the concept's own samples
+        flops = {name: v["flops_per_sample"] for name, v in rows.items()}  # each preserved set is real work
+        # a class row trains as the own rows do; output's rows also take the frozen model's pass, blank's more
+        assert flops["pivotal"] < flops["pivotal-images"] < flops["pivotal-output"] < flops["pivotal-output-blank"]
     g = r["generate"]
     assert g["batched"]["images_per_s"] > 0 and g["per_concept"]["images_per_s"] > 0
     d = r["driver"]["runs"][0]

@@ -80,7 +80,7 @@ class ConceptSpec:
         if errors:
             raise ValueError(f"concept {self.concept_id!r}: " + "; ".join(errors))
         if not isinstance(self.class_prompt, str):  # a list of one is its string: the same concept, hashed the same
-            prompts = tuple(self.class_prompt)
+            prompts = self.class_prompts  # None: none
             object.__setattr__(self, "class_prompt", prompts[0] if len(prompts) == 1 else prompts or "")
         if not self.placeholder_token:
             object.__setattr__(self, "placeholder_token", f"<{self.concept_id}>")
@@ -142,9 +142,9 @@ class ConceptSpec:
     @property
     def class_prompts(self) -> tuple[str, ...]:
         """Its class prompts: none without prior preservation, else one or more."""
-        if isinstance(self.class_prompt, str):
-            return (self.class_prompt,) if self.class_prompt else ()
-        return tuple(self.class_prompt)
+        if not self.class_prompt:
+            return ()
+        return (self.class_prompt,) if isinstance(self.class_prompt, str) else tuple(self.class_prompt)
 
     @property
     def tokens(self) -> list[str]:

@@ -9,7 +9,9 @@ and the recorded tables.
 
 Sections, one module each: ``matmul`` (the device's dense rate, always; :mod:`.measure`), ``toy`` and
 ``train`` (the diffusers recipe, :mod:`.recipe`, against tinv with each optimisation switched on in
-turn, on the toy model and the SD 1.5 shape; :mod:`.training`), ``generate`` (batched across concepts
+turn, on the toy model and the SD 1.5 shape; :mod:`.training`), ``methods`` (``ti``, ``lora`` and
+``pivotal`` at K=1 and K=4) and ``preservation`` (``pivotal`` with each prior preservation) on both,
+``generate`` (batched across concepts
 against ``load_textual_inversion`` + one pipeline call per concept; :mod:`.generate`), ``schedule``
 (toy-world fidelity against samples seen; :mod:`.schedule`), ``driver`` (plan, dispatch, account and
 write results for N concepts with a no-op trainer on a local Ray instance; :mod:`.driver`) and

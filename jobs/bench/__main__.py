@@ -21,7 +21,14 @@ from jobs.bench.recipe import RECIPE
 from jobs.bench.report import markdown, save
 from jobs.bench.schedule import method_schedules, schedules
 from jobs.bench.shapes import SD15_TEXT, SD15_UNET, SD15_VAE, SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE, sd_shaped
-from jobs.bench.training import METHOD_VARIANTS, VARIANTS, train_report, train_variants, why_not
+from jobs.bench.training import (
+    METHOD_VARIANTS,
+    PRESERVATION_VARIANTS,
+    VARIANTS,
+    train_report,
+    train_variants,
+    why_not,
+)
 from jobs.bench.writes import slow_storage
 from tinv.config import METHODS, TrainConfig
 from tinv.embedded import EMBEDDED_MODEL
@@ -35,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="training resolution of the SD 1.5-shaped model (512 too)")
     p.add_argument("--reps", type=int, default=3, help="timed steps per variant (interleaved)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="SD 1.5 variants to time, comma-separated")
-    p.add_argument("--sections", default="toy,methods,generate,train,schedule,schedule_methods,driver,writes,"
-                                         "fingerprint,projection",
+    p.add_argument("--sections", default="toy,methods,preservation,generate,train,schedule,schedule_methods,driver,"
+                                         "writes,fingerprint,projection",
                    help="comma-separated; matmul is always measured")
     p.add_argument("--driver-concepts", default="1000,10000", help="concept counts for the driver section")
     p.add_argument("--tinv-steps", type=int, default=TrainConfig().steps, help="tinv's steps per concept")
@@ -91,18 +98,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["toy_train"] = {"model": "shipped toy world", "resolution": model.resolution,
                                "variants": train_report(variants, rates)}
         log("toy_train")
-    if "methods" in sections:  # ti, lora and pivotal side by side, K=1 and K=4, on the toy model and SD 1.5's shape
+    # ti, lora and pivotal side by side, K=1 and K=4; pivotal with each prior preservation: toy model, SD 1.5's shape
+    for section, names in (("methods", METHOD_VARIANTS), ("preservation", PRESERVATION_VARIANTS)):
+        if section not in sections:
+            continue
         for key, model, size in (
-            ("methods_toy", load_base_model(str(EMBEDDED_MODEL), device=device, precision="fp32"), None),
-            ("methods_sd15", None, 32 if smoke else args.size),
+            (f"{section}_toy", load_base_model(str(EMBEDDED_MODEL), device=device, precision="fp32"), None),
+            (f"{section}_sd15", None, 32 if smoke else args.size),
         ):
             if model is None:
                 text, unet, vae = (SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE) if smoke else (SD15_TEXT, SD15_UNET, SD15_VAE)
                 model = sd_shaped(text, unet, vae, device, torch.float32)
             size = size or model.resolution
-            variants = train_variants(model, size, args.tinv_steps, METHOD_VARIANTS)
-            measure(variants, device, 3 if smoke else (20 if key == "methods_toy" else args.reps))
-            result[key] = {"model": "shipped toy world" if key == "methods_toy" else
+            variants = train_variants(model, size, args.tinv_steps, names)
+            measure(variants, device, 3 if smoke else (20 if key.endswith("_toy") else args.reps))
+            result[key] = {"model": "shipped toy world" if key.endswith("_toy") else
                            ("SD 1.5-shaped (random weights)" if not smoke else "smoke shapes"),
                            "resolution": size, "variants": train_report(variants, rates)}
             log(key)

@@ -11,7 +11,7 @@ import torch
 
 from jobs.bench.measure import HALF_NAMES, Variant, native_half
 from jobs.bench.recipe import RECIPE, recipe_step
-from tinv.config import ConceptSpec, TrainConfig
+from tinv.config import WITH_CLASS_PICTURES, ConceptSpec, TrainConfig
 from tinv.lora import Adapters
 from tinv.models import BaseModel, enable_gradient_checkpointing, set_attention
 from tinv.train import ConceptData, PackedTrainer
@@ -22,16 +22,26 @@ METHOD_VARIANTS = ["tinv", "tinv-k4", "lora", "lora-k4", "pivotal", "pivotal-k4"
                    "lora-bf16-unet", "lora-k4-bf16-unet", "pivotal-bf16-unet", "pivotal-k4-bf16-unet"]
 """The methods section: each method at K=1 and K=4 (a packed batch of K concepts, each its own adapter), fp32
 and with the frozen UNet in bf16."""
+PRESERVATIONS = {"pivotal-images": ("images", False), "pivotal-output": ("output", False),
+                 "pivotal-output-blank": ("output", True)}
+"""The preservation section's prior variants (beside plain ``pivotal``): ``--prior-preservation`` and
+``--blank-prompt-preservation``."""
+PRESERVATION_VARIANTS = ["pivotal", *PRESERVATIONS]
 
 
 def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int, steps: int,
-                 method: str = "ti") -> PackedTrainer:
-    cfg = TrainConfig(steps=steps, concepts_per_actor=k, batch_size=RECIPE["batch_size"], resolution=resolution)
+                 method: str = "ti", preservation: str | None = None, blank: bool = False) -> PackedTrainer:
+    """K concepts of ``method`` on ``images``; with ``preservation``, each with a class prompt kept that way (the
+    class pictures, where it trains on them: ``images`` again, which costs the same as the base model's)."""
+    cfg = TrainConfig(steps=steps, concepts_per_actor=k, batch_size=RECIPE["batch_size"], resolution=resolution,
+                      prior_preservation=preservation or "images", blank_prompt_preservation=blank)
     trainer = PackedTrainer(model, cfg)
     for s in range(k):
         token = f"<bench{s}>" if method != "lora" else f"bench{s}"
-        spec = ConceptSpec(f"bench{s}", ("bench:0",), placeholder_token=token, method=method, seed=s)
-        trainer.admit(s, ConceptData(spec, images))
+        spec = ConceptSpec(f"bench{s}", ("bench:0",), placeholder_token=token, method=method, seed=s,
+                           class_prompt="a photo of a thing" if preservation else "")
+        pictures = images if preservation in WITH_CLASS_PICTURES else None
+        trainer.admit(s, ConceptData(spec, images, pictures))
     return trainer
 
 
@@ -126,6 +136,11 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
             if want(f"{name}-bf16-unet") and bf16:
                 out.append(Variant(f"{name}-bf16-unet", f"{method}, K={k}, frozen UNet in bf16 (LoRA and AdamW fp32)",
                                    trainer.step, k * b, tinv_n, flops_from=name, **bf16))
+    for name, (preservation, blank) in PRESERVATIONS.items():  # samples/s counts the concept's own samples
+        if want(name):
+            trainer = tinv_trainer(model, images, 1, resolution, tinv_steps, "pivotal", preservation, blank)
+            what = f"pivotal, K=1, --prior-preservation {preservation}" + (" + blank" if blank else "")
+            out.append(Variant(name, what, trainer.step, b, tinv_n))
     if want("checkpointing"):
         out.append(Variant("checkpointing", "tinv K=1, gradient checkpointing in the UNet and text encoder",
                            one.step, b, tinv_n, enter=lambda: checkpointing(model, True),
