@@ -290,6 +290,11 @@ class TrainConfig:
         if failed:
             raise ValueError("TrainConfig: need " + ", ".join(failed))
 
+    @property
+    def text_encoder_lora_rate(self) -> float:
+        """The text encoders' part of a LoRA trains at this rate: its own, else the UNet part's."""
+        return self.lora_text_encoder_learning_rate or self.lora_learning_rate
+
 
 @dataclass(frozen=True)
 class Resolved:
@@ -368,7 +373,7 @@ def trained_under(settings: Resolved, cfg: TrainConfig) -> dict[str, object]:
     out |= {"lora_rank": settings.lora_rank, "lora_learning_rate": cfg.lora_learning_rate,
             "lora_targets": list(cfg.lora_targets), "caption_dropout": settings.caption_dropout}
     if cfg.lora_text_encoder:
-        out["lora_text_encoder_learning_rate"] = cfg.lora_text_encoder_learning_rate or cfg.lora_learning_rate
+        out["lora_text_encoder_learning_rate"] = cfg.text_encoder_lora_rate
     if settings.prior_preservation:
         out |= {"prior_preservation": settings.prior_preservation, "prior_loss_weight": settings.prior_loss_weight}
         if settings.drawn_class_prompts:

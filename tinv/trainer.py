@@ -51,8 +51,7 @@ class PackedTrainer:
         self.lora_places = [(model.unet, cfg.lora_targets), *((e, LORA_TEXT_TARGETS) for e in texts)]
         """Where a lora / pivotal concept's adapter goes, UNet first (added at admission: a ti-only run adds none)."""
         self.lora_modules = [module for module, _ in self.lora_places]
-        self.lora_rates = [cfg.lora_learning_rate, *[cfg.lora_text_encoder_learning_rate or cfg.lora_learning_rate]
-                           * len(texts)]  # each place's LoRA learning rate
+        self.lora_rates = [cfg.lora_learning_rate, *[cfg.text_encoder_lora_rate] * len(texts)]  # each place's
         self.lora_groups: dict[int, list[dict]] = {}  # slot → its adapter's optimizer parameter groups
         self.empty_ids = [self._tokenize(tok, [""])[0] for tok in model.tokenizers]  # caption dropout's prompt
         self.zeroes_empty = forces_zeros(model)  # ... which SDXL conditions on zeros

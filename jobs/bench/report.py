@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SECTION_KEYS = ("matmul", "train", "toy_train", "methods_toy", "methods_sd15", "preservation_toy", "preservation_sd15",
-                "generate", "schedule", "schedule_methods", "driver", "writes", "fingerprint", "projection")
+TRAIN_TABLES = ("toy_train", "methods_toy", "methods_sd15", "preservation_toy", "preservation_sd15")
+"""The sections rendered as training tables after ``train``'s (one per resolution)."""
+SECTION_KEYS = ("matmul", "train", *TRAIN_TABLES, "generate", "schedule", "schedule_methods", "driver", "writes",
+                "fingerprint", "projection")
 STAMP = ("command", "started", "threads")
 """What :func:`save` adds to each section it records."""
 
@@ -104,7 +106,7 @@ def sections(result: dict[str, Any]) -> list[str]:
     if "matmul" in result:
         lines += matmul_line(result["matmul"])
     trains = [k for k in result if k == "train" or k.startswith("train_")]
-    trains += ["toy_train", "methods_toy", "methods_sd15", "preservation_toy", "preservation_sd15"]
+    trains += TRAIN_TABLES
     for key in trains:
         if key in result:
             lines += train_table(result[key])
