@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from modeltools import class_pictures
 
 from tinv.config import ConceptSpec, TrainConfig, resolve
 from tinv.lora import BASE, Adapters
@@ -77,7 +78,6 @@ def test_output_preservation_keeps_the_class_prediction_nearer_the_frozen_models
 
 
 def test_both_trains_the_class_pictures_and_the_preserved_samples_each_at_the_weight(tiny_models, images):
-    from test_prior import class_pictures
 
     model = load_base_model(str(tiny_models["sd1"]))
     cfg = replace(OUTPUT, prior_preservation="both", concepts_per_actor=1)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from modeltools import class_pictures
 
 from tinv import classes
 from tinv.config import ConceptSpec, TrainConfig
@@ -60,13 +61,6 @@ def test_a_marker_of_another_set_does_not_count(tmp_path):
     folder.mkdir(parents=True)
     (folder / classes.MARKER).write_text(json.dumps({"key": b.key}))
     assert not classes.is_done(str(tmp_path), a)
-
-
-def class_pictures(model, prompt: str, n: int) -> torch.Tensor:
-    from tinv.samples import SampleRequest, sample
-
-    drawn = sample(model, [None], [SampleRequest(0, prompt, i) for i in range(n)], steps=2, words=[""])
-    return torch.from_numpy(drawn).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def test_the_class_pictures_train_under_the_class_prompt_with_their_weight(tiny_models, images):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from tinv.models import load_base_model
 from tinv.samples import SampleRequest, sample
 from tinv.toyworld.concepts import CONCEPTS
 from tinv.toyworld.fidelity import LORA_WORD, Draw, Judged, judge, learn
-from tinv.toyworld.methods import RUNS, MethodRow, class_pictures, class_prompt, compare, shows_attribute
+from tinv.toyworld.methods import RUNS, MethodRow, class_pictures, class_prompt, compare, paired_se, shows_attribute
 from tinv.toyworld.scorer import find_scorer
 from tinv.toyworld.world import SHAPES, Item
 
@@ -35,6 +36,9 @@ def test_the_bare_class_prompt_and_the_attribute_each_concept_is_watched_for():
     row = MethodRow("red-star", "combination", "lora", False, 1.0, 1.0, bare_share=0.5, base_share=0.125,
                     bytes=1, seconds=1.0)
     assert row.drift == pytest.approx(0.375)
+    # the paired error: per-sample differences of draws that share their seeds, not two independent shares
+    assert paired_se(np.array([1.0, 0.0, -1.0, 0.0])) == pytest.approx((2 / 3) ** 0.5 / 2)
+    assert paired_se(np.array([0.0, 0.0, 0.0, 0.0])) == 0.0  # both draws alike on every seed: no noise at all
 
 
 def test_every_run_is_measured_and_ti_drifts_by_construction_not_at_all():
@@ -43,7 +47,7 @@ def test_every_run_is_measured_and_ti_drifts_by_construction_not_at_all():
     assert set(by) == {(n, m, p) for n in NAMES for m, p in RUNS}
     for n in NAMES:
         ti, lora, pivotal = by[n, "ti", False], by[n, "lora", False], by[n, "pivotal", False]
-        assert ti.bare_share == ti.base_share and ti.drift == 0
+        assert ti.bare_share == ti.base_share and ti.drift == 0 and ti.drift_se == 0
         assert {r.base_share for r in rows if r.concept == n} == {ti.base_share}  # one base draw per concept
         # the job's files: an embedding, a LoRA, both (pivotal also bundles the token into its kohya file)
         assert 0 < ti.bytes < lora.bytes < pivotal.bytes

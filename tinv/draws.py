@@ -36,8 +36,8 @@ def draw_rows(
 ) -> Rows:
     """``n`` samples of one of ``groups`` (chosen by its share of the pictures, when there are several),
     each under one of ``prompt_ids`` (its own picture's, when ``captioned``), or, for a share
-    ``caption_dropout`` of a concept's own samples, under the empty prompt (``empty_ids``, ``(T,)`` per
-    text encoder)."""
+    ``caption_dropout`` of them, under the empty prompt (``empty_ids``, ``(T,)`` per text encoder; None, as for
+    class pictures, drops no caption)."""
     group = groups[0]
     if len(groups) > 1:  # one training size per step and concept (drawn only then: one size draws as before)
         counts = torch.tensor([float(len(g.index)) for g in groups])
@@ -58,7 +58,7 @@ def draw_rows(
     latents = (latents - (getattr(vae, "shift_factor", None) or 0.0)) * vae.scaling_factor
     ids = [p[template.to(p.device)] for p in prompt_ids]
     dropped = None
-    if settings.caption_dropout and not prior:  # drawn last: without dropout a concept draws as it did before
+    if settings.caption_dropout and empty_ids is not None:  # drawn last: without dropout, draws as before
         dropped = (torch.rand(n, generator=generator) < settings.caption_dropout).to(mean.device)
         ids = [torch.where(dropped[:, None], e.to(p.device), p) for p, e in zip(ids, empty_ids)]
     weights = None if group.weights is None else group.weights[row]

@@ -4,9 +4,10 @@ A methods comparison (``python -m tinv.toyworld methods --json``) reads each con
 the base model to the personalized one, in the share of ``--samples`` bare-class-prompt samples showing the
 concept's attribute. Each share is a binomial proportion, so a drift's standard error is at most
 ``sqrt(p1 (1 - p1) / n + p0 (1 - p0) / n)`` when the two draws, which share their seeds and prompts, are not
-negatively correlated (the JSON keeps the shares, not the samples, so the paired error is not known; this bound
-is the conservative one). Per file, the concepts whose drift is over the bound by more than ``--sigmas`` of that
-error ("over"), within it by less ("unclear"), and the count of those under it. Run from the repository root:
+negatively correlated. Files recorded since the comparison kept the paired error (``drift_se``, from the
+per-sample differences) use that; older ones keep only the shares, and get this bound. Per file, the concepts
+whose drift is over the bound by more than ``--sigmas`` of that error ("over"), within it by less ("unclear"),
+and the count of those under it. Run from the repository root:
 
     python benchmarks/toyworld/drift_noise.py --samples 384 benchmarks/toyworld/preservation/*.json
 """
@@ -29,10 +30,12 @@ def standard_error(bare: float, base: float, n: int) -> float:
 
 
 def classify(rows: list[dict], n: int, sigmas: float) -> dict[str, list[str]]:
-    """``over`` / ``unclear`` (each ``concept +drift ±se``) and ``within`` (concept names) for one run's rows."""
+    """``over`` / ``unclear`` (each ``concept +drift ±se``) and ``within`` (concept names) for one run's rows: the
+    row's paired ``drift_se`` where it was recorded, else the independent-samples bound."""
     out: dict[str, list[str]] = {"over": [], "unclear": [], "within": []}
     for r in rows:
-        drift, se = r["bare_share"] - r["base_share"], standard_error(r["bare_share"], r["base_share"], n)
+        drift = r["bare_share"] - r["base_share"]
+        se = r["drift_se"] if "drift_se" in r else standard_error(r["bare_share"], r["base_share"], n)
         if drift + sigmas * se <= BOUND:
             out["within"].append(r["concept"])
         else:

@@ -64,6 +64,9 @@ class MethodRow:
     bytes: int
     """All files the job writes for what it learned (diffusers and A1111/kohya layouts)."""
     seconds: float
+    drift_se: float = 0.0
+    """The drift's standard error, paired: the base and personalized bare-prompt samples share their seeds
+    and prompts, so it is the error of the mean per-sample difference (0 where the two draws are one)."""
 
     @property
     def drift(self) -> float:
@@ -146,13 +149,21 @@ def compare(
     found = dict(zip(keys, judge(model, scorer, concepts, draws, samples, seed, **gen)))
     rows = []
     for i, c in enumerate(concepts):
-        base = float(np.mean([shows_attribute(c, j) for j in found[i, "base"]]))
+        base = np.array([shows_attribute(c, j) for j in found[i, "base"]], dtype=float)
         for run in runs:
             t = learned[run][c.name]
-            bare = float(np.mean([shows_attribute(c, j) for j in found.get((i, run, "bare"), found[i, "base"])]))
+            drawn = found.get((i, run, "bare"), found[i, "base"])
+            bare = np.array([shows_attribute(c, j) for j in drawn], dtype=float)
             rows.append(MethodRow(c.name, c.kind, run[0], run[1], share(found[i, run]),
-                                  share(found[i, run], loose=True), bare, base, file_bytes(t), seconds[run]))
+                                  share(found[i, run], loose=True), float(bare.mean()), float(base.mean()),
+                                  file_bytes(t), seconds[run], paired_se(bare - base)))
     return rows
+
+
+def paired_se(differences: np.ndarray) -> float:
+    """The standard error of the mean of paired per-sample differences (0 for fewer than two)."""
+    n = len(differences)
+    return float(np.std(differences, ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
 def column(method: str, prior: bool) -> str:
