@@ -78,7 +78,8 @@ def test_output_preservation_keeps_the_class_prediction_nearer_the_frozen_models
 
 
 def test_both_trains_the_class_pictures_and_the_preserved_samples_each_at_the_weight(tiny_models, images):
-
+    """``both`` draws the concept's rows, its class pictures and its preserved samples; the loss is the own rows'
+    mean plus the weight times each preserved kind's mean."""
     model = load_base_model(str(tiny_models["sd1"]))
     cfg = replace(OUTPUT, prior_preservation="both", concepts_per_actor=1)
     trainer = PackedTrainer(model, cfg)
