@@ -26,13 +26,14 @@ from typing import Any
 import torch
 
 from tinv import buckets, classes, outputs, webui
-from tinv.config import ConceptSpec, TrainConfig, resolve
+from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import EMBEDDED_MODEL
 from tinv.errors import ConceptCrashedError, TinvError, TransientError, describe
 from tinv.evaluate import ConceptEval, EvalConcept, Evaluator
 from tinv.images import ConceptDataError, load_pictures
 from tinv.metrics import load_metrics
 from tinv.models import BaseModel, load_base_model
+from tinv.resolved import resolve
 from tinv.samples import SampleConfig
 from tinv.starts import load_start
 from tinv.train import ConceptData, PackedTrainer, StepInfo, TrainedConcept, train_concepts

@@ -42,11 +42,12 @@ from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.report import Progress, counts, result_rows, skipped_row, write_results, write_run
 from tinv import catalog, classes, cli, outputs, starts, storage, webui
 from tinv.catalog import PublishConfig
-from tinv.config import ConceptSpec, TrainConfig, resolve
+from tinv.config import ConceptSpec, TrainConfig
 from tinv.embedded import DEMO_MANIFEST
 from tinv.errors import ConceptDataError, InitializerError, describe
 from tinv.manifest import read_manifest
 from tinv.metrics import parse_requests
+from tinv.resolved import resolve
 from tinv.samples import SampleConfig
 
 REPO = Path(__file__).resolve().parent.parent

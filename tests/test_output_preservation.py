@@ -9,10 +9,11 @@ import pytest
 import torch
 from modeltools import class_pictures
 
-from tinv.config import ConceptSpec, TrainConfig, resolve
+from tinv.config import ConceptSpec, TrainConfig
 from tinv.lora import BASE, Adapters
 from tinv.models import load_base_model
 from tinv.outputs import config_fingerprint
+from tinv.resolved import resolve
 from tinv.train import ConceptData, PackedTrainer, train_concepts
 
 PROMPT = "a photo of a toy"

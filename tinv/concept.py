@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tinv.config import ConceptSpec, Resolved
+from tinv.config import ConceptSpec
 from tinv.errors import ConceptError
+from tinv.resolved import Resolved
 
 
 @dataclass
@@ -77,7 +78,7 @@ class TrainedConcept:
     sizes: dict[str, int] | None = None
     """Its pictures per training size, ``{"WxH": n}`` (one entry without aspect buckets)."""
     training: dict[str, object] | None = None
-    """The settings it was trained under (:func:`tinv.config.trained_under`); None for a failed concept."""
+    """The settings it was trained under (:func:`tinv.resolved.trained_under`); None for a failed concept."""
 
     @property
     def error(self) -> str | None:

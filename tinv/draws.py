@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tinv.concept import Framed, Latents, Rows
-from tinv.config import Resolved
 from tinv.models import BaseModel, encode_latents
+from tinv.resolved import Resolved
 
 
 def latents_of(model: BaseModel, framed: Framed) -> Latents:

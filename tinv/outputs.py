@@ -15,16 +15,17 @@ import math
 from typing import Any
 
 from tinv import storage
-from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig, resolve
+from tinv.config import CONCEPT_ID, ConceptSpec, TrainConfig
 from tinv.fingerprint import FINGERPRINT_VERSION
 from tinv.formats import CONCEPTS_LIBRARY, DIFFUSERS_NAME, concepts_library_files, embedding_files
 from tinv.lora_files import LORA_NAME, lora_files, training_metadata
+from tinv.resolved import resolve
 from tinv.train import TrainedConcept
 from tinv.webui import default_trigger, preview_path
 
 RESULT_NAME = "result.json"
 TRAIN_FIELDS = ("weight_decay", "adam_betas", "adam_eps", "min_timestep_fraction")
-"""Run-level fields that change a concept's result besides those :func:`tinv.config.resolve` fills in.
+"""Run-level fields that change a concept's result besides those :func:`tinv.resolved.resolve` fills in.
 
 K (``concepts_per_actor``) and ``max_vectors`` do not: a packed concept equals a solo one.
 """
@@ -53,7 +54,7 @@ def config_fingerprint(
     """sha256 of the format version, the resolved spec (minus eval prompts), the result-changing run fields
     and the model, so a result written under another version or setting is redone.
 
-    The per-concept values come from :func:`tinv.config.resolve`, the function the trainer uses.
+    The per-concept values come from :func:`tinv.resolved.resolve`, the function the trainer uses.
     ``model`` holds ``base_model_fingerprint``, ``resolution``, ``dtype`` and ``templates`` (the training
     prompt templates, a digest) of the loaded model. Image URIs (not their bytes) are part of the spec;
     those under ``manifest_dir`` count as written in the manifest (relative), so a manifest folder that

@@ -21,11 +21,12 @@ from torch import nn
 
 from tinv.concept import ConceptData, Framed, Rows, Slot, TrainedConcept
 from tinv.conditioning import encode_prompts, forces_zeros
-from tinv.config import LORA_TEXT_TARGETS, ConceptSpec, Resolved, TrainConfig, resolve, trained_under
+from tinv.config import LORA_TEXT_TARGETS, ConceptSpec, TrainConfig
 from tinv.draws import draw_rows, latents_of, preserved
 from tinv.errors import ConceptDataError, ConceptDivergedError, ConceptError
 from tinv.lora import BASE, Adapters, add_everywhere, remove_everywhere, routed
 from tinv.models import BaseModel
+from tinv.resolved import Resolved, resolve, trained_under
 from tinv.slots import register_slot_tokens, slot_token_names, spliced
 from tinv.starts import Start, choose, dvar_history, word_start
 
