@@ -1,17 +1,18 @@
-"""The trainer actor: loads the base model once, trains concepts K at a time, writes their outputs.
+"""The trainer actor: loads the base model once, trains concepts K at a time, draws their samples, writes outputs.
 
-Calls to :meth:`TrainerWorker.train` (a list of concept requests) only enqueue work and wait for
-it. One background thread runs :func:`tinv.train.train_concepts` over the queue, so slots freed by
-a finished concept are refilled from any pending call (continuous batching across calls), and draws
-each finished concept's samples with the model it holds; a second thread encodes and writes the
-files (``result.json`` last), through a bounded queue, so a slow bucket never stalls a training step.
-Every result is a small dict; the driver never sees tensors. A concept's failure is a result with
-its typed error (:func:`tinv.errors.describe`), never an exception of the call: a call raises only
+Calls to :meth:`TrainerWorker.train` (a list of :class:`~jobs.dispatch.Request`) only enqueue work and wait for
+it. One background thread runs :func:`tinv.training.loop.train_concepts` over the queue, so slots freed by a
+finished concept are refilled from any pending call (continuous batching across calls); finished concepts are
+drawn from their live vectors and adapters, several in one batched generation (no round trip through files); a
+second thread encodes and writes the files (``result.json`` last), through a bounded queue, so a slow bucket
+never stalls a training step. Every result is a :class:`~jobs.dispatch.ConceptResult`; the driver never sees
+tensors. A concept's failure is a result with its typed error, never an exception of the call: a call raises only
 when the actor itself cannot work (its model did not load: :meth:`info` raises that error's type).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import socket
@@ -20,26 +21,36 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tinv import buckets, classes, outputs, webui
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.embedded import EMBEDDED_MODEL
-from tinv.errors import ConceptCrashedError, TinvError, TransientError, describe
-from tinv.evaluate import ConceptEval, EvalConcept, Evaluator
-from tinv.images import ConceptDataError, load_pictures
-from tinv.metrics import load_metrics
-from tinv.models import BaseModel, load_base_model
-from tinv.resolved import resolve
-from tinv.samples import SampleConfig
-from tinv.starts import load_start
-from tinv.train import ConceptData, PackedTrainer, StepInfo, TrainedConcept, train_concepts
+from jobs.dispatch import ConceptResult, Request
+from tinv import EMBEDDED_MODEL
+from tinv.errors import ConceptCrashedError, ConceptDataError, TinvError, TransientError
+from tinv.evaluation.evaluate import ConceptEval, EvalConcept, Evaluator
+from tinv.evaluation.metrics import load_metrics
+from tinv.evaluation.sampling import SampleConfig
+from tinv.families.model import BaseModel, load_base_model
+from tinv.files import outputs, webui
+from tinv.plan import Resolved
+from tinv.settings import TrainConfig
+from tinv.training import classes
+from tinv.training.concept import ConceptData, TrainedConcept
+from tinv.training.loop import train_concepts
+from tinv.training.pictures import load_pictures
+from tinv.training.starts import load_start
+from tinv.training.trainer import PackedTrainer
 
 WRITE_QUEUE = 8
 """Finished concepts waiting for their files to be written; training waits when this many are pending."""
+SAMPLE_WAIT = 8
+"""Steps a finished concept may wait in its slot for others to finish, to be drawn with them. A concept's default
+samples (8 images at 25 steps with guidance: 400 image passes) cost about as much as 8 training steps of a packed
+batch of 16 (forward and backward: ~48 image passes each); drawing two at once saves about half of one's (the
+batched generation's 2.17×, benchmarks/README.md), while a waiting slot idles one K-th of each step: 8 steps of
+waiting cost 2 steps at K = 4. A reasoned bound, not a tuned one."""
 
 
 @dataclass(frozen=True)
@@ -47,9 +58,8 @@ class WorkerSetup:
     """What every trainer actor needs: the model, the run config, and where outputs go."""
 
     model: str | None
-    """Base model URI; None builds the embedded default model on the actor's machine."""
-    train: dict[str, Any]
-    """:class:`TrainConfig` fields."""
+    """Base model URI; None: the embedded toy-world model."""
+    train: TrainConfig
     output: str
     storage_options: dict[str, Any] | None = None
     precision: str = "auto"
@@ -57,10 +67,10 @@ class WorkerSetup:
     gradient_checkpointing: bool = False
     threads: int = 1
     """torch intra-op threads (the actor's CPU share)."""
-    samples: dict[str, Any] | None = None
-    """:class:`tinv.samples.SampleConfig` fields for each concept's evaluation samples and metrics."""
+    samples: SampleConfig = field(default_factory=SampleConfig)
+    """How each concept's evaluation samples are drawn and scored."""
     export: tuple[str, ...] = ()
-    """:attr:`tinv.catalog.PublishConfig.export`: extra layouts each concept's folder gets."""
+    """:attr:`tinv.files.catalog.PublishConfig.export`: extra layouts each concept's folder gets."""
 
 
 def load_model(setup: Any, gradient_checkpointing: bool = False) -> BaseModel:
@@ -82,9 +92,17 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def spec_from_dict(d: dict[str, Any]) -> ConceptSpec:
-    lists = ("images", "eval_prompts", "captions")
-    return ConceptSpec(**{**d, **{k: tuple(d.get(k, ())) for k in lists}})
+@dataclass
+class Pending:
+    """A concept in the actor: its request, the call waiting on it, and its pictures while a metric needs them."""
+
+    request: Request
+    future: Future
+    images: torch.Tensor | None = None
+
+    @property
+    def settings(self) -> Resolved:
+        return self.request.spec
 
 
 class TrainerWorker:
@@ -94,7 +112,7 @@ class TrainerWorker:
         self.setup, self.name, self.load_error = setup, worker_name(), None
         began = time.monotonic()
         try:
-            self.cfg = TrainConfig(**setup.train)
+            self.cfg = setup.train
             self.start, _ = load_start(self.cfg.init, setup.storage_options)  # the driver checked its base model
             self.model = load_model(setup, setup.gradient_checkpointing)
         except Exception as e:  # noqa: BLE001 — kept for info(): Ray drops a constructor's exception type
@@ -103,16 +121,14 @@ class TrainerWorker:
         print(f"[tinv] {self.name}: model loaded in {time.monotonic() - began:.1f} s ({self.model.dtype}, "
               f"{self.model.device})", file=sys.stderr, flush=True)  # a log line: stdout is a command's output
         self.resolution = PackedTrainer(self.model, self.cfg).resolution
-        samples = SampleConfig(**(setup.samples or {}))
-        self.evaluator = Evaluator(self.model, samples, load_metrics(self.model, samples.metrics))
-        self.images: dict[str, torch.Tensor] = {}  # training pictures of concepts in flight, when a metric reads them
+        self.evaluator = Evaluator(self.model, setup.samples, load_metrics(self.model, setup.samples.metrics))
         self.steps_taken = 0
-        self.inbox: queue.Queue[tuple[dict, Future]] = queue.Queue()
-        self.outbox: queue.Queue[tuple[dict, Future, TrainedConcept, ConceptEval, list[str]]] = queue.Queue(WRITE_QUEUE)
-        self.waiting: dict[str, tuple[dict, Future]] = {}
+        self.inbox: queue.Queue[Pending] = queue.Queue()
+        self.outbox: queue.Queue[tuple[Pending, TrainedConcept]] = queue.Queue(WRITE_QUEUE)
+        self.waiting: dict[str, Pending] = {}
         self.model_lock = threading.Lock()
         """Held while the model is in use (training, drawing class pictures): Ray runs an actor's calls in
-        threads at once, and a spliced text encoder or a routed UNet is one caller's at a time."""
+        threads at once, and a spliced text encoder or a routed denoiser is one caller's at a time."""
         threading.Thread(target=self._loop, name="tinv-trainer", daemon=True).start()
         threading.Thread(target=self._write_loop, name="tinv-writer", daemon=True).start()
 
@@ -127,48 +143,52 @@ class TrainerWorker:
         with self.model_lock:
             return sorted(webui.one_token_words(self.model.tokenizers, words))
 
-    def train(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Train concepts ``{"spec", "fingerprint", "attempt"}``; one result dict per request, same order."""
-        futures = []
-        for request in requests:
-            future: Future = Future()
-            self.inbox.put((request, future))
-            futures.append(future)
-        return [f.result() for f in futures]
+    def train(self, requests: list[Request]) -> list[ConceptResult]:
+        """Train concepts (each request's spec a :class:`tinv.plan.Resolved`); one result per request, in order."""
+        pending = [Pending(r, Future()) for r in requests]
+        for p in pending:
+            self.inbox.put(p)
+        return [p.future.result() for p in pending]
 
     # -- the training thread -------------------------------------------------------------
+    @property
+    def sample_group(self) -> int:
+        """Finished concepts drawn together: as many as fill one generation batch."""
+        per_concept = max(1, self.evaluator.images_per_concept())
+        return max(1, math.ceil(self.setup.samples.sample_batch_size / per_concept))
+
     def _loop(self) -> None:
         torch.set_num_threads(max(1, self.setup.threads))  # per thread under OpenMP: set it where we compute
         while True:
             first = self.inbox.get()  # block until there is work, then train until the queue runs dry
             try:
                 with self.model_lock:
-                    for trained in train_concepts(self.model, self._feed(first), self.cfg, self._stepped, self.start):
-                        request, future = self.waiting.pop(trained.spec.concept_id)
-                        self._finish(request, future, trained)
+                    for trained in train_concepts(self.model, self._feed(first), self.cfg, self._stepped, self.start,
+                                                  self._draw, self.sample_group, SAMPLE_WAIT):
+                        self._finish(self.waiting.pop(trained.spec.concept_id), trained)
             except Exception as e:  # noqa: BLE001 — the trainer itself broke: each waiting concept may retry
-                for request, future in self.waiting.values():
-                    spec = spec_from_dict(request["spec"])
-                    future.set_result(self._failed(request, spec, ConceptCrashedError(spec.concept_id,
-                                                                                      f"the trainer crashed: {e!r}")))
+                for p in self.waiting.values():
+                    cid = p.settings.concept_id
+                    p.future.set_result(self._failed(p, ConceptCrashedError(cid, f"the trainer crashed: {e!r}")))
                 self.waiting.clear()
 
-    def _stepped(self, info: StepInfo) -> None:
+    def _stepped(self, info: Any) -> None:
         self.steps_taken += 1
 
-    def _feed(self, first: tuple[dict, Future]) -> Iterator[ConceptData | TrainedConcept]:
+    def _feed(self, first: Pending) -> Iterator[ConceptData | TrainedConcept]:
         """Decode each queued concept when a slot asks for it; a bad one comes out as its error."""
-        entry: tuple[dict, Future] | None = first
+        entry: Pending | None = first
         while entry is not None:
-            spec = spec_from_dict(entry[0]["spec"])
+            settings = entry.settings
+            spec = settings.spec
             self.waiting[spec.concept_id] = entry
             try:
                 outputs.clear_result(self.setup.output, spec.concept_id, self.setup.storage_options)
-                step = buckets.step_of(self.model) if self.cfg.aspect_buckets else None
+                step = self.model.family.pixel_multiple(self.model) if self.cfg.aspect_buckets else None
                 images, framed = load_pictures(spec, self.resolution, step, self.setup.storage_options)
                 if self.evaluator.needs_training_pictures:
-                    self.images[spec.concept_id] = images
-                yield ConceptData(spec, images, *self._class_pictures(spec), framed=framed)
+                    entry.images = images
+                yield ConceptData(spec, images, *self._class_pictures(settings), framed=framed, settings=settings)
             except ConceptDataError as e:
                 yield TrainedConcept(spec, None, failure=e)
             except OSError as e:  # storage still failing after its own retries: worth another attempt
@@ -178,10 +198,10 @@ class TrainerWorker:
             except queue.Empty:
                 entry = None
 
-    def _class_pictures(self, spec: ConceptSpec) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+    def _class_pictures(self, settings: Resolved) -> tuple[torch.Tensor | None, tuple[str, ...]]:
         """Prior preservation: the class pictures the driver had drawn before training began, of every class
         prompt, and each one's prompt."""
-        prompts = resolve(spec, self.cfg).drawn_class_prompts
+        prompts, spec = settings.drawn_class_prompts, settings.spec
         if not prompts:
             return None, ()
         info = worker_info(self.model, self.resolution, self.name)
@@ -192,63 +212,66 @@ class TrainerWorker:
         pictures = [classes.load(self.setup.output, cls, self.resolution, self.setup.storage_options) for cls in sets]
         return torch.cat(pictures), tuple(cls.prompt for cls, p in zip(sets, pictures) for _ in range(len(p)))
 
-    def draw_classes(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Draw class sets ``{"spec": ClassSet fields, "attempt"}`` with the base model, in batches across
-        classes, before any training; one result per request (a failure is that class's alone)."""
+    def _draw(self, trainer: PackedTrainer, slots: list[int]) -> list[ConceptEval]:
+        """The finished concepts in ``slots``: their samples from the live vectors and adapters, batched across
+        them, and their metrics."""
+        concepts = []
+        for s in slots:
+            spec = trainer.slots[s].spec
+            images = self.waiting[spec.concept_id].images
+            concepts.append(EvalConcept(spec.concept_id, spec.placeholder_token, None, spec.learnable_property,
+                                        spec.eval_prompts, images))
+        return self.evaluator.run(concepts, live=lambda requests, **how: trainer.draw(slots, requests, **how))
+
+    def draw_classes(self, requests: list[Request]) -> list[ConceptResult]:
+        """Draw class sets (each request's spec a :class:`tinv.training.classes.ClassSet`) with the base model, in
+        batches across classes, before any training; one result per request (a failure is that class's alone)."""
         torch.set_num_threads(max(1, self.setup.threads))
-        sets = [classes.ClassSet(**r["spec"]) for r in requests]
-        base = [{"concept_id": c.key, "token": c.prompt, "worker": self.name, "attempts": r["attempt"]}
-                for c, r in zip(sets, requests)]
+        sets = [r.spec for r in requests]
         try:
             with self.model_lock:  # two calls at once would splice the one text encoder twice
-                classes.generate(self.model, sets, self.setup.output, self.evaluator.cfg.sample_batch_size,
+                classes.generate(self.model, sets, self.setup.output, self.setup.samples.sample_batch_size,
                                  self.setup.storage_options)
         except OSError as e:  # storage still failing after its own retries: worth another attempt
-            return [{**b, "status": "failed", **describe(TransientError(f"could not write class pictures: {e!r}"))}
-                    for b in base]
+            error: Exception = TransientError(f"could not write class pictures: {e!r}")
         except Exception as e:  # noqa: BLE001 — these classes fail; their concepts are told why
-            return [{**b, "status": "failed", "error": f"drawing class pictures: {e!r}", "error_type": type(e).__name__,
-                     "retryable": False} for b in base]
-        return [{**b, "status": "succeeded", "error": None, "retryable": False} for b in base]
+            error = e
+        else:
+            return [ConceptResult(c.key, "succeeded", c.prompt, attempts=r.attempt, worker=self.name)
+                    for c, r in zip(sets, requests)]
+        return [ConceptResult.failed(c.key, c.prompt, error, r.attempt, self.name) for c, r in zip(sets, requests)]
 
-    def _finish(self, request: dict[str, Any], future: Future, trained: TrainedConcept) -> None:
-        """A failed concept's result now; a trained one's samples drawn here, its files handed to the writer."""
-        spec = trained.spec
-        images = self.images.pop(spec.concept_id, None)
+    def _finish(self, pending: Pending, trained: TrainedConcept) -> None:
+        """A failed concept's result now; a trained one (with its samples) handed to the writer."""
         if trained.failure is not None:
-            future.set_result(self._failed(request, spec, trained.failure, trained.seconds))
+            pending.future.set_result(self._failed(pending, trained.failure, trained.seconds))
             return
-        concept = EvalConcept(spec.concept_id, spec.placeholder_token, trained.vectors, spec.learnable_property,
-                              spec.eval_prompts, images, lora=trained.lora,
-                              text_lora=trained.text_lora)
-        try:
-            drawn = self.evaluator.run([concept])[0]
-        except Exception as e:  # noqa: BLE001 — drawing this concept's samples raised: it alone fails
-            future.set_result(self._failed(request, spec, ConceptCrashedError(spec.concept_id,
-                                                                              f"drawing samples: {e!r}")))
-            return
-        prompts = self.evaluator.prompts(concept)
-        self.outbox.put((request, future, trained, drawn, prompts))  # waits while WRITE_QUEUE are pending
+        self.outbox.put((pending, trained))  # waits while WRITE_QUEUE are pending
 
-    def _failed(self, request: dict, spec: ConceptSpec, failure: TinvError, seconds: float = 0.0) -> dict[str, Any]:
-        return {"concept_id": spec.concept_id, "token": spec.placeholder_token, "worker": self.name,
-                "attempts": request["attempt"], "seconds": round(seconds, 3), "status": "failed", **describe(failure)}
+    def _failed(self, pending: Pending, failure: TinvError, seconds: float = 0.0) -> ConceptResult:
+        spec = pending.settings.spec
+        return ConceptResult.failed(spec.concept_id, spec.placeholder_token, failure, pending.request.attempt,
+                                    self.name, round(seconds, 3))
 
     # -- the writer thread ---------------------------------------------------------------
     def _write_loop(self) -> None:
         while True:
-            request, future, trained, drawn, prompts = self.outbox.get()
+            pending, trained = self.outbox.get()
+            drawn: ConceptEval = trained.samples
             try:
                 record = outputs.write_concept(
-                    self.setup.output, trained, fingerprint=request["fingerprint"], model_info=self.model.info,
-                    worker=self.name, attempts=request["attempt"], extra_files=drawn.files(), metrics=drawn.summary,
-                    eval_prompts=prompts, export=tuple(self.setup.export), storage_options=self.setup.storage_options,
+                    self.setup.output, trained, self.model.family, fingerprint=pending.request.fingerprint,
+                    model_info=self.model.info, worker=self.name, attempts=pending.request.attempt,
+                    extra_files=drawn.files(), metrics=drawn.summary, eval_prompts=drawn.eval_prompts,
+                    export=tuple(self.setup.export), storage_options=self.setup.storage_options,
                 )
             except OSError as e:  # storage failing after its own retries: the driver may try again
                 failure: TinvError = TransientError(f"could not write outputs: {e!r}")
-                future.set_result(self._failed(request, trained.spec, failure, trained.seconds))
+                pending.future.set_result(self._failed(pending, failure, trained.seconds))
             except Exception as e:  # noqa: BLE001 — encoding or writing this concept raised: it alone fails
                 failure = ConceptCrashedError(trained.spec.concept_id, f"writing outputs: {e!r}")
-                future.set_result(self._failed(request, trained.spec, failure, trained.seconds))
+                pending.future.set_result(self._failed(pending, failure, trained.seconds))
             else:
-                future.set_result({**record, "error": None, "error_type": None, "retryable": False})
+                pending.future.set_result(ConceptResult(record["concept_id"], "succeeded", record["token"],
+                                                        attempts=pending.request.attempt, worker=self.name,
+                                                        seconds=record["seconds"], record=record))

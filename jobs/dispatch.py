@@ -14,7 +14,6 @@ concept therefore never uses up its neighbours' attempts, and a concept is let o
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from tinv.errors import TinvError
+from tinv.errors import AttemptsExhaustedError, TinvError
 
 log = logging.getLogger("tinv.dispatch")
 
@@ -40,7 +39,46 @@ def _first_line(error: BaseException) -> str:
 
 
 @dataclass(frozen=True)
+class Request:
+    """What an actor receives for a task: its spec (a concept's resolved settings, a class set, or an evaluation
+    spec), the config fingerprint, and the attempt number (1 on the first)."""
+
+    spec: Any
+    fingerprint: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ConceptResult:
+    """What an actor's call gives back for a concept (or a class set), and what the driver accounts: its status
+    (``succeeded``, ``failed``, ``skipped``), the typed error of a failure (:mod:`tinv.errors`), and for a concept
+    with files its ``result.json`` record."""
+
+    concept_id: str
+    status: str
+    token: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    retryable: bool = False
+    """Another attempt may succeed: the dispatcher re-queues it (charged one attempt) instead of reporting it."""
+    attempts: int = 0
+    worker: str | None = None
+    seconds: float | None = None
+    record: dict[str, Any] | None = None
+    """The concept's ``result.json`` (succeeded, skipped): files, hashes, metrics, base model."""
+
+    @classmethod
+    def failed(cls, concept_id: str, token: str | None, error: BaseException, attempts: int = 0,
+               worker: str | None = None, seconds: float | None = None) -> ConceptResult:
+        """A failure with ``error``'s message, type and whether it is worth another attempt."""
+        return cls(concept_id, "failed", token, str(error), type(error).__name__,
+                   bool(getattr(error, "retryable", False)), attempts, worker, seconds)
+
+
+@dataclass(frozen=True)
 class DispatchConfig:
+    """How the driver hands concepts to actors and when it gives up on an actor or a concept."""
+
     num_actors: int
     """Actors kept alive (one per GPU on a GPU cluster)."""
     concepts_per_actor: int
@@ -60,7 +98,8 @@ class DispatchConfig:
 @dataclass
 class Task:
     spec: Any
-    """A dataclass with ``concept_id`` and ``placeholder_token``: a ConceptSpec, or the evaluator's EvalSpec."""
+    """What the actor works on, with ``concept_id`` and ``placeholder_token``: a concept's resolved settings
+    (:class:`tinv.plan.Resolved`), a class set, or the evaluator's spec."""
     fingerprint: str = ""
     attempts: int = 0
     """Times handed to an actor (the ``attempt`` the actor sees and reports)."""
@@ -70,9 +109,9 @@ class Task:
     """Lost with others: from now on it runs alone, so its next loss is its own."""
     last_error: str = ""
 
-    def request(self) -> dict[str, Any]:
-        """What the actor receives for this task: the spec's fields, the fingerprint, the attempt number."""
-        return {"spec": dataclasses.asdict(self.spec), "fingerprint": self.fingerprint, "attempt": self.attempts}
+    def request(self) -> Request:
+        """What the actor receives for this task."""
+        return Request(self.spec, self.fingerprint, self.attempts)
 
 
 @dataclass
@@ -89,11 +128,14 @@ class Dispatcher:
     """Owns the actors; ``run`` hands out tasks and reports each concept's result once."""
 
     def __init__(
-        self, make_actor: Callable[[], Any], cfg: DispatchConfig, on_result: Callable[[dict], None],
-        method: str = "train",
+        self, make_actor: Callable[[], Any], cfg: DispatchConfig, on_result: Callable[[Any], None],
+        method: str = "train", failure: Callable[..., Any] = ConceptResult.failed,
     ) -> None:
-        """``method``: the actor method that takes a list of task requests and returns one result per request."""
+        """``method``: the actor method that takes a list of :class:`Request` and returns one result per request
+        (with ``concept_id``, ``retryable``, ``error``, ``worker``); ``failure``: makes the result of a concept
+        whose attempts ran out, as :meth:`ConceptResult.failed` does."""
         self.make_actor, self.cfg, self.on_result, self.method = make_actor, cfg, on_result, method
+        self.failure = failure
         self.max_replacements = cfg.max_replacements or 2 * cfg.num_actors * cfg.max_attempts
         self.replaced = 0
         self.actors = [self._spawn() for _ in range(cfg.num_actors)]
@@ -122,7 +164,7 @@ class Dispatcher:
             raise InfrastructureError(f"an actor did not answer {method}: {_first_line(e)}") from e
 
     # -- the loop ------------------------------------------------------------------------
-    def run(self, tasks: list[Task], method: str | None = None, on_result: Callable[[dict], None] | None = None
+    def run(self, tasks: list[Task], method: str | None = None, on_result: Callable[[Any], None] | None = None
             ) -> None:
         """Run ``tasks`` to their results; ``method`` and ``on_result`` replace the dispatcher's own for this
         run (the train job draws its class pictures, then trains, on the same actors)."""
@@ -199,8 +241,8 @@ class Dispatcher:
         tasks = actor.calls.pop(ref)
         actor.last_progress = time.monotonic()
         for task, result in zip(tasks, value):
-            if result.get("retryable"):
-                self._retry(task, result.get("error") or "transient error", result.get("worker"))
+            if result.retryable:
+                self._retry(task, result.error or "transient error", result.worker)
             else:
                 self.on_result(result)
 
@@ -242,11 +284,8 @@ class Dispatcher:
             log.warning("re-queueing %s (attempt %d failed: %s)", task.spec.concept_id, task.attempts, reason)
             self.queue.appendleft(task)
             return
-        self.on_result({
-            "concept_id": task.spec.concept_id, "token": task.spec.placeholder_token, "status": "failed",
-            "error": f"gave up after {task.charged} failed attempts; last: {reason}",
-            "error_type": "AttemptsExhausted", "attempts": task.attempts, "worker": worker,
-        })
+        error = AttemptsExhaustedError(f"gave up after {task.charged} failed attempts; last: {reason}")
+        self.on_result(self.failure(task.spec.concept_id, task.spec.placeholder_token, error, task.attempts, worker))
 
     def shutdown(self) -> None:
         for actor in self.actors:

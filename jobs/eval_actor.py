@@ -6,20 +6,22 @@ the model did not load (:meth:`EvalWorker.info` raises that error's type).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from jobs.actor import load_model, worker_info, worker_name
-from tinv import outputs, storage
-from tinv.errors import ConceptDataError, InvalidInputError, TinvError, TransientError, describe
-from tinv.evaluate import EvalConcept, Evaluator, read_embedding, training_files
-from tinv.images import load_images
-from tinv.lora_files import read_lora
-from tinv.metrics import load_metrics
-from tinv.models import BaseModel
-from tinv.samples import SampleConfig
+from jobs.dispatch import Request
+from tinv import storage
+from tinv.errors import ConceptDataError, InvalidInputError, TinvError, TransientError
+from tinv.evaluation.evaluate import EvalConcept, Evaluator, read_embedding, training_files
+from tinv.evaluation.metrics import load_metrics
+from tinv.evaluation.sampling import SampleConfig
+from tinv.families.model import BaseModel
+from tinv.files import outputs
+from tinv.files.formats import read_lora
+from tinv.training.pictures import load_images
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,38 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
+class EvalResult:
+    """A concept's evaluation: its status (with the typed error of a failure), each image's row (prompt, seed,
+    image path, metrics), the concept's metric means, and its training pictures' paths (the gallery's)."""
+
+    concept_id: str
+    status: str
+    token: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    retryable: bool = False
+    attempts: int = 0
+    worker: str | None = None
+    rows: tuple[dict[str, Any], ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
+    learnable_property: str = "object"
+    train_images: tuple[str, ...] = ()
+
+    @classmethod
+    def failed(cls, concept_id: str, token: str | None, error: BaseException, attempts: int = 0,
+               worker: str | None = None) -> EvalResult:
+        return cls(concept_id, "failed", token, str(error), type(error).__name__,
+                   bool(getattr(error, "retryable", False)), attempts, worker)
+
+
+@dataclass(frozen=True)
 class EvalSetup:
     """What every evaluation actor needs: the model, how to draw, where outputs go."""
 
     model: str | None
     output: str
-    samples: dict[str, Any]
-    """:class:`tinv.samples.SampleConfig` fields (how to draw, which metrics to add)."""
+    samples: SampleConfig
+    """How to draw, which metrics to add."""
     storage_options: dict[str, Any] | None = None
     precision: str = "auto"
     attention: str = "sdpa"
@@ -64,8 +91,7 @@ class EvalWorker:
         self.setup, self.name, self.load_error = setup, worker_name(), None
         try:
             self.model = load_model(setup)
-            samples = SampleConfig(**setup.samples)
-            self.evaluator = Evaluator(self.model, samples, load_metrics(self.model, samples.metrics))
+            self.evaluator = Evaluator(self.model, setup.samples, load_metrics(self.model, setup.samples.metrics))
         except Exception as e:  # noqa: BLE001 — kept for info(): Ray drops a constructor's exception type
             self.load_error = e
 
@@ -74,39 +100,36 @@ class EvalWorker:
             raise self.load_error
         return worker_info(self.model, self.model.resolution, self.name)
 
-    def evaluate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Draw and score concepts ``{"spec": EvalSpec fields, "attempt"}``; write their files.
-
-        One result per request, same order: status, error, ``rows`` (one per image, with its ``metrics``),
-        ``metrics`` (the concept's means).
-        """
+    def evaluate(self, requests: list[Request]) -> list[EvalResult]:
+        """Draw and score concepts (each request's spec an :class:`EvalSpec`); write their files. One result per
+        request, same order."""
         torch.set_num_threads(max(1, self.setup.threads))
         storage_options, results, concepts = self.setup.storage_options, {}, []
         for request in requests:
-            spec = EvalSpec(**request["spec"])
-            base = {"concept_id": spec.concept_id, "token": spec.placeholder_token, "worker": self.name,
-                    "attempts": request["attempt"], "retryable": False, "rows": [], "metrics": {}}
+            spec: EvalSpec = request.spec
             try:
                 concepts.append(self._concept(spec))
-                results[spec.concept_id] = {**base, "token": concepts[-1].token}
             except TinvError as e:
-                results[spec.concept_id] = {**base, "status": "failed", **describe(e)}
+                results[spec.concept_id] = EvalResult.failed(spec.concept_id, spec.placeholder_token, e,
+                                                             request.attempt, self.name)
+        attempts = {r.spec.concept_id: r.attempt for r in requests}
         for concept, drawn in zip(concepts, self.evaluator.run(concepts)):
-            folder = outputs.concept_dir(self.setup.output, concept.concept_id)
+            cid = concept.concept_id
+            folder = outputs.concept_dir(self.setup.output, cid)
             files = {**drawn.files(), **(training_files(concept.training) if concept.training is not None else {})}
             try:
                 for name, data in files.items():
                     storage.write_bytes(storage.join(folder, name), data, storage_options)
             except OSError as e:
-                results[concept.concept_id] |= {"status": "failed", **describe(TransientError(repr(e)))}
+                results[cid] = EvalResult.failed(cid, concept.token, TransientError(repr(e)), attempts[cid], self.name)
                 continue
-            rows = [{"prompt": p, "seed": s, "image": f"concepts/{concept.concept_id}/{name}", "metrics": metrics}
-                    for p, s, name, metrics in zip(drawn.prompts, drawn.seeds, drawn.names, drawn.per_image)]
-            train = sorted(n for n in files if n.startswith("train/"))
-            results[concept.concept_id] |= {"status": "succeeded", "error": None, "rows": rows,
-                                            "metrics": drawn.summary, "property": concept.learnable_property,
-                                            "train_images": [f"concepts/{concept.concept_id}/{n}" for n in train]}
-        return [results[request["spec"]["concept_id"]] for request in requests]
+            rows = tuple({"prompt": p, "seed": s, "image": f"concepts/{cid}/{name}", "metrics": metrics}
+                         for p, s, name, metrics in zip(drawn.prompts, drawn.seeds, drawn.names, drawn.per_image))
+            train = tuple(f"concepts/{cid}/{n}" for n in sorted(files) if n.startswith("train/"))
+            results[cid] = EvalResult(cid, "succeeded", concept.token, attempts=attempts[cid], worker=self.name,
+                                      rows=rows, metrics=drawn.summary, learnable_property=concept.learnable_property,
+                                      train_images=train)
+        return [results[request.spec.concept_id] for request in requests]
 
     def _concept(self, spec: EvalSpec) -> EvalConcept:
         """The embedding and pictures of ``spec``; a typed error when they cannot be had."""
@@ -114,7 +137,7 @@ class EvalWorker:
         try:
             token, vectors, lora, text = spec.placeholder_token, None, None, None
             if spec.lora_uri:
-                read = read_lora(storage.read_bytes(spec.lora_uri, storage_options))
+                read = read_lora(storage.read_bytes(spec.lora_uri, storage_options), self.model)
                 lora, token, vectors, text = read.state, token or read.token, read.vectors, read.text
                 if token is None:
                     raise ConceptDataError(spec.concept_id, "a LoRA without a bundled embedding needs its --token",

@@ -21,12 +21,12 @@ import logging
 import re
 import sys
 import time
-from dataclasses import asdict
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs import cli
 from jobs.common import (
     EXIT_FAILED,
     EXIT_INFRA,
@@ -41,14 +41,15 @@ from jobs.common import (
     wait_for_model,
 )
 from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
-from jobs.eval_actor import EvalSetup, EvalSpec, EvalWorker
+from jobs.eval_actor import EvalResult, EvalSetup, EvalSpec, EvalWorker
 from jobs.report import METRICS_TYPE, Progress, read_run
-from tinv import cli, outputs, storage
-from tinv.gallery import gallery_html
-from tinv.metrics import parse_requests
-from tinv.samples import SampleConfig
+from tinv import storage
+from tinv.evaluation.metrics import parse_requests
+from tinv.evaluation.sampling import SampleConfig
+from tinv.files import outputs
+from tinv.files.gallery import gallery_html
 
-log = logging.getLogger("tinv.evaluate")
+log = logging.getLogger("tinv.evaluation.evaluate")
 EVAL_COLUMNS = pa.schema([
     ("kind", pa.string()),  # "image" or "concept" (per-concept means)
     ("concept_id", pa.string()),
@@ -69,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a training run's output folder URI (reads results.parquet)")
-    src.add_argument("--embeddings", nargs="+", help="embedding file URIs (diffusers, A1111, SDXL clip_l/clip_g)")
+    src.add_argument("--embeddings", nargs="+", help="embedding file URIs (any layout diffusers or the web UIs "
+                     "load, for the model's family)")
     src.add_argument("--lora", nargs="+", help="LoRA file URIs (diffusers or kohya layout; a pivotal one's "
                      "bundled embedding is its token)")
     p.add_argument("--token", nargs="+", default=None, help="with --embeddings / --lora: the token of each file "
@@ -132,20 +134,16 @@ def file_tasks(args: argparse.Namespace) -> list[Task]:
     return tasks  # token None: the file's own
 
 
-def eval_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def eval_rows(results: list[EvalResult]) -> list[dict[str, Any]]:
     """A row per image, then a row per concept (metric means; status and error for failed ones)."""
-    rows = []
-    for r in results:
-        for image in r.get("rows", []):
-            rows.append({"kind": "image", "concept_id": r["concept_id"], "token": r.get("token"),
-                         "status": "succeeded", **image})
-    for r in results:
-        rows.append({"kind": "concept", "concept_id": r["concept_id"], "token": r.get("token"), "status": r["status"],
-                     "error": r.get("error"), "images": len(r.get("rows", [])), "metrics": r.get("metrics", {})})
+    rows = [{"kind": "image", "concept_id": r.concept_id, "token": r.token, "status": "succeeded", **image}
+            for r in results for image in r.rows]
+    rows += [{"kind": "concept", "concept_id": r.concept_id, "token": r.token, "status": r.status, "error": r.error,
+              "images": len(r.rows), "metrics": r.metrics} for r in results]
     return rows
 
 
-def write_eval(output: str, title: str, results: list[dict[str, Any]], storage_options: dict | None) -> None:
+def write_eval(output: str, title: str, results: list[EvalResult], storage_options: dict | None) -> None:
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(eval_rows(results), schema=EVAL_COLUMNS), sink)
     storage.write_bytes(storage.join(output, "eval.parquet"), sink.getvalue(), storage_options)
@@ -178,18 +176,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # UnknownMetricError and SampleConfig's checks
         raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
     connect(cluster.ray_address)
-    setup_kw = dict(model=model, output=output, samples=asdict(samples), storage_options=storage_options,
+    setup_kw = dict(model=model, output=output, samples=samples, storage_options=storage_options,
                     precision=cluster.precision, attention=cluster.attention)
     make_actor, n_actors = actor_factory(cluster, lambda threads: EvalSetup(threads=threads, **setup_kw), EvalWorker)
     dispatch = cli.build(DispatchConfig, args, num_actors=min(n_actors, max(1, len(tasks))))
-    results: dict[str, dict] = {}
+    results: dict[str, EvalResult] = {}
     progress = Progress(len(tasks))
 
-    def on_result(result: dict) -> None:
-        results[result["concept_id"]] = result
+    def on_result(result: EvalResult) -> None:
+        results[result.concept_id] = result
         progress.update(result)
 
-    dispatcher = Dispatcher(make_actor, dispatch, on_result, method="evaluate")
+    dispatcher = Dispatcher(make_actor, dispatch, on_result, method="evaluate", failure=EvalResult.failed)
     try:
         wait_for_model(dispatcher, model)
         dispatcher.run(tasks)
@@ -199,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         dispatcher.shutdown()
     ordered = [results[t.spec.concept_id] for t in tasks]
     write_eval(output, f"tinv evaluation: {source}", ordered, storage_options)
-    failed = sum(r["status"] != "succeeded" for r in ordered)
+    failed = sum(r.status != "succeeded" for r in ordered)
     print(f"[tinv] {len(ordered) - failed} concepts drawn, {failed} failed in {time.time() - started:.1f} s; "
           f"{storage.join(output, 'index.html')}", file=sys.stderr, flush=True)
     return EXIT_FAILED if failed else EXIT_OK

@@ -1,7 +1,7 @@
 """Fit a learned start on earlier runs: ``python -m jobs.fit_init --runs URI [URI ...] --output URI``.
 
 Gathers every succeeded concept with new token vectors (``ti``, ``pivotal``) of the given training runs, its
-training pictures and learned vectors, and fits :mod:`tinv.initializer` on them (HyperDreamBooth's idea,
+training pictures and learned vectors, and fits :mod:`tinv.training.starts` on them (HyperDreamBooth's idea,
 Ruiz et al. 2023, arXiv 2307.06949: a start learned across many concepts), holding out a share of the
 concepts to report its error. Runs of different base models are refused, not mixed. The features and the
 fit run in one Ray task, on a GPU when the cluster has one. Writes ``{output}/initializer.safetensors``
@@ -23,15 +23,17 @@ from typing import Any
 
 import ray
 
+from jobs import cli
 from jobs.actor import load_model
 from jobs.common import EXIT_INFRA, EXIT_INVALID, EXIT_OK, ClusterConfig, JobExit, connect, local_abs, run_main
 from jobs.evaluate import run_model
 from jobs.report import read_run
-from tinv import cli, outputs, storage
+from tinv import storage
 from tinv.errors import ConceptDataError
-from tinv.evaluate import read_embedding
-from tinv.images import load_images
-from tinv.initializer import INITIALIZER_NAME, VAE_FEATURES, Example, fit, picture_features
+from tinv.evaluation.evaluate import read_embedding
+from tinv.files import outputs
+from tinv.training.pictures import load_images
+from tinv.training.starts import INITIALIZER_NAME, VAE_FEATURES, Example, fit, picture_features
 
 log = logging.getLogger("tinv.fit_init")
 

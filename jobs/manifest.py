@@ -18,8 +18,7 @@ from typing import Any
 
 from jobs.common import EXIT_INVALID, EXIT_OK, JobExit, local_abs, parse_storage_options, run_main
 from tinv import storage
-from tinv.config import CONCEPT_ID, PROPERTIES
-from tinv.manifest import ManifestError, manifest_table, specs_from_table, write_manifest
+from tinv.manifest import CONCEPT_ID, PROPERTIES, ManifestError, manifest_table, specs_from_table, write_manifest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

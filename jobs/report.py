@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.common import EXIT_INVALID, JobExit
+from jobs.dispatch import ConceptResult
 from tinv import storage
-from tinv.config import ConceptSpec
+from tinv.manifest import ConceptSpec
 
 METRICS_TYPE = pa.map_(pa.string(), pa.float64())
 """Metric name → value (the concept's mean over its samples); which names appear depends on the metric
@@ -55,9 +56,10 @@ class Progress:
         self.started, self.stream = time.monotonic(), stream
         self.counters = counters or {}
 
-    def update(self, result: dict[str, Any]) -> None:
+    def update(self, result: Any) -> None:
+        """Count ``result`` (anything with ``concept_id``, ``status`` and ``error``) and print the line."""
         self.done += 1
-        failed = result.get("status") != "succeeded"
+        failed = result.status != "succeeded"
         self.failed += failed
         counter = self.counters.get("failed" if failed else "succeeded")
         if counter is not None:
@@ -67,7 +69,7 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         width = 24
         bar = "#" * (width * self.done // max(1, self.total))
-        note = f"FAILED {result['concept_id']}: {result.get('error')}" if failed else f"ok {result['concept_id']}"
+        note = f"FAILED {result.concept_id}: {result.error}" if failed else f"ok {result.concept_id}"
         print(
             f"[tinv] [{bar:<{width}}] {self.done}/{self.total} done, {self.failed} failed | "
             f"{rate * 60:.1f} concepts/min | elapsed {_fmt_s(elapsed)} | ETA "
@@ -77,37 +79,24 @@ class Progress:
         )
 
 
-def skipped_row(record: dict[str, Any]) -> dict[str, Any]:
-    """A results row for a concept whose existing result.json matched."""
-    return {**record, "status": "skipped", "error": None}
-
-
 def result_rows(
-    specs: list[ConceptSpec], results: dict[str, dict[str, Any]], held_back: dict[str, str | None] | None = None,
+    specs: list[ConceptSpec], results: dict[str, ConceptResult], held_back: dict[str, str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per manifest row, in manifest order; a concept with no result is failed ("not run").
     ``held_back``: per succeeded or skipped concept, None when it is in the catalog, else why not."""
     rows, held_back = [], held_back or {}
+    missing = ConceptResult("", "failed", error="not run: the job stopped before it")
     for spec in specs:
-        r = results.get(spec.concept_id) or {"status": "failed", "error": "not run: the job stopped before it"}
+        r = results.get(spec.concept_id, missing)
+        record = r.record or {}
         rows.append({
-            "concept_id": spec.concept_id,
-            "status": r["status"],
-            "error": r.get("error"),
-            "error_type": r.get("error_type"),
-            "token": r.get("token") or spec.placeholder_token,
-            "trigger": r.get("trigger") if r["status"] != "failed" else None,
-            "method": spec.method,
-            "embedding_uri": r.get("embedding_uri") if r["status"] != "failed" else None,
-            "lora_uri": r.get("lora_uri") if r["status"] != "failed" else None,
-            "steps": r.get("steps"),
-            "seconds": r.get("seconds"),
-            "final_loss": r.get("final_loss"),
-            "metrics": r.get("metrics") if r["status"] != "failed" else None,
+            "concept_id": spec.concept_id, "status": r.status, "error": r.error, "error_type": r.error_type,
+            "token": r.token or spec.placeholder_token, "trigger": record.get("trigger"), "method": spec.method,
+            "embedding_uri": record.get("embedding_uri"), "lora_uri": record.get("lora_uri"),
+            "steps": record.get("steps"), "seconds": r.seconds, "final_loss": record.get("final_loss"),
+            "metrics": record.get("metrics") if r.record else None,
             "published": spec.concept_id in held_back and held_back[spec.concept_id] is None,
-            "held_back": held_back.get(spec.concept_id),
-            "attempts": r.get("attempts", 0),
-            "worker": r.get("worker"),
+            "held_back": held_back.get(spec.concept_id), "attempts": r.attempts, "worker": r.worker,
         })
     return rows
 

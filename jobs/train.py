@@ -1,4 +1,4 @@
-"""Bulk Textual Inversion on a Ray cluster: ``python -m jobs.train [--manifest URI] [--output URI] ...``.
+"""Bulk personalization on a Ray cluster: ``python -m jobs.train --manifest URI --model URI --output URI ...``.
 
 parse (manifest validated whole, before any model loads) → build (one trainer actor per GPU, or
 CPU actors on a cluster without GPUs; the model loaded once per actor) → plan (skip concepts
@@ -8,7 +8,8 @@ actors replaced) → save (results.parquet, run.json) → report (exit status).
 Exit status: 0 every concept succeeded or was skipped; 1 some concepts failed (see
 results.parquet); 2 the manifest, the arguments or the model are invalid (nothing was trained);
 3 infrastructure failure (actors kept dying, no model load, storage unwritable).
-With no arguments it runs the shipped demo on a local Ray instance.
+With no manifest it runs the shipped demo (the toy world's 12 held-out concepts) on the embedded toy-world
+model with its ``toyworld`` recipe, on a local Ray instance.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from ray.util.metrics import Counter
 
+from jobs import cli
 from jobs.actor import TrainerWorker, WorkerSetup
 from jobs.common import (
     EXIT_FAILED,
@@ -38,36 +40,60 @@ from jobs.common import (
     run_main,
     wait_for_model,
 )
-from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
-from jobs.report import Progress, counts, result_rows, skipped_row, write_results, write_run
-from tinv import catalog, classes, cli, outputs, starts, storage, webui
-from tinv.catalog import PublishConfig
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.embedded import DEMO_MANIFEST
-from tinv.errors import ConceptDataError, InitializerError, describe
-from tinv.manifest import read_manifest
-from tinv.metrics import parse_requests
-from tinv.resolved import resolve
-from tinv.samples import SampleConfig
+from jobs.dispatch import ConceptResult, DispatchConfig, Dispatcher, InfrastructureError, Task
+from jobs.report import Progress, counts, result_rows, write_results, write_run
+from tinv import storage
+from tinv.errors import ClassPicturesError, ConceptDataError, InitializerError
+from tinv.evaluation.metrics import parse_requests
+from tinv.evaluation.sampling import SampleConfig
+from tinv.files import catalog, outputs, webui
+from tinv.files.catalog import PublishConfig
+from tinv.manifest import ConceptSpec, read_manifest
+from tinv.plan import config_fingerprint, resolve
+from tinv.settings import PRESETS, TrainConfig
+from tinv.training import classes, starts
 
 REPO = Path(__file__).resolve().parent.parent
 DISPATCH_SET_BY_JOB = ("num_actors", "concepts_per_actor")
 """DispatchConfig fields the job fills in itself (the actor count found on the cluster; K from TrainConfig)."""
-log = logging.getLogger("tinv.train")
+log = logging.getLogger("tinv.training.loop")
+
+
+FLAGS: tuple[tuple[str, str, tuple[tuple[type, tuple[str, ...]], ...]], ...] = (
+    ("data", "what to learn, from which base model, and where the files go", (
+        (TrainConfig, ("resolution", "aspect_buckets")),)),
+    ("method", "how each concept learns (a manifest row may override some)", (
+        (TrainConfig, ("learning_rate", "lora_rank", "lora_learning_rate", "lora_targets", "lora_text_encoder",
+                       "caption_dropout", "prior_preservation", "prior_loss_weight", "class_images", "init")),)),
+    ("schedule", "how long and how many at once", (
+        (TrainConfig, ("steps", "batch_size", "seed", "early_stop", "concepts_per_actor")),)),
+    ("evaluation and publishing", "each concept's samples, and what the serving catalog takes", (
+        (SampleConfig, ("samples_per_prompt", "sample_steps", "guidance", "metrics")),
+        (PublishConfig, ("publish_if", "export")))),
+    ("cluster", "where and how the actors run", (
+        (ClusterConfig, ("ray_address", "accelerator", "num_actors", "precision", "attention",
+                         "gradient_checkpointing", "storage_options")),
+        (DispatchConfig, ("max_attempts", "concept_timeout_s")))),
+)
+"""The job's flags, by group: the settings a user of a personalization trainer sets. Every other field keeps its
+default here (the objective's finer terms are :class:`tinv.settings.Recipe`'s)."""
+DEMO_MANIFEST = "manifests/demo.parquet"
+"""The shipped demo manifest, relative to the repository root (the job's working directory)."""
+DEMO_RECIPE = "toyworld"
+"""The demo trains with the toy world's preset (:data:`tinv.settings.PRESETS`), as the toy model was tuned."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", default=None, help="Parquet manifest URI (needs --model)")
-    p.add_argument("--model", default=None, help="base model to train against: hub id, diffusers folder or fsspec URI")
-    p.add_argument("--demo", action="store_true", help=f"train the shipped demo ({DEMO_MANIFEST}) on the embedded "
-                   "toy-world model; what the job does with no --manifest")
-    p.add_argument("--output", default="out/demo", help="output folder URI (default: ./out/demo)")
-    cli.add_fields(p, TrainConfig)
-    cli.add_fields(p, SampleConfig)
-    cli.add_fields(p, PublishConfig)
-    cli.add_fields(p, ClusterConfig)
-    cli.add_fields(p, DispatchConfig, skip=DISPATCH_SET_BY_JOB)
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0].replace("``", ""))
+    for title, about, fields in FLAGS:
+        group = p.add_argument_group(title, about)
+        if title == "data":
+            group.add_argument("--manifest", default=None, help="Parquet manifest URI (needs --model); none: the "
+                               "shipped demo on the embedded toy-world model")
+            group.add_argument("--model", default=None, help="base model: hub id, diffusers folder or fsspec URI")
+            group.add_argument("--output", default="out/demo", help="output folder URI (default: out/demo)")
+        for cls, names in fields:
+            cli.add_fields(group, cls, only=names)
     return p.parse_args(argv)
 
 
@@ -94,9 +120,7 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
     if args.manifest and not args.model:
         raise JobExit(EXIT_INVALID, "invalid input: --manifest needs --model, the base model to train against "
                                     "(a hub id, a diffusers folder or an fsspec URI); the embedded toy-world "
-                                    "model runs only for the demo (no --manifest, or --demo)")
-    if args.demo and args.manifest:
-        raise JobExit(EXIT_INVALID, "invalid input: --demo trains the shipped demo manifest; leave out --manifest")
+                                    "model runs only for the demo (no --manifest)")
     if not args.manifest and args.model:
         raise JobExit(EXIT_INVALID, "invalid input: --model needs --manifest (the demo runs on the embedded model)")
     manifest = args.manifest or (DEMO_MANIFEST if Path(DEMO_MANIFEST).exists() else str(REPO / DEMO_MANIFEST))
@@ -104,7 +128,8 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
     cluster = cli.build(ClusterConfig, args)
     storage_options = cluster.parsed_storage_options()
     try:
-        train, samples = cli.build(TrainConfig, args), cli.build(SampleConfig, args)
+        demo = {} if args.manifest else {"recipe": PRESETS[DEMO_RECIPE]}
+        train, samples = cli.build(TrainConfig, args, **demo), cli.build(SampleConfig, args)
         publish = cli.build(PublishConfig, args)
         parse_requests(samples.metrics)
         return Inputs(manifest, output, train, samples, publish, cluster, storage_options,
@@ -116,56 +141,59 @@ def read_inputs(args: argparse.Namespace) -> Inputs:
 def plan(
     specs: list[ConceptSpec], cfg: TrainConfig, model: dict, manifest: str, output: str,
     storage_options: dict | None, start: str = starts.WORD, triggers: dict[str, str | ConceptDataError] | None = None,
-) -> tuple[list[Task], dict[str, dict]]:
-    """Tasks to run (each spec with its trigger, from ``triggers``: :func:`tinv.webui.resolve_triggers`), and
-    ``results`` pre-filled with skipped concepts (result.json matching) and those whose trigger is refused;
-    ``start``: the run's :func:`tinv.starts.start_id`."""
+) -> tuple[list[Task], dict[str, ConceptResult]]:
+    """Tasks to run, each a concept's settings resolved once (:func:`tinv.plan.resolve`, its spec with its trigger
+    from ``triggers``: :func:`tinv.files.webui.resolve_triggers`) with its config fingerprint; and the results of
+    the concepts skipped (their ``result.json`` matching) or refused (their trigger). ``start``: the run's
+    :func:`tinv.training.starts.start_id`."""
     todo, results = [], {}
     for spec in specs:
         trigger = (triggers or {}).get(spec.concept_id, spec.trigger)
         if isinstance(trigger, ConceptDataError):
-            results[spec.concept_id] = {"concept_id": spec.concept_id, "token": spec.placeholder_token,
-                                        "status": "failed", "attempts": 0, **describe(trigger)}
+            results[spec.concept_id] = ConceptResult.failed(spec.concept_id, spec.placeholder_token, trigger)
             continue
-        fp = outputs.config_fingerprint(spec, cfg, model, manifest_dir=storage.parent(manifest), start=start)
+        settings = resolve(dataclasses.replace(spec, trigger=trigger or spec.trigger), cfg)
+        fp = config_fingerprint(settings, cfg, model, manifest_dir=storage.parent(manifest), start=start)
         record = outputs.read_result(output, spec.concept_id, storage_options)
         if outputs.is_complete(record, fp):
-            results[spec.concept_id] = skipped_row(record)
+            results[spec.concept_id] = ConceptResult(spec.concept_id, "skipped", record.get("token"),
+                                                     attempts=record.get("attempts", 0), worker=record.get("worker"),
+                                                     seconds=record.get("seconds"), record=record)
         else:
             if record is not None:  # stale: it must not look complete while it is redone
                 outputs.clear_result(output, spec.concept_id, storage_options)
-            todo.append(Task(dataclasses.replace(spec, trigger=trigger or spec.trigger), fp))
+            todo.append(Task(settings, fp))
     return todo, results
 
 
 def draw_classes(
     dispatcher: Dispatcher, todo: list[Task], cfg: TrainConfig, model: dict, output: str,
     storage_options: dict | None,
-) -> tuple[list[Task], dict[str, dict], dict[str, int]]:
+) -> tuple[list[Task], dict[str, ConceptResult], dict[str, int]]:
     """Draw each class set the concepts to train need and do not have yet, once, on the trainer actors,
     batched across classes (DreamBooth's prior preservation, the bulk way). The concepts of a class whose
     drawing failed fail with its reason; the rest train. Returns the tasks left, those failures, counts."""
     wanted: dict[str, tuple[classes.ClassSet, list[Task]]] = {}
     for task in todo:
-        for prompt in resolve(task.spec, cfg).drawn_class_prompts:
+        for prompt in task.spec.drawn_class_prompts:
             cls = classes.class_set(prompt, cfg, model)
             wanted.setdefault(cls.key, (cls, []))[1].append(task)
     missing = [cls for cls, _ in wanted.values() if not classes.is_done(output, cls, storage_options)]
     log.info("class pictures: %d classes wanted, %d to draw", len(wanted), len(missing))
-    drawn: dict[str, dict] = {}
+    drawn: dict[str, ConceptResult] = {}
     if missing:
         dispatcher.run([Task(cls) for cls in missing], method="draw_classes",
-                       on_result=lambda r: drawn.__setitem__(r["concept_id"], r))
+                       on_result=lambda r: drawn.__setitem__(r.concept_id, r))
     failed = {}
     for key, (cls, tasks) in wanted.items():
-        outcome = drawn.get(key, {"status": "succeeded"})
-        for task in tasks if outcome["status"] != "succeeded" else []:
-            failed[task.spec.concept_id] = {
-                "concept_id": task.spec.concept_id, "token": task.spec.placeholder_token, "status": "failed",
-                "error": f"its class pictures ({cls.prompt!r}) could not be drawn: {outcome.get('error')}",
-                "error_type": outcome.get("error_type"), "attempts": 0, "worker": outcome.get("worker")}
-    counts = {"wanted": len(wanted), "drawn": sum(r["status"] == "succeeded" for r in drawn.values()),
-              "failed": sum(r["status"] != "succeeded" for r in drawn.values())}
+        outcome = drawn.get(key)
+        for task in tasks if outcome is not None and outcome.status != "succeeded" else []:
+            error = ClassPicturesError(task.spec.concept_id, f"its class pictures ({cls.prompt!r}) could not be "
+                                                             f"drawn: {outcome.error_type}: {outcome.error}")
+            failed[task.spec.concept_id] = ConceptResult.failed(task.spec.concept_id, task.spec.placeholder_token,
+                                                                error, worker=outcome.worker)
+    counts = {"wanted": len(wanted), "drawn": sum(r.status == "succeeded" for r in drawn.values()),
+              "failed": sum(r.status != "succeeded" for r in drawn.values())}
     return [t for t in todo if t.spec.concept_id not in failed], failed, counts
 
 
@@ -185,19 +213,19 @@ def run(args: argparse.Namespace) -> int:
         raise JobExit(EXIT_INVALID, f"invalid input: --init {cfg.init}: {e}") from e
     # -- build ---------------------------------------------------------------------------
     connect(inputs.cluster.ray_address)
-    setup_kw = dict(model=args.model, train=asdict(cfg), output=output, storage_options=storage_options,
-                    export=inputs.publish.export,
-                    precision=inputs.cluster.precision, attention=inputs.cluster.attention,
-                    gradient_checkpointing=inputs.cluster.gradient_checkpointing, samples=asdict(inputs.samples))
+    setup_kw = dict(model=args.model, train=cfg, output=output, storage_options=storage_options,
+                    export=inputs.publish.export, precision=inputs.cluster.precision,
+                    attention=inputs.cluster.attention, gradient_checkpointing=inputs.cluster.gradient_checkpointing,
+                    samples=inputs.samples)
     make_actor, n_actors = actor_factory(inputs.cluster, lambda threads: WorkerSetup(threads=threads, **setup_kw),
                                          TrainerWorker)
     dispatch = cli.build(DispatchConfig, args, num_actors=n_actors, concepts_per_actor=cfg.concepts_per_actor)
-    results: dict[str, dict] = {}
+    results: dict[str, ConceptResult] = {}
     progress = Progress(len(inputs.specs), {"succeeded": Counter("tinv_concepts_succeeded", "concepts trained"),
                                             "failed": Counter("tinv_concepts_failed", "concepts failed")})
 
-    def on_result(result: dict) -> None:
-        results[result["concept_id"]] = result
+    def on_result(result: ConceptResult) -> None:
+        results[result.concept_id] = result
         progress.update(result)
 
     dispatcher = Dispatcher(make_actor, dispatch, on_result)
@@ -218,8 +246,8 @@ def run(args: argparse.Namespace) -> int:
         results.update(planned)
         progress.total, progress.started = len(todo), time.monotonic()
         log.info("plan: %d to train, %d skipped (already done), %d refused", len(todo),
-                 sum(r["status"] == "skipped" for r in planned.values()),
-                 sum(r["status"] == "failed" for r in planned.values()))
+                 sum(r.status == "skipped" for r in planned.values()),
+                 sum(r.status == "failed" for r in planned.values()))
         todo, class_failed, class_counts = draw_classes(dispatcher, todo, cfg, model, output, storage_options)
         for result in class_failed.values():
             on_result(result)
@@ -229,11 +257,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"[tinv] infrastructure failure: {e}", file=sys.stderr, flush=True)
     dispatcher.shutdown()
     # -- save ----------------------------------------------------------------------------
-    held_back = {cid: inputs.publish.held_back(r) for cid, r in results.items() if r["status"] != "failed"}
+    held_back = {cid: inputs.publish.held_back(r.record) for cid, r in results.items() if r.status != "failed"}
     rows = result_rows(inputs.specs, results, held_back)
     summary = counts(rows)
     code = EXIT_INFRA if infra_error else EXIT_FAILED if summary["failed"] else EXIT_OK
-    published = [results[s.concept_id] for s in inputs.specs if s.concept_id in held_back
+    published = [results[s.concept_id].record for s in inputs.specs if s.concept_id in held_back
                  and held_back[s.concept_id] is None]
     finished = time.time()
     record = {

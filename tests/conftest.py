@@ -13,7 +13,7 @@ import pytest
 import torch
 from jobtools import BIN, REPO, free_port, job_env, submit
 
-from tinv.tiny import save_tiny_model
+from tinv.families.tiny import save_tiny_model
 
 
 @pytest.fixture(scope="session")

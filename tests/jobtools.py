@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from tinv.demo import default_model
-from tinv.models import read_templates
+from tinv import EMBEDDED_MODEL
+from tinv.families.model import read_templates
 
 REPO = Path(__file__).resolve().parent.parent
-TOY = str(default_model())
+TOY = str(EMBEDDED_MODEL)
 """The embedded toy-world model, named as a user names a model folder (a manifest needs --model)."""
 BIN = Path(sys.executable).parent
 
@@ -63,7 +63,7 @@ def concept_files(cid: str, prompts: str | int = "object", method: str = "ti", t
 
     ``prompts`` is the number of eval prompts, or a property whose defaults (the embedded model's) apply.
     """
-    n = prompts if isinstance(prompts, int) else len(read_templates(default_model())[1][prompts])
+    n = prompts if isinstance(prompts, int) else len(read_templates(EMBEDDED_MODEL)[1][prompts])
     samples = {f"samples/{p:02d}_{s:02d}.png" for p in range(n) for s in range(2)}
     names = FILES | METHOD_FILES[method] | (EXPORT_FILES if export else set())
     return {name.format(trigger=trigger or cid) for name in names} | samples

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from jobs.bench import flops, measure, recipe, shapes
 from jobs.bench.report import markdown
-from tinv.models import load_base_model
+from lab.bench import schedule
+from tinv.families.model import load_base_model
+from tinv.settings import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDED = REPO / "benchmarks" / "amd-epyc-2-threads.json"
@@ -26,16 +29,20 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
     proc = subprocess.run([sys.executable, "-m", "jobs.bench", "--smoke", "--out", str(out)], cwd=REPO, env=env,
                           check=True, timeout=600, capture_output=True, text=True)
     r = json.loads(out.read_text())
-    assert r["smoke"] and r["matmul"]["fp32_flops"] > 0
+    assert r["smoke"] and r["matmul"]["fp32_flops"] > 0 and r["matmul"]["fp32_conv_flops"] > 0
+    assert not {"schedule", "schedule_methods"} & r.keys()  # the toy world's sections are the lab's
     for section in ("train", "toy_train"):
         rows = {v["variant"]: v for v in r[section]["variants"]}
         assert {"recipe", "latent-cache", "tinv", "tinv-k4"} <= rows.keys()
         for v in rows.values():
             assert v["samples_per_s"] > 0 and v["peak_mem_gb"] > 0 and v["concepts_per_hour"] > 0
-            assert v["mfu"] is not None and 0 < v["mfu"]
+            assert v["mfu"] is not None and 0 < v["mfu"] <= 1
         assert rows["tinv-k4"]["samples_per_step"] == 4 * rows["tinv"]["samples_per_step"]
         # the VAE encode per step is real work: the recipe counts more FLOPs per sample than its cached twin
         assert rows["recipe"]["flops_per_sample"] > rows["latent-cache"]["flops_per_sample"]
+    for section in ("methods_toy", "methods_sd15", "preservation_toy", "preservation_sd15"):
+        # a utilisation: the counted FLOPs over the time never beat the device's measured dense rate
+        assert all(0 < v["mfu"] <= 1 for v in r[section]["variants"]), section
     for section in ("methods_toy", "methods_sd15"):  # every method at K=1 and K=4, each concept its own adapter
         rows = {v["variant"]: v for v in r[section]["variants"]}
         assert {"tinv", "tinv-k4", "lora", "lora-k4", "pivotal", "pivotal-k4"} <= rows.keys()
@@ -55,14 +62,12 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
         assert flops["pivotal"] < flops["pivotal-images"] < flops["pivotal-output"] < flops["pivotal-output-blank"]
     g = r["generate"]
     assert g["batched"]["images_per_s"] > 0 and g["per_concept"]["images_per_s"] > 0
+    for run in r["train_sampling"]["runs"]:  # mixed methods, drawn a call each from copies, then live together
+        assert run["methods"] == {"ti": 1, "pivotal": 1, "lora": 1}
+        assert run["before"]["images_per_s"] > 0 and run["after"]["images_per_s"] > 0 and run["speedup"] > 0
+        assert run["max_pixel_difference"] <= 1  # the same images either way (an image is its seed's alone)
     d = r["driver"]["runs"][0]
     assert d["succeeded"] == d["concepts"] == 50 and d["ms_per_concept"] > 0
-    s = r["schedule"]
-    assert {c["schedule"] for c in s["curves"]} == {"recipe", "tinv"}
-    assert all(len(c["fidelity"]) == len(c["steps"]) == 2 for c in s["curves"])
-    m = r["schedule_methods"]  # every method's curve over the same concepts and checkpoints
-    assert {c["schedule"] for c in m["curves"]} == {"ti", "lora", "pivotal"}
-    assert all(c["steps"] == m["checkpoints"] for c in m["curves"]) and len(m["curves"]) == 3 * 2
     assert r["writes"]["ratio_slow_to_fast"] > 0 and len(r["writes"]["runs"]) == 2
     assert r["fingerprint"]["folder_gb"] > 0 and r["fingerprint"]["cold_s"] > 0
     # the recorded file (every section stamped with its command) renders exactly what the run printed
@@ -70,6 +75,37 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
     rendered = subprocess.run([sys.executable, "-m", "jobs.bench", "--render", str(out)], cwd=REPO,
                               capture_output=True, text=True, check=True).stdout
     assert rendered == proc.stdout and "| tinv-k4 |" in rendered and "Driver, 50 concepts" in rendered
+    assert "| shipped toy world | 32 | 3 (1 ti, 1 pivotal, 1 lora) |" in rendered
+
+
+def test_the_labs_schedule_sections_run_in_their_smoke_form_and_render_what_they_printed(tmp_path):
+    out = tmp_path / "schedule.json"
+    proc = subprocess.run([sys.executable, "-m", "lab.bench.schedule", "--smoke", "--out", str(out)], cwd=REPO,
+                          check=True, timeout=600, capture_output=True, text=True)
+    r = json.loads(out.read_text())
+    s = r["schedule"]
+    assert {c["schedule"] for c in s["curves"]} == {"recipe", "tinv"}
+    assert all(len(c["fidelity"]) == len(c["steps"]) == 2 for c in s["curves"])
+    toyworld = json.loads(json.dumps(dataclasses.asdict(PRESETS["toyworld"])))  # the preset it was recorded under
+    assert s["tinv"]["config"]["recipe"] == toyworld | {"dvar_window": 2, "dvar_every": 1}
+    assert s["recipe"]["config"]["recipe"]["min_timestep_fraction"] == 0.0
+    m = r["schedule_methods"]  # every method's curve over the same concepts and checkpoints
+    assert {c["schedule"] for c in m["curves"]} == {"ti", "lora", "pivotal"}
+    assert all(c["steps"] == m["checkpoints"] for c in m["curves"]) and len(m["curves"]) == 3 * 2
+    assert r["schedule"]["command"].startswith("python -m lab.bench.schedule")
+    assert schedule.markdown(r) + "\n" == proc.stdout and "| red-star | combination |" in proc.stdout
+    rendered = subprocess.run([sys.executable, "-m", "lab.bench.schedule", "--render", str(out)], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout
+    assert rendered == proc.stdout
+
+
+def test_the_dense_rate_is_the_larger_of_the_matmul_and_the_convolution():
+    """MFU's ceiling: on a CPU a UNet's convolutions (oneDNN) can beat the BLAS matmul, so neither alone bounds it."""
+    section, rates = measure.dense_rates(torch.device("cpu"), smoke=True)
+    threads = torch.get_num_threads()
+    assert rates["fp32", threads] == max(section["fp32_flops"], section["fp32_conv_flops"]) > 0
+    line = markdown({"device": "cpu", "command": "x", "matmul": section})
+    assert "3×3 convolution: fp32" in line and "Dense matmul: fp32" in line
 
 
 def test_cpu_attention_flops_are_counted_once_registered():
@@ -118,8 +154,8 @@ def test_benchmarks_readme_holds_the_tables_every_recorded_json_renders():
     readme = (REPO / "benchmarks" / "README.md").read_text().splitlines()
     files = sorted((REPO / "benchmarks").glob("*.json"))
     assert RECORDED in files
-    for path in files:
-        tables = [line for line in markdown(json.loads(path.read_text())).splitlines() if line.strip()][1:]
+    for path in files:  # the lab renders the toy world's schedule sections after the product benchmark's tables
+        tables = [line for line in schedule.markdown(json.loads(path.read_text())).splitlines() if line.strip()][1:]
         assert path != RECORDED or len([line for line in tables if line.startswith("| ")]) > 30
         missing = [line for line in tables if line not in readme]
         assert not missing, (path.name, missing)  # every table there is rendered from the recorded numbers

@@ -6,14 +6,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from modeltools import fingerprint
 
-from tinv.concept import Rows
-from tinv.conditioning import encode_prompts
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.lora import BASE
-from tinv.models import load_base_model
-from tinv.outputs import config_fingerprint
-from tinv.train import ConceptData, PackedTrainer
+from tinv.families.model import load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.settings import TrainConfig
+from tinv.training.concept import ConceptData, Rows
+from tinv.training.splice import BASE
+from tinv.training.trainer import PackedTrainer
 
 
 def spec(cid: str, **kw) -> ConceptSpec:
@@ -35,7 +35,7 @@ def test_a_share_of_a_concepts_own_samples_is_drawn_under_the_empty_prompt(tiny_
     cfg = TrainConfig(concepts_per_actor=1, batch_size=64, caption_dropout=0.5)
     trainer, (own, prior) = draw(model, images, cfg, lora, pictures)
     _, (plain, plain_prior) = draw(model, images, replace(cfg, caption_dropout=0.0), lora, pictures)
-    empty = trainer._tokenize(model.tokenizers[0], [""])
+    empty = model.tokenize([""])[0]
     is_empty = (own.ids[0] == empty).all(dim=1)
     assert torch.equal(is_empty, own.dropped) and 16 < int(is_empty.sum()) < 48  # about half of 64
     assert torch.equal(own.ids[0][~is_empty], plain.ids[0][~is_empty])  # the others keep their captions
@@ -56,8 +56,9 @@ def test_sdxl_trains_a_dropped_caption_on_zeros_as_its_pipeline_samples_the_empt
                            spec("c", method="lora", placeholder_token="sks toy"))
     sd1 = load_base_model(str(tiny_models["sd1"]))
     assert trainer.zeroes_empty and not PackedTrainer(sd1, TrainConfig()).zeroes_empty
-    hidden, added = encode_prompts(model, own.ids, 32, own.dropped)
-    full, full_added = encode_prompts(model, own.ids, 32)
+    added = model.family.encode(model, own.ids, (32, 32), own.dropped).tensors
+    full_added = model.family.encode(model, own.ids, (32, 32)).tensors
+    hidden, full = added["hidden"], full_added["hidden"]
     kept = ~own.dropped
     assert own.dropped.any() and kept.any()
     assert (hidden[own.dropped] == 0).all() and (added["text_embeds"][own.dropped] == 0).all()
@@ -80,6 +81,6 @@ def test_caption_dropout_is_checked_and_counts_in_the_fingerprint_of_lora_concep
     model = {"base_model_fingerprint": "m", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
     ti, lora = spec("t"), spec("l", method="lora", placeholder_token="sks")
     on = TrainConfig(caption_dropout=0.1)
-    assert config_fingerprint(ti, on, model) == config_fingerprint(ti, TrainConfig(), model)
-    assert config_fingerprint(lora, on, model) != config_fingerprint(lora, TrainConfig(), model)
-    assert config_fingerprint(lora, replace(on, caption_dropout=0.2), model) != config_fingerprint(lora, on, model)
+    assert fingerprint(ti, on, model) == fingerprint(ti, TrainConfig(), model)
+    assert fingerprint(lora, on, model) != fingerprint(lora, TrainConfig(), model)
+    assert fingerprint(lora, replace(on, caption_dropout=0.2), model) != fingerprint(lora, on, model)

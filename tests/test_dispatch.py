@@ -9,8 +9,8 @@ import time
 import pytest
 import ray
 
-from jobs.dispatch import DispatchConfig, Dispatcher, InfrastructureError, Task
-from tinv.config import ConceptSpec
+from jobs.dispatch import ConceptResult, DispatchConfig, Dispatcher, InfrastructureError, Request, Task
+from tinv.manifest import ConceptSpec
 
 
 class FakeTrainer:
@@ -20,10 +20,10 @@ class FakeTrainer:
     def info(self) -> dict:
         return {"worker": f"fake:{os.getpid()}", "base_model_fingerprint": "x"}
 
-    def train(self, requests: list[dict]) -> list[dict]:
+    def train(self, requests: list[Request]) -> list[ConceptResult]:
         out = []
         for request in requests:
-            cid, attempt = request["spec"]["concept_id"], request["attempt"]
+            cid, attempt = request.spec.concept_id, request.attempt
             if cid == "hang" or (cid == "hang-once" and attempt == 1):
                 time.sleep(3600)
             if cid == "die-once" and attempt == 1:
@@ -31,9 +31,9 @@ class FakeTrainer:
             if cid == "raise-once" and attempt == 1:
                 raise RuntimeError("a bug in the call, the actor lives")
             retryable = cid == "flaky" and attempt == 1
-            out.append({"concept_id": cid, "status": "failed" if retryable else "succeeded", "attempts": attempt,
-                        "worker": f"fake:{os.getpid()}", "retryable": retryable, "error": "transient: x" if retryable
-                        else None})
+            out.append(ConceptResult(cid, "failed" if retryable else "succeeded", attempts=attempt,
+                                     worker=f"fake:{os.getpid()}", retryable=retryable,
+                                     error="transient: x" if retryable else None))
         return out
 
 
@@ -53,7 +53,7 @@ def dispatch(
     remote = ray.remote(FakeTrainer).options(num_cpus=0, max_concurrency=4)
     config = DispatchConfig(num_actors=num_actors, concepts_per_actor=concepts_per_actor, concept_timeout_s=4,
                             load_timeout_s=60, **cfg)
-    dispatcher = Dispatcher(lambda: remote.remote(), config, lambda r: got.__setitem__(r["concept_id"], r))
+    dispatcher = Dispatcher(lambda: remote.remote(), config, lambda r: got.__setitem__(r.concept_id, r))
     dispatcher.wait_ready()
     try:
         dispatcher.run([Task(ConceptSpec(c, ("x.png",)), "fp") for c in ids])
@@ -66,10 +66,10 @@ def test_hung_and_dead_actors_are_replaced_and_their_concepts_retried(connected)
     ids = ["ok-1", "hang-once", "die-once", "flaky", "ok-2", "hang"]
     got, dispatcher = dispatch(ids, max_attempts=2)
     assert sorted(got) == sorted(ids)
-    assert {c: got[c]["status"] for c in ids} == {c: "failed" if c == "hang" else "succeeded" for c in ids}
+    assert {c: got[c].status for c in ids} == {c: "failed" if c == "hang" else "succeeded" for c in ids}
     # each misbehaved at least once; a loss shared with another concept costs one more hand-out, not an attempt
-    assert all(got[c]["attempts"] >= 2 for c in ("hang-once", "die-once", "flaky", "hang"))
-    assert "gave up after 2 failed attempts" in got["hang"]["error"] and "hung" in got["hang"]["error"]
+    assert all(got[c].attempts >= 2 for c in ("hang-once", "die-once", "flaky", "hang"))
+    assert "gave up after 2 failed attempts" in got["hang"].error and "hung" in got["hang"].error
     assert dispatcher.replaced >= 2  # at least: the actor that died, and the one where hang gave up
 
 
@@ -77,16 +77,16 @@ def test_a_concept_lost_with_a_hanging_neighbour_is_not_charged_for_it(connected
     """One call holds both; its hang is nobody's in particular, so both rerun alone and only hang fails."""
     got, dispatcher = dispatch(["hang", "ok-1"], num_actors=1, concepts_per_actor=2, calls_in_flight=1,
                                max_attempts=1)
-    assert {c: got[c]["status"] for c in got} == {"hang": "failed", "ok-1": "succeeded"}
-    assert got["ok-1"]["attempts"] == 2 and got["hang"]["attempts"] == 2
-    assert "gave up after 1 failed attempts" in got["hang"]["error"]
+    assert {c: got[c].status for c in got} == {"hang": "failed", "ok-1": "succeeded"}
+    assert got["ok-1"].attempts == 2 and got["hang"].attempts == 2
+    assert "gave up after 1 failed attempts" in got["hang"].error
     assert dispatcher.replaced == 2  # the shared hang, then hang's own
 
 
 def test_a_call_that_raises_is_retried_without_replacing_its_live_actor(connected):
     got, dispatcher = dispatch(["raise-once", "ok-1"], max_attempts=2)
-    assert {c: got[c]["status"] for c in got} == {"raise-once": "succeeded", "ok-1": "succeeded"}
-    assert got["raise-once"]["attempts"] == 2 and dispatcher.replaced == 0
+    assert {c: got[c].status for c in got} == {"raise-once": "succeeded", "ok-1": "succeeded"}
+    assert got["raise-once"].attempts == 2 and dispatcher.replaced == 0
 
 
 def test_actors_that_keep_dying_end_in_an_infrastructure_error(connected):

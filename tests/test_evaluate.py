@@ -8,12 +8,14 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from tinv.evaluate import EvalConcept, Evaluator, read_embedding
-from tinv.formats import a1111_embedding, diffusers_embedding
-from tinv.metrics import ClipMetrics, to_uint8, without_token
-from tinv.models import load_base_model
-from tinv.samples import SampleConfig
-from tinv.tiny import clip_tokenizer
+from tinv.evaluation.evaluate import EvalConcept, Evaluator, read_embedding
+from tinv.evaluation.metrics import ClipMetrics, to_uint8, without_token
+from tinv.evaluation.sampling import SampleConfig
+from tinv.families.model import load_base_model
+from tinv.families.sd import SD
+from tinv.families.sdxl import SDXL
+from tinv.families.tiny import clip_tokenizer
+from tinv.files.formats import diffusers_embedding, keyed
 
 CFG = SampleConfig(samples_per_prompt=2, sample_steps=4, sample_batch_size=4)
 
@@ -48,11 +50,11 @@ def test_every_embedding_format_reads_to_the_same_token_and_vectors(tmp_path):
     vectors = torch.randn(2, 32)
     sdxl = [torch.randn(2, 32), torch.randn(2, 64)]
     torch.save({"<cat-toy>": vectors[0]}, tmp_path / "learned_embeds.bin")  # sd-concepts-library: one 1-D vector
-    save_file(diffusers_embedding("<two>", [vectors]), tmp_path / "learned_embeds.safetensors")
-    save_file(a1111_embedding([vectors]), tmp_path / "mine.safetensors")
+    save_file(diffusers_embedding(SD, "<two>", [vectors]), tmp_path / "learned_embeds.safetensors")
+    save_file(keyed(SD.webui_embedding_keys, [vectors]), tmp_path / "mine.safetensors")
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "a1111-tok", "step": 500,
                 "sd_checkpoint": None, "sd_checkpoint_name": None}, tmp_path / "a1111.pt")
-    save_file(diffusers_embedding("<x>", sdxl), tmp_path / "sdxl.safetensors")
+    save_file(diffusers_embedding(SDXL, "<x>", sdxl), tmp_path / "sdxl.safetensors")
 
     token, got = read_embedding(str(tmp_path / "learned_embeds.bin"))
     assert token == "<cat-toy>" and len(got) == 1 and torch.equal(got[0], vectors[:1])
@@ -121,11 +123,13 @@ def test_clip_metrics_are_the_papers_two_similarities(tiny_models, tmp_path, ima
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
 def test_half_precision_unet_with_fp32_text_encoders_trains_and_draws(tiny_models, images, kind):
-    from tinv.config import ConceptSpec, TrainConfig
-    from tinv.train import ConceptData, train_concepts
+    from tinv.manifest import ConceptSpec
+    from tinv.settings import TrainConfig
+    from tinv.training.concept import ConceptData
+    from tinv.training.loop import train_concepts
 
     model = load_base_model(str(tiny_models[kind]), precision="bf16")
-    assert model.unet.dtype == torch.bfloat16 and {te.dtype for te in model.text_encoders} == {torch.float32}
+    assert model.denoiser.dtype == torch.bfloat16 and {te.dtype for te in model.text_encoders} == {torch.float32}
     spec = ConceptSpec("c", ("x",), initializer_token="cat")
     (trained,) = train_concepts(model, [ConceptData(spec, images)], TrainConfig(steps=2, batch_size=2))
     assert trained.failure is None
@@ -134,8 +138,10 @@ def test_half_precision_unet_with_fp32_text_encoders_trains_and_draws(tiny_model
 
 
 def test_loras_with_text_encoder_parts_draw_as_alone_in_a_mixed_batch(tiny_models, images):
-    from tinv.config import ConceptSpec, TrainConfig
-    from tinv.train import ConceptData, train_concepts
+    from tinv.manifest import ConceptSpec
+    from tinv.settings import TrainConfig
+    from tinv.training.concept import ConceptData
+    from tinv.training.loop import train_concepts
 
     model = load_base_model(str(tiny_models["sd1"]))
     cfg = TrainConfig(steps=4, concepts_per_actor=2, batch_size=2, lora_learning_rate=0.05, lora_text_encoder=True)

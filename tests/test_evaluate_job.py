@@ -14,7 +14,7 @@ from jobtools import REPO, TOY, run_driver
 from PIL import Image
 from safetensors.torch import load_file
 
-from tinv.demo import DEMO_MANIFEST
+from jobs.train import DEMO_MANIFEST
 from tinv.manifest import read_manifest, write_manifest
 
 DRAW = ("--sample-steps", "10", "--samples-per-prompt", "2")

@@ -12,9 +12,8 @@ from jobtools import REPO, TOY, run_driver
 from jobs.common import EXIT_INVALID, JobExit
 from jobs.fit_init import gather
 from tinv.errors import InitializerError
-from tinv.initializer import Initializer
 from tinv.manifest import write_manifest
-from tinv.starts import load_start
+from tinv.training.starts import Initializer, load_start
 
 FAST = ("--model", TOY, "--steps", "20", "--batch-size", "2", "--samples-per-prompt", "0", "--num-actors", "1")
 

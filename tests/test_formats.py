@@ -9,12 +9,14 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-from tinv.conditioning import encode_prompts
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.formats import DIFFUSERS_NAME, embedding_files
-from tinv.models import load_base_model
-from tinv.slots import spliced
-from tinv.train import ConceptData, PackedTrainer, train_concepts
+from tinv.families.model import load_base_model
+from tinv.files.formats import DIFFUSERS_NAME, embedding_files
+from tinv.manifest import ConceptSpec
+from tinv.settings import TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.loop import train_concepts
+from tinv.training.splice import spliced
+from tinv.training.trainer import PackedTrainer
 
 PROMPT = "a photo of a {} on a table"
 
@@ -25,7 +27,7 @@ def train_and_save(model_dir: Path, out: Path, images: torch.Tensor, num_vectors
     cfg = TrainConfig(steps=8, concepts_per_actor=1, batch_size=2, learning_rate=0.05)
     trained = next(train_concepts(model, [ConceptData(spec, images)], cfg))
     (out / "webui" / "embeddings").mkdir(parents=True, exist_ok=True)
-    for name, data in embedding_files(spec.concept_id, spec.placeholder_token, "thing", trained.vectors,
+    for name, data in embedding_files(model.family, spec.concept_id, spec.placeholder_token, "thing", trained.vectors,
                                   model.info).items():
         (out / name).write_bytes(data)
     return model, spec, trained
@@ -38,9 +40,9 @@ def our_embeddings(model, spec, vectors) -> tuple[torch.Tensor, dict | None]:
         for e, v in enumerate(vectors):
             trainer.vectors[0][e][: len(v)] = v
     prompt = PROMPT.format(" ".join(trainer.names[0][: spec.num_vectors]))
-    ids = [trainer._tokenize(tok, [prompt]) for tok in model.tokenizers]
+    ids = model.tokenize([prompt])
     with torch.no_grad(), spliced(model, trainer.vectors, trainer.token_ids):
-        return encode_prompts(model, ids, model.resolution)
+        return model.family.encode(model, ids, (model.resolution,) * 2).tensors
 
 
 @pytest.mark.parametrize("kind,num_vectors", [("sd1", 2), ("sd2", 1)])
@@ -59,7 +61,7 @@ def test_sd_embedding_loads_in_diffusers_and_the_token_works(tiny_models, images
         table = pipe.text_encoder.get_input_embeddings().weight
         torch.testing.assert_close(table[ids], trained.vectors[0], rtol=0, atol=0)
         theirs, _ = pipe.encode_prompt(PROMPT.format(spec.placeholder_token), "cpu", 1, False)
-        ours, _ = our_embeddings(model, spec, trained.vectors)
+        ours = our_embeddings(model, spec, trained.vectors)["hidden"]
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
         image = pipe(PROMPT.format(spec.placeholder_token), num_inference_steps=2, output_type="np").images
         assert image.shape == (1, 32, 32, 3)
@@ -80,7 +82,8 @@ def test_sdxl_embedding_loads_with_the_two_call_form_and_the_token_works(tiny_mo
             ids = tok.convert_tokens_to_ids(spec.tokens)
             torch.testing.assert_close(enc.get_input_embeddings().weight[ids], trained.vectors[e], rtol=0, atol=0)
         theirs, _, pooled, _ = pipe.encode_prompt(PROMPT.format(t), device="cpu", do_classifier_free_guidance=False)
-        ours, added = our_embeddings(model, spec, trained.vectors)
+        added = our_embeddings(model, spec, trained.vectors)
+        ours = added["hidden"]
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
         # the tiny encoders carry the real end-of-text id, so diffusers pools where tinv does
         torch.testing.assert_close(pooled, added["text_embeds"], rtol=1e-5, atol=1e-5)

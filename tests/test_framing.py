@@ -8,14 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from tinv import buckets
-from tinv.concept import Framed, Rows
-from tinv.conditioning import encode_prompts
-from tinv.config import ConceptSpec, TrainConfig
 from tinv.errors import ConceptDataError
-from tinv.images import load_pictures
-from tinv.models import load_base_model
-from tinv.train import ConceptData, PackedTrainer, train_concepts
+from tinv.families.model import load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.settings import TrainConfig
+from tinv.training import pictures as buckets
+from tinv.training.concept import ConceptData, Framed, Rows
+from tinv.training.loop import train_concepts
+from tinv.training.pictures import load_pictures
+from tinv.training.trainer import PackedTrainer
 
 
 def png(img: Image.Image) -> bytes:
@@ -136,24 +137,23 @@ def test_a_mask_weights_each_latent_pixels_error_and_an_all_white_mask_changes_n
 
 def test_sdxl_time_ids_name_the_bucket_it_trains_at(tiny_models):
     model = load_base_model(str(tiny_models["sdxl"]))
-    ids = [tok(["a toy"], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-           for tok in model.tokenizers]
-    _, added = encode_prompts(model, ids, (48, 16))
+    ids = model.tokenize(["a toy"])
+    added = model.family.encode(model, ids, (48, 16)).tensors
     assert added["time_ids"].tolist() == [[48, 16, 0, 0, 48, 16]]
-    _, square = encode_prompts(model, ids, 32)
+    square = model.family.encode(model, ids, (32, 32)).tensors
     assert square["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
 
 
 def test_masked_and_bucketed_specs_validate_and_hash_only_when_set():
-    from tinv.outputs import config_fingerprint
+    from modeltools import fingerprint
 
     with pytest.raises(ValueError, match="one mask URI per image"):
         ConceptSpec("c", ("a.png", "b.png"), masks=("m.png",))
     with pytest.raises(ValueError, match="name one"):
         ConceptSpec("c", ("a.png",), masks=("m.png",), mask_from_alpha=True)
     model = {"base_model_fingerprint": "fp", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
-    plain = config_fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(), model)
-    others = {config_fingerprint(ConceptSpec("c", ("a.png",), masks=("m.png",)), TrainConfig(), model),
-              config_fingerprint(ConceptSpec("c", ("a.png",), mask_from_alpha=True), TrainConfig(), model),
-              config_fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(aspect_buckets=False), model)}
+    plain = fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(), model)
+    others = {fingerprint(ConceptSpec("c", ("a.png",), masks=("m.png",)), TrainConfig(), model),
+              fingerprint(ConceptSpec("c", ("a.png",), mask_from_alpha=True), TrainConfig(), model),
+              fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(aspect_buckets=False), model)}
     assert plain not in others and len(others) == 3

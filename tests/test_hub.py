@@ -12,8 +12,8 @@ import pytest
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import httpx  # the httpx the hub client uses (its own package name varies)
 
-from tinv import hub
 from tinv.errors import ModelLayoutError, ModelUnavailableError
+from tinv.families import model as hub
 
 SD15_INDEX = {"_class_name": "StableDiffusionPipeline", "feature_extractor": ["transformers", "CLIPImageProcessor"],
               "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tinv.images import ConceptDataError, decode_image, load_images
+from tinv.training.pictures import ConceptDataError, decode_image, load_images
 
 
 def png(img: Image.Image, **kw) -> bytes:

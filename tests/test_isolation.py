@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.errors import ConceptCrashedError, ConceptDivergedError, ConceptOutOfMemoryError, describe
-from tinv.models import load_base_model
-from tinv.train import ConceptData, GuardedStep, PackedTrainer, train_concepts
+from tinv.errors import ConceptCrashedError, ConceptDivergedError, ConceptOutOfMemoryError
+from tinv.families.model import load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.settings import Recipe, TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.loop import GuardedStep, train_concepts
+from tinv.training.trainer import PackedTrainer
 
 CFG = TrainConfig(concepts_per_actor=3, batch_size=2, learning_rate=5e-3, steps=5)
 
@@ -35,7 +38,7 @@ def test_a_diverging_concept_fails_alone_and_its_neighbours_end_as_without_it(mo
     out = {o.spec.concept_id: o for o in train_concepts(model, [good[0], nan, huge, good[1]], CFG)}
     for bad, text in (("nan", "diverged: loss nan at step 1"), ("lr", "step 2")):
         assert isinstance(out[bad].failure, ConceptDivergedError) and text in out[bad].error, out[bad].error
-        assert out[bad].vectors is None and describe(out[bad].failure)["retryable"] is False
+        assert out[bad].vectors is None and out[bad].failure.retryable is False
     for data in good:
         torch.testing.assert_close(out[data.spec.concept_id].vectors[0], solo(model, data), rtol=0, atol=1e-5)
 
@@ -54,7 +57,7 @@ def test_a_concept_that_raises_fails_alone_and_the_others_step_as_if_it_were_not
     out = {o.spec.concept_id: o for o in train_concepts(model, [good[0], ConceptData(spec("boom"), images), good[1]],
                                                          CFG)}
     assert isinstance(out["boom"].failure, ConceptCrashedError) and "RuntimeError: a bug" in out["boom"].error
-    assert len(out["boom"].losses) == 2 and describe(out["boom"].failure)["retryable"] is True
+    assert len(out["boom"].losses) == 2 and out["boom"].failure.retryable is True
     for cid, vectors in expected.items():  # their random streams were rewound: bit-for-bit their solo runs
         torch.testing.assert_close(out[cid].vectors[0], vectors, rtol=0, atol=1e-5)
 
@@ -63,14 +66,14 @@ def test_out_of_memory_halves_the_batch_and_a_concept_too_big_alone_fails_alone(
     data = [ConceptData(spec(c), images) for c in ("a", "bb", "ccc")]
     wide = ConceptData(spec("wide", steps=3, num_vectors=1), images)
     expected = {d.spec.concept_id: solo(model, d) for d in data}
-    unet = model.unet.forward
+    unet = model.denoiser.forward
 
     def forward(sample, *args, **kwargs):  # an accelerator that fits 4 samples (2 concepts × 2)
         if len(sample) > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return unet(sample, *args, **kwargs)
 
-    monkeypatch.setattr(model.unet, "forward", forward)
+    monkeypatch.setattr(model.denoiser, "forward", forward)
     trainer = PackedTrainer(model, CFG)
     for s, d in enumerate(data):
         trainer.admit(s, d)
@@ -87,8 +90,8 @@ def test_out_of_memory_halves_the_batch_and_a_concept_too_big_alone_fails_alone(
 
 def test_fp16_loss_scale_is_per_slot_backs_off_on_overflow_and_grows_after_good_steps(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]), precision="fp16")
-    cfg = TrainConfig(concepts_per_actor=2, batch_size=1, learning_rate=0.1, loss_scale=1024.0,
-                      loss_scale_growth_interval=2)
+    cfg = TrainConfig(concepts_per_actor=2, batch_size=1, learning_rate=0.1,
+                      recipe=Recipe(loss_scale=1024.0, loss_scale_growth_interval=2))
     trainer = PackedTrainer(model, cfg)
     trainer.admit(0, ConceptData(spec("fine"), images))
     trainer.admit(1, ConceptData(spec("overflows"), images))

@@ -8,10 +8,13 @@ import pytest
 import torch
 from test_train import snapshot
 
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.lora import BASE, Adapters
-from tinv.models import load_base_model
-from tinv.train import ConceptData, PackedTrainer, train_concepts
+from tinv.families.model import load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.settings import Recipe, TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.loop import train_concepts
+from tinv.training.splice import BASE, Adapters
+from tinv.training.trainer import PackedTrainer
 
 
 def spec(cid: str, **kw) -> ConceptSpec:
@@ -34,7 +37,7 @@ def test_base_weights_are_bit_identical_and_only_adapters_and_vectors_train(tiny
     assert [out[c].error for c in "tlp"] == [None] * 3
     after = lora_snapshot(model)
     assert before.keys() == after.keys() and [k for k in before if not torch.equal(before[k], after[k])] == []
-    for module in (model.unet, *model.text_encoders):
+    for module in (model.denoiser, *model.text_encoders):
         assert all(not p.requires_grad for n, p in module.named_parameters() if "lora_" not in n)
     assert out["t"].text_lora is None
     assert out["t"].lora is None and out["t"].vectors is not None
@@ -97,10 +100,10 @@ def test_pivotal_trains_vectors_and_adapter_at_their_own_learning_rates(tiny_mod
     groups = trainer.optimizer.param_groups
     (lora,) = trainer.lora_groups[0]
     assert groups[0]["lr"] == 3e-3 and groups[1]["lr"] == 2e-3 and lora["lr"] == 7e-4
-    assert {id(p) for p in lora["params"]} == {id(p) for p in Adapters.of(model.unet).parameters("slot0")}
+    assert {id(p) for p in lora["params"]} == {id(p) for p in Adapters.of(model.denoiser).parameters("slot0")}
     assert 1 not in trainer.lora_groups  # a ti slot has no adapter
     trainer.admit(0, ConceptData(spec("t2"), images))  # a ti concept takes the pivotal slot: its adapter goes
-    assert Adapters.of(model.unet).parameters("slot0") == [] and trainer.lora_groups[0][0]["params"] == []
+    assert Adapters.of(model.denoiser).parameters("slot0") == [] and trainer.lora_groups[0][0]["params"] == []
 
 
 @pytest.mark.parametrize("kind", ["sd1", "sdxl"])
@@ -110,13 +113,13 @@ def test_the_text_encoders_lora_trains_at_its_own_rate(tiny_models, images, kind
     adapter in its own optimizer group at that rate (None: the LoRA rate), the UNet's at the LoRA rate."""
     model = load_base_model(str(tiny_models[kind]))
     cfg = TrainConfig(concepts_per_actor=1, lora_learning_rate=7e-4, lora_text_encoder=True,
-                      lora_text_encoder_learning_rate=text_rate)
+                      recipe=Recipe(lora_text_encoder_learning_rate=text_rate))
     trainer = PackedTrainer(model, cfg)
     trainer.admit(0, ConceptData(spec("l", method="lora", placeholder_token="sks"), images))
     unet, *texts = trainer.lora_groups[0]  # one group per encoder
     assert len(texts) == len(model.text_encoders)
     assert unet["lr"] == 7e-4 and [t["lr"] for t in texts] == [text_rate or 7e-4] * len(texts)
-    for group, module in zip([unet, *texts], [model.unet, *model.text_encoders]):
+    for group, module in zip([unet, *texts], [model.denoiser, *model.text_encoders]):
         assert {id(p) for p in group["params"]} == {id(p) for p in Adapters.of(module).parameters("slot0")}
         assert {id(p) for p in trainer.slot_parameters(0)} >= {id(p) for p in group["params"]}
     before = [p.detach().clone() for t in texts for p in t["params"]]
@@ -127,7 +130,7 @@ def test_the_text_encoders_lora_trains_at_its_own_rate(tiny_models, images, kind
 
 def test_routing_sends_each_sample_through_its_own_adapter_only(tiny_models):
     model = load_base_model(str(tiny_models["sd1"]))
-    unet = model.unet
+    unet = model.denoiser
     g = torch.Generator().manual_seed(0)
     x, h = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 77, 32, generator=g)
     t = torch.tensor([100, 500, 900])
@@ -153,17 +156,17 @@ def test_routing_sends_each_sample_through_its_own_adapter_only(tiny_models):
 
 
 def test_a_text_encoder_lora_counts_in_the_fingerprint_of_lora_concepts_only():
-    from tinv.outputs import config_fingerprint
+    from modeltools import fingerprint
 
     model = {"base_model_fingerprint": "m", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
     ti, lora = spec("t"), spec("l", method="lora", placeholder_token="sks")
     on = TrainConfig(lora_text_encoder=True)
-    assert config_fingerprint(ti, on, model) == config_fingerprint(ti, TrainConfig(), model)
-    assert config_fingerprint(lora, on, model) != config_fingerprint(lora, TrainConfig(), model)
+    assert fingerprint(ti, on, model) == fingerprint(ti, TrainConfig(), model)
+    assert fingerprint(lora, on, model) != fingerprint(lora, TrainConfig(), model)
     for bad in (0.0, -1e-4):  # refused, not read as "the LoRA rate"
         with pytest.raises(ValueError, match="lora_text_encoder_learning_rate"):
-            TrainConfig(lora_text_encoder_learning_rate=bad)
-    rate = replace(on, lora_text_encoder_learning_rate=1e-5)  # counted when given, and only with the flag on
-    assert config_fingerprint(lora, rate, model) != config_fingerprint(lora, on, model)
-    assert config_fingerprint(lora, replace(TrainConfig(), lora_text_encoder_learning_rate=1e-5), model) == \
-        config_fingerprint(lora, TrainConfig(), model)
+            TrainConfig(recipe=Recipe(lora_text_encoder_learning_rate=bad))
+    rate = replace(on, recipe=Recipe(lora_text_encoder_learning_rate=1e-5))  # counted when given, with the flag on
+    assert fingerprint(lora, rate, model) != fingerprint(lora, on, model)
+    assert fingerprint(lora, TrainConfig(recipe=Recipe(lora_text_encoder_learning_rate=1e-5)), model) == \
+        fingerprint(lora, TrainConfig(), model)

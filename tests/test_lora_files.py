@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,13 +11,15 @@ from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.formats import DIFFUSERS_NAME, embedding_files
-from tinv.lora_files import LORA_NAME, NESTED, lora_files, read_lora
-from tinv.models import load_base_model
-from tinv.samples import SampleRequest, sample
-from tinv.train import ConceptData, train_concepts
-from tinv.webui import lora_path
+from tinv.evaluation.sampling import SampleRequest, sample
+from tinv.families.model import load_base_model
+from tinv.files.formats import DIFFUSERS_NAME, LORA_NAME, embedding_files, lora_files, read_lora
+from tinv.files.outputs import learned_files
+from tinv.files.webui import lora_path
+from tinv.manifest import ConceptSpec
+from tinv.settings import TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.loop import train_concepts
 
 PROMPT = "a photo of a {} on a table"
 prefixes = {("sd1", False): (), ("sdxl", False): (), ("sd1", True): ("lora_te_",),
@@ -62,10 +66,10 @@ def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_dra
         assert (t.text_lora is not None) == text
         folder = tmp_path / cid
         folder.mkdir()
-        files = lora_files(cid, t.spec.placeholder_token, cid, t.spec.method, t.lora_rank, t.lora, t.vectors,
-                           {"base_model_fingerprint": "fp"}, t.text_lora)
+        files = lora_files(model.family, cid, t.spec.placeholder_token, cid, t.spec.method, t.lora_rank, t.lora,
+                           t.vectors, {"base_model_fingerprint": "fp"}, t.text_lora)
         if t.vectors is not None:
-            files |= embedding_files(cid, t.spec.placeholder_token, cid, t.vectors, {})
+            files |= embedding_files(model.family, cid, t.spec.placeholder_token, cid, t.vectors, {})
         for name, data in files.items():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(data)
@@ -89,11 +93,10 @@ def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_dra
             assert len(bundled) == len(keys)
 
         for name in (LORA_NAME, lora_path(cid)):  # read back as the evaluate job reads a LoRA file
-            read = read_lora((folder / name).read_bytes())
+            read = read_lora((folder / name).read_bytes(), model)
             assert read.state.keys() == t.lora.keys() and all(torch.allclose(read.state[k], t.lora[k]) for k in t.lora)
             assert (read.text is None) == (not text)
-            for mine, back in zip(t.text_lora or [], read.text or []):  # named as published: text_model.encoder.…
-                mine = {k if k.startswith(NESTED) else NESTED + k: v for k, v in mine.items()}
+            for mine, back in zip(t.text_lora or [], read.text or []):  # named as this model's encoders name them
                 assert back.keys() == mine.keys() and all(torch.allclose(back[k], mine[k]) for k in mine)
         ours = sample(model, [t.vectors], [SampleRequest(0, PROMPT, 7)], steps=3, guidance=5.0,
                       words=[t.spec.placeholder_token], loras=[t.lora], text_loras=[t.text_lora])[0].astype(float)
@@ -106,3 +109,25 @@ def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_dra
         for file in (LORA_NAME, lora_path(cid)):
             drawn = theirs(tiny_models[kind], folder, t, file)
             assert np.abs(drawn - ours).max() <= 2, (cid, file)
+
+
+@pytest.mark.parametrize("kind,version,v2", [("sd1", "sd_v1", "False"), ("sd2", "sd_v2", "True"),
+                                             ("sdxl", "sdxl_base_v1-0", "False")])
+def test_every_file_names_its_model_family_as_kohya_and_the_model_spec_do(tiny_models, images, kind, version, v2):
+    """AUTOMATIC1111 lists a LoRA under a model family only from ``ss_base_model_version`` and ``ss_v2``: without
+    them an SDXL LoRA counts as SD 1 and is hidden from its Lora page while an SDXL model is loaded."""
+    model = load_base_model(str(tiny_models[kind]))
+    t = trained_concepts(model, images)["piv"]
+    files = learned_files(t, model.family, model.info)
+    arch = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+    for name, kind_of_file in ((lora_path("piv"), "lora"), (LORA_NAME, "lora"), (DIFFUSERS_NAME, "textual-inversion")):
+        meta = safe_open_metadata(files[name])
+        assert (meta["ss_base_model_version"], meta["ss_v2"]) == (version, v2), name
+        assert meta["modelspec.architecture"] == f"{arch[kind]}/{kind_of_file}", name
+        assert meta["family"] == model.family.version(model) and meta["base_model_fingerprint"] == model.fingerprint
+
+
+def safe_open_metadata(data: bytes) -> dict[str, str]:
+    """A safetensors file's string metadata, read from its header."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n])["__metadata__"]

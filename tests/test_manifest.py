@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from jobtools import REPO, TOY, job_env
+from modeltools import fingerprint
 
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.manifest import ManifestError, read_manifest, specs_from_table, write_manifest
-from tinv.outputs import concept_dir, config_fingerprint
+from tinv.files.outputs import concept_dir
+from tinv.manifest import ConceptSpec, ManifestError, read_manifest, specs_from_table, write_manifest
+from tinv.settings import Recipe, TrainConfig
 
 GOOD = {"concept_id": "good", "images": ["a.png"]}
 
@@ -126,50 +127,53 @@ def test_unsafe_concept_id_never_makes_an_output_path():
 def test_fingerprint_changes_with_what_changes_the_result(monkeypatch):
     spec = ConceptSpec("c", ("a.png",))
     model = {"base_model_fingerprint": "m1", "resolution": 32, "dtype": "torch.float32", "templates": "t1"}
-    fp = config_fingerprint(spec, TrainConfig(), model)
-    assert fp == config_fingerprint(ConceptSpec("c", ("a.png",), eval_prompts=("a {}",)), TrainConfig(), model)
-    assert fp == config_fingerprint(spec, TrainConfig(concepts_per_actor=7), model)  # packed == solo
-    assert fp != config_fingerprint(spec, TrainConfig(steps=9), model)
-    assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), seed=3), TrainConfig(), model)
-    assert fp != config_fingerprint(spec, TrainConfig(min_timestep_fraction=0.0), model)
-    assert fp != config_fingerprint(ConceptSpec("c", ("a.png",), captions=("a {} star",)), TrainConfig(), model)
-    assert fp != config_fingerprint(spec, TrainConfig(), {**model, "base_model_fingerprint": "m2"})
-    assert fp != config_fingerprint(spec, TrainConfig(), {**model, "templates": "t2"})  # other prompt templates
+    fp = fingerprint(spec, TrainConfig(), model)
+    assert fp == fingerprint(ConceptSpec("c", ("a.png",), eval_prompts=("a {}",)), TrainConfig(), model)
+    assert fp == fingerprint(spec, TrainConfig(concepts_per_actor=7), model)  # packed == solo
+    assert fp != fingerprint(spec, TrainConfig(steps=9), model)
+    assert fp != fingerprint(ConceptSpec("c", ("a.png",), seed=3), TrainConfig(), model)
+    assert fp != fingerprint(spec, TrainConfig(recipe=Recipe(min_timestep_fraction=0.5)), model)
+    assert fp != fingerprint(ConceptSpec("c", ("a.png",), captions=("a {} star",)), TrainConfig(), model)
+    assert fp != fingerprint(spec, TrainConfig(), {**model, "base_model_fingerprint": "m2"})
+    assert fp != fingerprint(spec, TrainConfig(), {**model, "templates": "t2"})  # other prompt templates
     fp16 = {**model, "dtype": "torch.float16"}  # the loss scale counts where it acts: under fp16
-    assert config_fingerprint(spec, TrainConfig(loss_scale_growth_interval=9), model) == fp
-    assert config_fingerprint(spec, TrainConfig(loss_scale_growth_interval=9), fp16) != config_fingerprint(
+    assert fingerprint(spec, TrainConfig(recipe=Recipe(loss_scale_growth_interval=9)), model) == fp
+    assert fingerprint(spec, TrainConfig(recipe=Recipe(loss_scale_growth_interval=9)), fp16) != fingerprint(
         spec, TrainConfig(), fp16)
     # the LoRA and prior settings count for the methods they act in, and leave a ti concept's hash as it was
-    assert config_fingerprint(spec, TrainConfig(lora_rank=9, class_images=5), model) == fp
+    assert fingerprint(spec, TrainConfig(lora_rank=9, class_images=5), model) == fp
     lora = ConceptSpec("c", ("a.png",), method="lora")
-    fl = config_fingerprint(lora, TrainConfig(), model)
-    assert fl != fp and fl != config_fingerprint(ConceptSpec("c", ("a.png",), method="pivotal"), TrainConfig(), model)
-    assert fl != config_fingerprint(lora, TrainConfig(lora_rank=8), model)
-    assert fl != config_fingerprint(lora, TrainConfig(lora_learning_rate=1e-3), model)
-    assert fl == config_fingerprint(lora, TrainConfig(class_images=5), model)  # no class prompt: no class pictures
+    fl = fingerprint(lora, TrainConfig(), model)
+    assert fl != fp and fl != fingerprint(ConceptSpec("c", ("a.png",), method="pivotal"), TrainConfig(), model)
+    assert fl != fingerprint(lora, TrainConfig(lora_rank=8), model)
+    assert fl != fingerprint(lora, TrainConfig(lora_learning_rate=1e-3), model)
+    assert fl == fingerprint(lora, TrainConfig(class_images=5), model)  # no class prompt: no class pictures
     prior = ConceptSpec("c", ("a.png",), method="lora", class_prompt="a dog")
-    fprior = config_fingerprint(prior, TrainConfig(), model)
-    assert fprior != fl and fprior != config_fingerprint(prior, TrainConfig(class_images=5), model)
-    assert fprior != config_fingerprint(prior, TrainConfig(prior_loss_weight=0.5), model)
-    monkeypatch.setattr("tinv.outputs.FINGERPRINT_VERSION", 1)  # a result of another format version: redone
-    assert config_fingerprint(spec, TrainConfig(), model) != fp
+    fprior = fingerprint(prior, TrainConfig(), model)
+    assert fprior != fl and fprior != fingerprint(prior, TrainConfig(class_images=5), model)
+    assert fprior != fingerprint(prior, TrainConfig(prior_loss_weight=0.5), model)
+    monkeypatch.setattr("tinv.plan.CONFIG_FINGERPRINT_VERSION", 2)  # a result of another format version: redone
+    assert fingerprint(spec, TrainConfig(), model) != fp
     monkeypatch.undo()
     # early stopping changes where a concept ends; its settings count only while it is on
-    assert fp != config_fingerprint(spec, TrainConfig(dvar_threshold=0.1), model)
-    off = config_fingerprint(spec, TrainConfig(early_stop=False), model)
+    assert fp != fingerprint(spec, TrainConfig(recipe=Recipe(dvar_threshold=0.1)), model)
+    off = fingerprint(spec, TrainConfig(early_stop=False), model)
     assert off != fp
-    assert off == config_fingerprint(spec, TrainConfig(early_stop=False, dvar_window=50), model)
+    assert off == fingerprint(spec, TrainConfig(early_stop=False, recipe=Recipe(dvar_window=50)), model)
     # the style settings count for styles only, and an object's batch size for objects only
     style = ConceptSpec("c", ("a.png",), learnable_property="style")
-    sfp = config_fingerprint(style, TrainConfig(), model)
-    assert fp == config_fingerprint(spec, TrainConfig(style_batch_size=2, style_timestep_power=1.0), model)
-    assert sfp != config_fingerprint(style, TrainConfig(style_timestep_power=1.0), model)
-    assert sfp != config_fingerprint(style, TrainConfig(style_batch_size=2), model)
-    assert sfp == config_fingerprint(style, TrainConfig(batch_size=2), model)
+    sfp = fingerprint(style, TrainConfig(), model)
+    assert fp == fingerprint(spec, TrainConfig(recipe=Recipe(style_batch_size=2, style_timestep_power=1.0)), model)
+    assert sfp != fingerprint(style, TrainConfig(recipe=Recipe(style_timestep_power=4.0)), model)
+    assert sfp != fingerprint(style, TrainConfig(recipe=Recipe(style_batch_size=2)), model)
+    assert sfp != fingerprint(style, TrainConfig(batch_size=2), model)  # unset, a style's batch is the run's
+    own = Recipe(style_batch_size=8)
+    assert fingerprint(style, TrainConfig(recipe=own), model) == fingerprint(style, TrainConfig(batch_size=2,
+                                                                                                recipe=own), model)
     # images under the manifest's folder count as written there: a moved manifest folder keeps its results
-    moved = [config_fingerprint(ConceptSpec("c", (f"{d}/img/a.png",)), TrainConfig(), model, manifest_dir=d)
+    moved = [fingerprint(ConceptSpec("c", (f"{d}/img/a.png",)), TrainConfig(), model, manifest_dir=d)
              for d in ("/tmp/ray/pkg_1", "s3://b/in")]
-    assert moved[0] == moved[1] != config_fingerprint(ConceptSpec("c", ("/x/img/b.png",)), TrainConfig(), model, "/x")
+    assert moved[0] == moved[1] != fingerprint(ConceptSpec("c", ("/x/img/b.png",)), TrainConfig(), model, "/x")
 
 
 def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path):
@@ -187,7 +191,7 @@ def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path):
 @pytest.mark.parametrize("args, says", [
     (["--manifest", "m.parquet"], "--manifest needs --model"),
     (["--model", "some/model"], "--model needs --manifest"),
-    (["--demo", "--manifest", "m.parquet", "--model", "x"], "--demo trains the shipped demo manifest"),
+    (["--demo"], "unrecognized arguments: --demo"),  # the no-argument run is the demo
 ])
 def test_a_manifest_never_trains_on_the_embedded_toy_model_by_accident(tmp_path, args, says):
     cmd = [sys.executable, "-m", "jobs.train", *args, "--output", str(tmp_path / "out"), "--ray-address", "127.0.0.1:1"]

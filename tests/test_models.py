@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tinv import storage
-from tinv.models import ModelLayoutError, load_base_model, resolve_dtype
+from tinv.families.model import ModelLayoutError, load_base_model, resolve_dtype
 
 
 def test_local_folder_and_file_uri_load_through_the_same_path(tiny_models):
@@ -23,9 +23,10 @@ def test_local_folder_and_file_uri_load_through_the_same_path(tiny_models):
     uri = load_base_model(f"file://{tiny_models['sd1']}")
     assert plain.local_dir == uri.local_dir == tiny_models["sd1"]
     assert plain.fingerprint == uri.fingerprint
-    for a, b in zip(plain.unet.parameters(), uri.unet.parameters()):
+    for a, b in zip(plain.denoiser.parameters(), uri.denoiser.parameters()):
         assert torch.equal(a, b)
-    assert not plain.is_sdxl and plain.prediction_type == "epsilon" and plain.resolution == 32
+    assert plain.family.name == "sd" and plain.family.version(plain) == "sd1" and plain.resolution == 32
+    assert plain.scheduler.config.prediction_type == "epsilon"
     assert plain.dtype == torch.float32 and plain.device.type == "cpu"  # fp32 by default on CPU
 
 
@@ -40,12 +41,12 @@ def test_auto_precision_is_bf16_only_where_the_gpu_supports_it(monkeypatch):
 
 def test_kinds_precision_and_prediction_type_come_from_the_folder(tiny_models):
     sd2 = load_base_model(str(tiny_models["sd2"]), precision="fp16")
-    assert sd2.prediction_type == "v_prediction"
-    assert sd2.unet.dtype == torch.float16
+    assert sd2.scheduler.config.prediction_type == "v_prediction" and sd2.family.version(sd2) == "sd2"
+    assert sd2.denoiser.dtype == torch.float16
     assert sd2.text_encoders[0].dtype == torch.float32  # the new vectors' gradient crosses it: fp32
     assert sd2.vae.dtype == torch.float32  # fp16 VAEs overflow: kept in fp32
     xl = load_base_model(str(tiny_models["sdxl"]), precision="bf16")
-    assert xl.is_sdxl and len(xl.tokenizers) == 2 and xl.unet.dtype == torch.bfloat16
+    assert xl.family.name == "sdxl" and len(xl.tokenizers) == 2 and xl.denoiser.dtype == torch.bfloat16
     assert {te.dtype for te in xl.text_encoders} == {torch.float32}
     assert xl.fingerprint != sd2.fingerprint
     with pytest.raises(ValueError, match="precision must be auto, fp32, bf16, fp16; got 'fp8'"):
@@ -62,7 +63,7 @@ def test_unknown_layouts_name_what_is_missing(tiny_models, tmp_path):
     half_xl = tmp_path / "half_xl"
     shutil.copytree(tiny_models["sdxl"], half_xl)
     shutil.rmtree(half_xl / "text_encoder_2")
-    with pytest.raises(ModelLayoutError, match="only one of tokenizer_2/ and text_encoder_2/"):
+    with pytest.raises(ModelLayoutError, match="missing text_encoder_2/"):
         load_base_model(str(half_xl))
     with pytest.raises(ModelLayoutError, match="no model folder at"):
         load_base_model(str(tmp_path / "nothing-here"))
@@ -120,7 +121,7 @@ def test_hub_id_loads_from_the_hub_cache_offline(tiny_models, tmp_path):
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
     code = (
-        "from tinv.models import load_base_model, ModelLayoutError\n"
+        "from tinv.families.model import load_base_model, ModelLayoutError\n"
         "m = load_base_model('acme/tiny-sd'); print(m.local_dir.name, m.fingerprint)\n"
         "try: load_base_model('acme/absent')\n"
         "except ModelLayoutError as e: print('refused:', e)\n"

@@ -7,14 +7,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from modeltools import class_pictures
+from modeltools import class_pictures, fingerprint
 
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.lora import BASE, Adapters
-from tinv.models import load_base_model
-from tinv.outputs import config_fingerprint
-from tinv.resolved import resolve
-from tinv.train import ConceptData, PackedTrainer, train_concepts
+from tinv.families.model import load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.plan import resolve
+from tinv.settings import Recipe, TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.loop import train_concepts
+from tinv.training.splice import BASE, Adapters
+from tinv.training.trainer import PackedTrainer
 
 PROMPT = "a photo of a toy"
 OUTPUT = TrainConfig(concepts_per_actor=2, batch_size=4, prior_preservation="output")
@@ -28,7 +30,7 @@ def nudge(trainer: PackedTrainer, s: int) -> None:
     """Give slot ``s``'s fresh adapter (B = 0: no change yet) a change, seeded."""
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
-        for p in Adapters.of(trainer.model.unet).parameters(f"slot{s}"):
+        for p in Adapters.of(trainer.model.denoiser).parameters(f"slot{s}"):
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -45,7 +47,7 @@ def test_the_concepts_own_samples_train_under_its_class_prompt_against_the_froze
     assert kept.preserve and kept.prior and not own.preserve
     for f in ("latents", "noise", "t"):
         assert torch.equal(getattr(kept, f), getattr(own, f))
-    assert torch.equal(kept.ids[0], trainer._tokenize(model.tokenizers[0], [PROMPT]).expand(4, -1))
+    assert torch.equal(kept.ids[0], model.tokenize([PROMPT])[0].expand(4, -1))
     assert trainer.fixed_loss(1) == pytest.approx(trainer.fixed_loss(0), abs=1e-7)  # fresh: nothing changed
     for s in (0, 1):
         nudge(trainer, s)
@@ -71,7 +73,7 @@ def test_output_preservation_keeps_the_class_prediction_nearer_the_frozen_models
     change = {}
     for cid, trained in learned.items():
         assert trained.error is None
-        Adapters.of(model.unet).load("slot0", trained.lora)
+        Adapters.of(model.denoiser).load("slot0", trained.lora)
         with torch.no_grad():
             adapted, frozen = (probe._predict([rows], [name])[0] for name in ("slot0", BASE))
         change[cid] = (adapted - frozen).pow(2).mean().item()
@@ -98,7 +100,7 @@ def test_both_trains_the_class_pictures_and_the_preserved_samples_each_at_the_we
 
 def test_blank_prompt_preservation_adds_the_empty_prompt_for_adapter_concepts_only(tiny_models, images):
     model = load_base_model(str(tiny_models["sdxl"]))
-    cfg = TrainConfig(concepts_per_actor=1, batch_size=4, blank_prompt_preservation=True)
+    cfg = TrainConfig(concepts_per_actor=1, batch_size=4, recipe=Recipe(blank_prompt_preservation=True))
     trainer = PackedTrainer(model, cfg)
     trainer.admit(0, ConceptData(spec("c"), images))  # no class prompt needed
     own, blank = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4)
@@ -115,10 +117,10 @@ def test_the_empty_prompts_loss_has_its_own_weight_when_set(tiny_models, images)
     """``blank_prompt_loss_weight`` weighs the blank rows alone (ai-toolkit's multiplier); unset, they take the
     concept's ``prior_loss_weight`` as the class prompt's rows do."""
     model = load_base_model(str(tiny_models["sd1"]))
-    cfg = replace(OUTPUT, concepts_per_actor=1, blank_prompt_preservation=True, prior_loss_weight=3.0)
+    cfg = replace(OUTPUT, concepts_per_actor=1, recipe=Recipe(blank_prompt_preservation=True), prior_loss_weight=3.0)
     totals = {}
     for blank_weight in (None, 0.5):
-        trainer = PackedTrainer(model, replace(cfg, blank_prompt_loss_weight=blank_weight))
+        trainer = PackedTrainer(model, replace(cfg, recipe=replace(cfg.recipe, blank_prompt_loss_weight=blank_weight)))
         trainer.admit(0, ConceptData(spec("c", class_prompt=PROMPT), images))
         nudge(trainer, 0)
         draw = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4)
@@ -130,13 +132,14 @@ def test_the_empty_prompts_loss_has_its_own_weight_when_set(tiny_models, images)
         assert totals[blank_weight] == pytest.approx(means[0] + 3.0 * means[1] + blank * means[2], rel=1e-5)
     assert totals[None] != pytest.approx(totals[0.5], rel=1e-3)
     with pytest.raises(ValueError, match="blank_prompt_preservation where blank_prompt_loss_weight is set"):
-        TrainConfig(blank_prompt_loss_weight=0.5)
+        TrainConfig(recipe=Recipe(blank_prompt_loss_weight=0.5))
     with pytest.raises(ValueError, match="blank_prompt_loss_weight is None or >= 0"):
-        TrainConfig(blank_prompt_preservation=True, blank_prompt_loss_weight=-1.0)
-    fingerprint = {"base_model_fingerprint": "m", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
+        TrainConfig(recipe=Recipe(blank_prompt_preservation=True, blank_prompt_loss_weight=-1.0))
+    info = {"base_model_fingerprint": "m", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
     on = replace(cfg, prior_preservation="images")
-    same, other = (replace(on, blank_prompt_loss_weight=w) for w in (3.0, 1.0))  # 3: the weight it takes unset
-    fp = {c: config_fingerprint(spec("l"), c, fingerprint) for c in (on, same, other)}
+    # 3: the weight it takes unset
+    same, other = (replace(on, recipe=replace(on.recipe, blank_prompt_loss_weight=w)) for w in (3.0, 1.0))
+    fp = {c: fingerprint(spec("l"), c, info) for c in (on, same, other)}
     assert fp[on] == fp[same] != fp[other]
     assert resolve(spec("l"), same).blank_loss_weight == 3.0 and resolve(spec("l"), OUTPUT).blank_loss_weight is None
 
@@ -146,8 +149,8 @@ def test_the_preservation_settings_are_checked_and_count_in_the_fingerprint_wher
         TrainConfig(prior_preservation="teacher")
     model = {"base_model_fingerprint": "m", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
     prior, lora, ti = spec("p", class_prompt=PROMPT), spec("l"), ConceptSpec("t", ("memory://unused.png",))
-    plain, blank = TrainConfig(), TrainConfig(blank_prompt_preservation=True)
-    fp = config_fingerprint
+    plain, blank = TrainConfig(), TrainConfig(recipe=Recipe(blank_prompt_preservation=True))
+    fp = fingerprint
     assert fp(prior, OUTPUT, model) != fp(prior, replace(OUTPUT, prior_preservation="images"), model)
     assert fp(lora, OUTPUT, model) == fp(lora, replace(OUTPUT, prior_preservation="images"), model)  # no class
     assert fp(prior, replace(OUTPUT, prior_preservation="both"), model) not in (fp(prior, OUTPUT, model),

@@ -8,10 +8,13 @@ import pytest
 import torch
 from modeltools import class_pictures
 
-from tinv import classes
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.models import load_base_model
-from tinv.train import ConceptData, PackedTrainer, train_concepts
+from tinv.families.model import load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.settings import Recipe, TrainConfig
+from tinv.training import classes
+from tinv.training.concept import ConceptData
+from tinv.training.loop import train_concepts
+from tinv.training.trainer import PackedTrainer
 
 INFO = {"base_model_fingerprint": "fp", "resolution": 32, "dtype": "torch.float32"}
 
@@ -26,8 +29,10 @@ def test_a_class_set_is_keyed_by_everything_its_pictures_depend_on():
     assert base == classes.class_set("a photo of a dog", cfg, {**INFO, "worker": "other"})  # one per run
     others = [classes.class_set("a photo of a cat", cfg, INFO),
               classes.class_set("a photo of a dog", TrainConfig(class_images=4), INFO),
-              classes.class_set("a photo of a dog", TrainConfig(class_images=3, class_sample_steps=9), INFO),
-              classes.class_set("a photo of a dog", TrainConfig(class_images=3, class_guidance=2.0), INFO),
+              classes.class_set("a photo of a dog", TrainConfig(class_images=3, recipe=Recipe(class_sample_steps=9)),
+                                INFO),
+              classes.class_set("a photo of a dog", TrainConfig(class_images=3, recipe=Recipe(class_guidance=2.0)),
+                                INFO),
               classes.class_set("a photo of a dog", cfg, {**INFO, "base_model_fingerprint": "other"}),
               classes.class_set("a photo of a dog", cfg, {**INFO, "dtype": "torch.bfloat16"})]
     assert len({base.key, *(o.key for o in others)}) == 7
@@ -35,7 +40,7 @@ def test_a_class_set_is_keyed_by_everything_its_pictures_depend_on():
 
 def test_class_pictures_are_drawn_in_one_batch_across_classes_and_marked_done_last(tiny_models, tmp_path):
     model = load_base_model(str(tiny_models["sd1"]))
-    cfg = TrainConfig(class_images=3, class_sample_steps=2)
+    cfg = TrainConfig(class_images=3, recipe=Recipe(class_sample_steps=2))
     sets = [classes.class_set(p, cfg, model.info | INFO) for p in ("a photo of a dog", "a photo of a cat")]
     out = str(tmp_path)
     assert not any(classes.is_done(out, s) for s in sets)
@@ -73,7 +78,7 @@ def test_the_class_pictures_train_under_the_class_prompt_with_their_weight(tiny_
     for s, weight in enumerate((0.0, 1.0, 3.0)):  # one concept, three weights, the same seed and adapter start
         trainer.admit(s, ConceptData(spec("c", class_prompt=prompt, prior_loss_weight=weight), images, pictures))
     own, prior = trainer._draw(trainer.slots[1], torch.Generator().manual_seed(0), 4)
-    prompt_ids = trainer._tokenize(model.tokenizers[0], [prompt])
+    prompt_ids = model.tokenize([prompt])[0]
     assert len(own.latents) == len(prior.latents) == 4 and prior.prior and not own.prior
     assert torch.equal(prior.ids[0], prompt_ids.expand(4, -1))
     assert not (own.ids[0] == prompt_ids).all(dim=1).any()  # the concept's own rows: its templates
@@ -101,7 +106,7 @@ def test_several_class_prompts_each_train_their_own_pictures_under_their_own_pro
     mean = slot.class_latents.mean
     slot.class_latents.std = torch.zeros_like(mean)  # no posterior noise: a row is its picture's latent mean
     _, prior = trainer._draw(slot, torch.Generator().manual_seed(0), 16)
-    dog_ids, house_ids = (trainer._tokenize(model.tokenizers[0], [p]) for p in prompts)
+    dog_ids, house_ids = (model.tokenize([p])[0] for p in prompts)
     rows, class_ids = prior.latents / model.vae.config.scaling_factor, prior.ids[0]
     is_dog, is_house = ((class_ids == t).all(dim=1) for t in (dog_ids, house_ids))
     assert (is_dog | is_house).all() and is_dog.any() and is_house.any()  # every class row under one of them

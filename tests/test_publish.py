@@ -8,17 +8,19 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from modeltools import fingerprint
 from safetensors import safe_open
 from safetensors.torch import load
 
-from tinv import catalog, storage
-from tinv.catalog import Condition, PublishConfig, write_catalog
-from tinv.config import ConceptSpec, TrainConfig
+from tinv import storage
 from tinv.errors import ConceptDataError
-from tinv.formats import canonical, concepts_library_files, to_bytes
-from tinv.manifest import ManifestError, read_manifest, write_manifest
-from tinv.outputs import config_fingerprint
-from tinv.webui import PREFIX, resolve_triggers
+from tinv.families.sd import SD
+from tinv.files import catalog
+from tinv.files.catalog import Condition, PublishConfig, write_catalog
+from tinv.files.formats import canonical, concepts_library_files, to_bytes
+from tinv.files.webui import PREFIX, resolve_triggers
+from tinv.manifest import ConceptSpec, ManifestError, read_manifest, write_manifest
+from tinv.settings import TrainConfig
 
 META = {f"key{i}": f"value {i}" for i in range(12)}
 
@@ -108,8 +110,8 @@ def test_the_catalog_lists_its_concepts_files_and_hashes_and_latest_is_written_l
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_the_concepts_library_layout_loads_with_load_textual_inversion(tiny_models, tmp_path, kind):
     vectors = [torch.randn(2, 32)]
-    files = concepts_library_files("<my-toy>", vectors, "style")
-    assert files == concepts_library_files("<my-toy>", vectors, "style")  # byte-reproducible too
+    files = concepts_library_files(SD, "<my-toy>", vectors, "style")
+    assert files == concepts_library_files(SD, "<my-toy>", vectors, "style")  # byte-reproducible too
     for name, data in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(data)
@@ -127,5 +129,5 @@ def test_the_concepts_library_layout_loads_with_load_textual_inversion(tiny_mode
 
 def test_a_manifest_trigger_changes_the_fingerprint_so_its_files_are_renamed():
     model = {"base_model_fingerprint": "fp", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
-    plain = config_fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(), model)
-    assert plain != config_fingerprint(ConceptSpec("c", ("a.png",), trigger="my-c"), TrainConfig(), model)
+    plain = fingerprint(ConceptSpec("c", ("a.png",)), TrainConfig(), model)
+    assert plain != fingerprint(ConceptSpec("c", ("a.png",), trigger="my-c"), TrainConfig(), model)

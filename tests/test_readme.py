@@ -9,11 +9,11 @@ import re
 import torch
 from jobtools import REPO
 
-from tinv.config import LORA_TARGETS
-from tinv.formats import DIFFUSERS_NAME, embedding_files
-from tinv.lora import Adapters
-from tinv.lora_files import LORA_NAME, lora_files
-from tinv.models import load_base_model
+from tinv.families.model import load_base_model
+from tinv.families.sd import SD
+from tinv.families.sdxl import SDXL
+from tinv.files.formats import DIFFUSERS_NAME, LORA_NAME, embedding_files, lora_files
+from tinv.training.splice import Adapters
 
 README = (REPO / "README.md").read_text()
 
@@ -29,7 +29,7 @@ def test_the_diffusers_snippets_run_as_written(tiny_models, tmp_path, monkeypatc
         folder = tmp_path / kind / "out" / "mine" / "concepts" / "my-cat"
         folder.mkdir(parents=True)
         vectors = [torch.randn(1, d) for d in dims]
-        files = embedding_files("my-cat", "<my-cat>", "my-cat", vectors, {})
+        files = embedding_files(SDXL if kind == "sdxl" else SD, "my-cat", "<my-cat>", "my-cat", vectors, {})
         (folder / DIFFUSERS_NAME).write_bytes(files[DIFFUSERS_NAME])
     for block, kind, hub_id in ((blocks[0], "sd1", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                                 (blocks[1], "sdxl", "stabilityai/stable-diffusion-xl-base-1.0")):
@@ -56,12 +56,12 @@ def test_the_lora_snippet_runs_as_written(tiny_models, tmp_path, monkeypatch):
     hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     folder = tmp_path / "out" / "mine" / "concepts" / "my-dog"
     folder.mkdir(parents=True)
-    unet = load_base_model(str(tiny_models["sd1"])).unet
-    adapters = Adapters.of(unet)
-    adapters.add("my-dog", 4, LORA_TARGETS, seed=0)
+    denoiser = load_base_model(str(tiny_models["sd1"])).denoiser
+    adapters = Adapters.of(denoiser)
+    adapters.add("my-dog", 4, SD.lora_targets, seed=0)
     vectors = [torch.randn(1, 32)]
-    files = {**embedding_files("my-dog", "<my-dog>", "my-dog", vectors, {}),
-             **lora_files("my-dog", "<my-dog>", "my-dog", "pivotal", 4, adapters.state_dict("my-dog"), vectors, {})}
+    files = {**embedding_files(SD, "my-dog", "<my-dog>", "my-dog", vectors, {}),
+             **lora_files(SD, "my-dog", "<my-dog>", "my-dog", "pivotal", 4, adapters.state_dict("my-dog"), vectors, {})}
     for name in (DIFFUSERS_NAME, LORA_NAME):
         (folder / name).write_bytes(files[name])
     assert hub_id in block

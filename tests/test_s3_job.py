@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import s3fs
 from jobtools import REPO, TOY, expected_files, run_driver, run_named
 
-from tinv.demo import DEMO_MANIFEST
+from jobs.train import DEMO_MANIFEST
 from tinv.manifest import read_manifest, write_manifest
 
 KEY, SECRET = "AKIATINVFAKEKEY00001", "tinv-fake-secret-7f3Qz9wLm2"

@@ -7,16 +7,18 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 from jobtools import REPO, TOY
+from modeltools import fingerprint
 
-from tinv.config import ConceptSpec, TrainConfig
 from tinv.errors import InitializerError
-from tinv.formats import embedding_files
-from tinv.images import load_images
-from tinv.initializer import Example, Initializer, fit, picture_features
-from tinv.models import load_base_model
-from tinv.outputs import config_fingerprint
-from tinv.starts import LEARNED, Start, cross_start, word_start
-from tinv.train import ConceptData, train_concepts
+from tinv.families.model import load_base_model
+from tinv.families.sd import SD
+from tinv.files.formats import embedding_files
+from tinv.manifest import ConceptSpec
+from tinv.settings import Recipe, TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.loop import train_concepts
+from tinv.training.pictures import load_images
+from tinv.training.starts import LEARNED, Example, Initializer, Start, cross_start, fit, picture_features, word_start
 
 FIXED = TrainConfig(steps=6, concepts_per_actor=1, batch_size=2, learning_rate=5e-3, early_stop=False)
 
@@ -137,7 +139,7 @@ def test_an_initializer_refuses_another_base_model_and_a_file_that_is_not_one():
     init.check("fp-1")
     with pytest.raises(InitializerError, match="fitted on base model"):
         init.check("fp-2")
-    embedding = embedding_files("c", "<c>", "c", [torch.zeros(1, 8)], {})["learned_embeds.safetensors"]
+    embedding = embedding_files(SD, "c", "<c>", "c", [torch.zeros(1, 8)], {})["learned_embeds.safetensors"]
     with pytest.raises(InitializerError, match="not an initializer"):
         Initializer.from_bytes(embedding)
     with pytest.raises(InitializerError, match="not an initializer"):
@@ -148,10 +150,10 @@ def test_the_start_counts_in_the_fingerprint_of_concepts_with_new_vectors_only()
     model = {"base_model_fingerprint": "m", "resolution": 32, "dtype": "torch.float32", "templates": "t"}
     cfg = TrainConfig()
     ti, lora = red_star(), red_star(method="lora", placeholder_token="sks star")
-    assert config_fingerprint(ti, cfg, model) == config_fingerprint(ti, cfg, model, start="word")
+    assert fingerprint(ti, cfg, model) == fingerprint(ti, cfg, model, start="word")
     starts = ("word", "cross", "learned:ab", "learned:cd")
-    assert len({config_fingerprint(ti, cfg, model, start=s) for s in starts}) == 4
-    assert config_fingerprint(lora, cfg, model, start="cross") == config_fingerprint(lora, cfg, model)
+    assert len({fingerprint(ti, cfg, model, start=s) for s in starts}) == 4
+    assert fingerprint(lora, cfg, model, start="cross") == fingerprint(lora, cfg, model)
 
 
 def test_an_sdxl_initializer_predicts_each_text_encoders_vectors():
@@ -167,10 +169,10 @@ def test_dvar_counts_the_fall_from_the_word_start_so_a_good_learned_start_stops_
     model = load_base_model(TOY)
     data = ConceptData(red_star(), pictures("red-star"))
     (learned,) = train_concepts(model, [data], replace(FIXED, steps=80))
-    dvar = replace(FIXED, steps=200, early_stop=True, dvar_window=20, dvar_every=2, dvar_samples=8)
+    dvar = replace(FIXED, steps=200, early_stop=True, recipe=Recipe(dvar_window=20, dvar_every=2, dvar_samples=8))
     (started,) = train_concepts(model, [data], dvar, start=Given(LEARNED, rows=learned.vectors))
     assert started.start["init"] == LEARNED
-    assert len(started.losses) == 2 * dvar.dvar_window - dvar.dvar_every  # the earliest step DVAR may stop at
+    assert len(started.losses) == 2 * dvar.recipe.dvar_window - dvar.recipe.dvar_every  # DVAR's earliest stop
 
 
 @dataclass

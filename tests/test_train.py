@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.models import load_base_model
-from tinv.train import ConceptData, PackedTrainer, StepInfo, train_concepts
+from tinv.families.model import load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.settings import Recipe, TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.loop import StepInfo, train_concepts
+from tinv.training.trainer import PackedTrainer
 
 
 def spec(cid: str, **kw) -> ConceptSpec:
@@ -15,7 +18,7 @@ def spec(cid: str, **kw) -> ConceptSpec:
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
-    modules = {"unet": model.unet, "vae": model.vae, **{f"te{i}": t for i, t in enumerate(model.text_encoders)}}
+    modules = {"denoiser": model.denoiser, "vae": model.vae, **{f"te{i}": t for i, t in enumerate(model.text_encoders)}}
     return {f"{n}.{k}": v.detach().clone() for n, m in modules.items() for k, v in m.state_dict().items()}
 
 
@@ -30,7 +33,7 @@ def test_every_base_weight_is_bit_identical_after_training(tiny_models, images, 
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == []
-    assert all(not p.requires_grad for m in [model.unet, model.vae, *model.text_encoders] for p in m.parameters())
+    assert all(not p.requires_grad for m in [model.denoiser, model.vae, *model.text_encoders] for p in m.parameters())
     # the learned vectors really moved away from the initializer
     init = model.text_encoders[0].get_input_embeddings().weight[model.tokenizers[0].convert_tokens_to_ids("cat</w>")]
     assert (out[0].vectors[0] - init).abs().max() > 1e-3
@@ -130,18 +133,17 @@ def test_latents_are_encoded_once_per_image_and_flip_not_per_step(tiny_models, i
 
 
 def test_sdxl_pools_at_the_real_end_of_text_token_even_with_a_legacy_config(tiny_models):
-    from tinv.conditioning import encode_prompts
-    from tinv.slots import spliced
+    from tinv.training.splice import spliced
 
     model = load_base_model(str(tiny_models["sdxl"]))
     trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1))
-    ids = [trainer._tokenize(tok, ["a photo of a <tinv-slot0-0>"]) for tok in model.tokenizers]
+    ids = model.tokenize(["a photo of a <tinv-slot0-0>"])
     encoder = model.text_encoders[1]
     for module in encoder.modules():  # the pre-2023 CLIP configs: transformers then pools at the largest id
         if hasattr(module, "eos_token_id"):
             module.eos_token_id = 2
     with torch.no_grad(), spliced(model, trainer.vectors, trainer.token_ids):
-        _, added = encode_prompts(model, ids, 32)
+        added = model.family.encode(model, ids, (32, 32)).tensors
         final = encoder(ids[1]).last_hidden_state
         hijacked = encoder(ids[1]).text_embeds  # pooled at the slot token (the largest id)
     eos = (ids[1][0] == model.tokenizers[1].eos_token_id).nonzero()[0, 0]
@@ -152,7 +154,8 @@ def test_sdxl_pools_at_the_real_end_of_text_token_even_with_a_legacy_config(tiny
 
 def test_early_stopping_emits_a_concept_once_its_fixed_batch_loss_flattens(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]))
-    dvar = dict(steps=400, batch_size=2, learning_rate=5e-2, dvar_window=20, dvar_every=2, dvar_samples=4)
+    dvar = dict(steps=400, batch_size=2, learning_rate=5e-2,
+                recipe=Recipe(dvar_window=20, dvar_every=2, dvar_samples=4))
     early = next(train_concepts(model, [ConceptData(spec("a"), images)], TrainConfig(early_stop=True, **dvar)))
     assert early.error is None
     # it trained at least two windows of history, and stopped well before the schedule's end
@@ -166,12 +169,13 @@ def test_early_stopping_emits_a_concept_once_its_fixed_batch_loss_flattens(tiny_
 
 def test_early_stopping_settings_are_checked():
     with pytest.raises(ValueError, match="dvar_window >= 2 \\* dvar_every"):
-        TrainConfig(early_stop=True, dvar_window=4, dvar_every=5)
+        TrainConfig(early_stop=True, recipe=Recipe(dvar_window=4, dvar_every=5))
 
 
 def test_early_stopping_costs_nothing_on_a_schedule_too_short_to_use_it(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]))
-    trainer = PackedTrainer(model, TrainConfig(steps=40, concepts_per_actor=1, dvar_window=20, dvar_every=2))
+    trainer = PackedTrainer(model, TrainConfig(steps=40, concepts_per_actor=1,
+                                               recipe=Recipe(dvar_window=20, dvar_every=2)))
     trainer.admit(0, ConceptData(spec("a"), images))
     for _ in range(40):
         trainer.slots[0].losses.append(trainer.step()[0][0])
@@ -182,7 +186,7 @@ def test_early_stopping_costs_nothing_on_a_schedule_too_short_to_use_it(tiny_mod
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9])
 def test_training_timesteps_come_from_the_noisy_share_of_the_schedule(tiny_models, images, fraction):
     model = load_base_model(str(tiny_models["sd1"]))
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1, min_timestep_fraction=fraction))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1, recipe=Recipe(min_timestep_fraction=fraction)))
     trainer.admit(0, ConceptData(spec("c"), images))
     t = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 4000)[0].t
     steps = model.scheduler.config.num_train_timesteps
@@ -194,12 +198,12 @@ def test_training_timesteps_come_from_the_noisy_share_of_the_schedule(tiny_model
 @pytest.mark.parametrize("power", [1.0, 6.0])
 def test_style_timesteps_lean_to_the_noisy_end_and_objects_stay_uniform(tiny_models, images, power):
     model = load_base_model(str(tiny_models["sd1"]))
-    cfg = TrainConfig(concepts_per_actor=2, style_timestep_power=power)
+    cfg = TrainConfig(concepts_per_actor=2, recipe=Recipe(style_timestep_power=power))
     trainer = PackedTrainer(model, cfg)
     trainer.admit(0, ConceptData(spec("o"), images))
     trainer.admit(1, ConceptData(spec("s", learnable_property="style"), images))
     steps = model.scheduler.config.num_train_timesteps
-    low = int(cfg.min_timestep_fraction * steps)
+    low = int(cfg.recipe.min_timestep_fraction * steps)
     for s, p in ((0, 1.0), (1, power)):
         t = trainer._draw(trainer.slots[s], torch.Generator().manual_seed(0), 4000)[0].t.float()
         assert t.min() >= low and t.max() <= steps - 1
@@ -209,7 +213,7 @@ def test_style_timesteps_lean_to_the_noisy_end_and_objects_stay_uniform(tiny_mod
 
 def test_a_style_concept_draws_style_batch_size_samples_per_step(tiny_models, images):
     model = load_base_model(str(tiny_models["sd1"]))
-    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=2, batch_size=3, style_batch_size=5))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=2, batch_size=3, recipe=Recipe(style_batch_size=5)))
     trainer.admit(0, ConceptData(spec("o"), images))
     trainer.admit(1, ConceptData(spec("s", learnable_property="style"), images))
     sizes, draw = [], trainer._draw
@@ -226,23 +230,23 @@ def test_a_captioned_image_is_always_trained_under_its_own_caption(tiny_models, 
     trainer.admit(0, ConceptData(captioned, images))
     ids = trainer._draw(trainer.slots[0], torch.Generator().manual_seed(0), 64)[0].ids[0]
     drawn = torch.randint(4, (64,), generator=torch.Generator().manual_seed(0))  # the image draw comes first
-    expected = trainer._tokenize(model.tokenizers[0], [c.format(trainer.names[0][0]) for c in captions])
+    expected = model.tokenize([c.format(trainer.names[0][0]) for c in captions])[0]
     assert torch.equal(ids, expected[drawn])
     assert len(set(drawn.tolist())) == 4  # every image, each under its own caption
 
 
 def test_min_timestep_fraction_is_checked():
     with pytest.raises(ValueError, match="min_timestep_fraction"):
-        TrainConfig(min_timestep_fraction=1.0)
-    with pytest.raises(ValueError, match="style_batch_size >= 1, style_timestep_power > 0"):
-        TrainConfig(style_batch_size=0, style_timestep_power=0.0)
+        TrainConfig(recipe=Recipe(min_timestep_fraction=1.0))
+    with pytest.raises(ValueError, match="style_timestep_power > 0, style_batch_size is None or >= 1"):
+        TrainConfig(recipe=Recipe(style_batch_size=0, style_timestep_power=0.0))
 
 
 def test_gradient_checkpointing_gives_the_same_step_and_is_really_on(tiny_models, images):
     stepped = []
     for checkpointing in (False, True):
         model = load_base_model(str(tiny_models["sdxl"]), gradient_checkpointing=checkpointing)
-        assert model.unet.is_gradient_checkpointing == checkpointing
+        assert model.denoiser.is_gradient_checkpointing == checkpointing
         assert all(te.is_gradient_checkpointing == checkpointing for te in model.text_encoders)
         trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=1, batch_size=2, learning_rate=0.1))
         trainer.admit(0, ConceptData(spec("c"), images))
@@ -253,7 +257,7 @@ def test_gradient_checkpointing_gives_the_same_step_and_is_really_on(tiny_models
 
 
 def test_the_vae_encodes_in_chunks_sized_by_resolution(tiny_models, images, monkeypatch):
-    import tinv.models
+    import tinv.families.model
 
     model = load_base_model(str(tiny_models["sd1"]))
     encoded: list[int] = []
@@ -262,6 +266,6 @@ def test_the_vae_encodes_in_chunks_sized_by_resolution(tiny_models, images, monk
     PackedTrainer(model, TrainConfig(concepts_per_actor=1)).admit(0, ConceptData(spec("a"), images))
     assert encoded == [8]  # 4 images and their flips: one call at 32 px
     encoded.clear()
-    monkeypatch.setattr(tinv.models, "VAE_PIXELS_PER_CHUNK", 3 * 32 * 32)  # a budget of 3 pictures of 32 px
+    monkeypatch.setattr(tinv.families.model, "VAE_PIXELS_PER_CHUNK", 3 * 32 * 32)  # a budget of 3 pictures of 32 px
     PackedTrainer(model, TrainConfig(concepts_per_actor=1)).admit(0, ConceptData(spec("a"), images))
     assert encoded == [3, 3, 2]

@@ -23,13 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from tinv.config import TrainConfig
-from tinv.demo import DEMO_MANIFEST, DEMO_STEPS, default_model
-from tinv.fingerprint import model_fingerprint
-from tinv.lora_files import LORA_NAME
+from jobs.train import DEMO_MANIFEST
+from tinv import EMBEDDED_MODEL
+from tinv.evaluation.sampling import SampleConfig
+from tinv.families.fingerprint import model_fingerprint
+from tinv.families.sd import SD
+from tinv.files.formats import LORA_NAME
 from tinv.manifest import read_manifest, write_manifest
-from tinv.models import SD_PARTS
-from tinv.samples import SampleConfig
+from tinv.settings import TrainConfig
 
 
 def tree(root: Path) -> set[str]:
@@ -73,11 +74,11 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
     assert all(0.0 <= f <= 1.0 for f in fidelity.values()), fidelity
     assert min(fidelity[c] for c in COMBINATIONS) >= 0.5, fidelity  # a random token scores <= 0.15 on each
 
-    model_dir = default_model()
+    model_dir = EMBEDDED_MODEL
     for cid in DEMO:
         result = record(out, cid)
         assert result["base_model_fingerprint"] == run["base_model_fingerprint"]
-        assert result["steps"] == DEMO_STEPS and result["token"] == f"<{cid}>" and result["config_fingerprint"]
+        assert result["steps"] == DEMO[cid].steps and result["token"] == f"<{cid}>" and result["config_fingerprint"]
         assert result["metrics"] == dict(rows[cid]["metrics"])
         assert set(result["metrics"]) == {"fidelity", "fidelity_loose"}
         assert result["metrics"]["fidelity"] == fidelity[cid] <= result["metrics"]["fidelity_loose"]
@@ -85,7 +86,7 @@ def test_demo_job_succeeds_with_the_exact_files_and_embeddings_load_in_diffusers
         webui = f"webui/embeddings/{cid}.safetensors"
         for name, kw in (("learned_embeds.safetensors", {}), (webui, {"token": f"<{cid}>"})):
             pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
-            assert model_fingerprint(model_dir, SD_PARTS) == result["base_model_fingerprint"]  # as a server checks
+            assert model_fingerprint(model_dir, SD.parts) == result["base_model_fingerprint"]  # as a server checks
             pipe.load_textual_inversion(str(out / "concepts" / cid / name), **kw)
             new_id = pipe.tokenizer.convert_tokens_to_ids(f"<{cid}>")
             assert new_id == len(pipe.tokenizer) - 1
@@ -123,7 +124,7 @@ def check_published(out: Path, rows: dict[str, dict], published: list[str]) -> l
     """Each concept's files are in its result.json with their sha256; its web-UI files are named for its trigger
     (unique in the run, never one token of the base tokenizer), with the first sample as their preview; the
     catalog lists exactly ``published`` in manifest order, and ``latest`` names it."""
-    tokenizer = CLIPTokenizer.from_pretrained(default_model() / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODEL / "tokenizer")
     lines = [json.loads(x) for x in (out / "catalog.jsonl").read_text().splitlines()]
     assert [x["concept_id"] for x in lines] == published
     latest = json.loads((out / "latest").read_text())
@@ -284,7 +285,7 @@ def test_class_pictures_are_drawn_once_per_class_shared_and_kept_for_later_runs(
     write_manifest(rows, str(tmp_path / "m.parquet"))
     out = tmp_path / "out"
     args = ("--manifest", str(tmp_path / "m.parquet"), "--model", TOY, "--output", str(out), "--batch-size", "2",
-            "--class-images", "3", "--class-sample-steps", "4", "--samples-per-prompt", "1")
+            "--class-images", "3", "--samples-per-prompt", "1")
     proc = run_driver(ray_cluster, *args, "--steps", "6")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert {r["status"] for r in results(out).values()} == {"succeeded"}

@@ -2,8 +2,8 @@
 
 ``retryable`` says whether another attempt (on any actor) may succeed; the jobs map
 :class:`InvalidInputError` to exit 2 and :class:`TransientError` that outlived its retries to exit 3.
-Each carries its message as its ``str``; :func:`describe` turns any exception into the small dict a
-result records (``error``, ``error_type``, ``retryable``).
+Each carries its message as its ``str``; a concept's result records the message, the type's name and
+``retryable`` (:class:`jobs.dispatch.ConceptResult`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,17 @@ class TransientError(TinvError, OSError):
     retryable = True
 
 
+class StorageUnavailableError(TransientError):
+    """Storage kept failing transiently (connection refused or closed, timeouts, 5xx, SlowDown) for the whole retry
+    window: an outage of the infrastructure, never a concept's fault (it costs the concept no attempt)."""
+
+
 class ModelUnavailableError(TransientError):
     """The model could not be fetched (the hub or the bucket timed out); the job exits 3 if it never loads."""
+
+
+class AttemptsExhaustedError(TinvError):
+    """A concept (or a class set) was lost or failed transiently on every attempt it was allowed."""
 
 
 class ConceptError(TinvError):
@@ -65,11 +74,9 @@ class ConceptCrashedError(ConceptError):
     retryable = True
 
 
+class ClassPicturesError(ConceptError):
+    """The class pictures a concept's prior preservation needs could not be drawn (the class's error says why)."""
+
+
 class ConceptOutOfMemoryError(ConceptError):
     """The concept did not fit in accelerator memory even alone in a batch."""
-
-
-def describe(error: BaseException) -> dict[str, Any]:
-    """``{"error": message, "error_type": class name, "retryable": bool}`` for a result record."""
-    return {"error": str(error), "error_type": type(error).__name__,
-            "retryable": bool(getattr(error, "retryable", False))}

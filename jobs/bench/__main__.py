@@ -16,10 +16,10 @@ from jobs.bench.driver import driver
 from jobs.bench.fingerprint import fingerprint_cost
 from jobs.bench.flops import projection, register_cpu_attention_flops
 from jobs.bench.generate import generation
-from jobs.bench.measure import HALF_NAMES, device_name, matmul_rate, measure, native_half, slug
+from jobs.bench.measure import dense_rates, device_name, measure, slug
 from jobs.bench.recipe import RECIPE
 from jobs.bench.report import markdown, save
-from jobs.bench.schedule import method_schedules, schedules
+from jobs.bench.sampling import train_sampling
 from jobs.bench.shapes import SD15_TEXT, SD15_UNET, SD15_VAE, SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE, sd_shaped
 from jobs.bench.training import (
     METHOD_VARIANTS,
@@ -30,11 +30,12 @@ from jobs.bench.training import (
     why_not,
 )
 from jobs.bench.writes import slow_storage
-from tinv.config import METHODS, TrainConfig
-from tinv.embedded import EMBEDDED_MODEL
-from tinv.models import load_base_model
+from tinv import EMBEDDED_MODEL
+from tinv.families.model import load_base_model
 
 REPO = Path(__file__).resolve().parents[2]
+SECTIONS = ("toy", "methods", "preservation", "generate", "train-sampling", "train", "driver", "writes", "fingerprint",
+            "projection")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,11 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="training resolution of the SD 1.5-shaped model (512 too)")
     p.add_argument("--reps", type=int, default=3, help="timed steps per variant (interleaved)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="SD 1.5 variants to time, comma-separated")
-    p.add_argument("--sections", default="toy,methods,preservation,generate,train,schedule,schedule_methods,driver,"
-                                         "writes,fingerprint,projection",
-                   help="comma-separated; matmul is always measured")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help="comma-separated; matmul is always measured (the toy world's schedule sections: "
+                        "python -m lab.bench.schedule)")
+    p.add_argument("--sampling-size", type=int, default=64,
+                   help="image size of the SD 1.5-shaped model in the train-sampling section")
+    p.add_argument("--sampling-steps", type=int, default=4, help="denoising steps per image in train-sampling")
     p.add_argument("--driver-concepts", default="1000,10000", help="concept counts for the driver section")
-    p.add_argument("--tinv-steps", type=int, default=TrainConfig().steps, help="tinv's steps per concept")
+    p.add_argument("--tinv-steps", type=int, default=500, help="tinv's steps per concept, as the projection assumes "
+                   "(500, the recorded figures'; the product caps a concept at 3 000 and early stopping ends most "
+                   "well before)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, one rep, 50 driver concepts (< 1 min)")
@@ -55,27 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def matmul_rates(device: torch.device, smoke: bool) -> tuple[dict[str, Any], dict[tuple[str, int], float]]:
-    """The dense matmul rate per precision and thread count: the section, and ``(dtype, threads) → FLOP/s``."""
-    n, threads = (256 if smoke else 2048), torch.get_num_threads()
-    rates = {("fp32", threads): matmul_rate(device, torch.float32, n)}
-    if device.type == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-        rates["fp32", 1] = matmul_rate(device, torch.float32, n)
-        torch.set_num_threads(threads)
-    for half in native_half(device):
-        rates[HALF_NAMES[half], threads] = matmul_rate(device, half, n)
-    section = {"n": n, **{f"{d}_flops" + ("_1_thread" if t == 1 and threads > 1 else ""): r
-                          for (d, t), r in rates.items()}}
-    return section, rates
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     register_cpu_attention_flops()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sections = set(args.sections.split(","))
+    sections = set(args.sections.split(",")) - {""}
+    if sections - set(SECTIONS):
+        raise SystemExit(f"unknown sections {sorted(sections - set(SECTIONS))}: these are {', '.join(SECTIONS)} "
+                         "(the toy world's schedule sections are python -m lab.bench.schedule)")
     smoke = args.smoke
     result: dict[str, Any] = {"device": device_name(device), "device_type": device.type,
                               "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -88,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if out and section in result:
             save(result, Path(out))
 
-    result["matmul"], rates = matmul_rates(device, smoke)
+    result["matmul"], rates = dense_rates(device, smoke)
     log("matmul", result["matmul"])
     if "toy" in sections:
         model = load_base_model(str(EMBEDDED_MODEL), device=device, precision="fp32")
@@ -121,6 +115,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["generate"] = generation(model, plain, concepts=4 if smoke else 48, steps=3 if smoke else 25,
                                         reps=1 if smoke else 3)
         log("generate", result["generate"]["speedup"])
+    if "train-sampling" in sections:  # the toy model, then SD 1.5's shape at a small size (few denoising steps)
+        runs = [train_sampling(load_base_model(str(EMBEDDED_MODEL), device=device, precision="fp32"),
+                               "shipped toy world", k=3 if smoke else 8, steps=2 if smoke else args.sampling_steps,
+                               reps=1 if smoke else 5)]
+        text, unet, vae = (SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE) if smoke else (SD15_TEXT, SD15_UNET, SD15_VAE)
+        latent = 8 if smoke else args.sampling_size // 8
+        model = sd_shaped(text, dict(unet, sample_size=latent), vae, device, torch.float32)
+        runs.append(train_sampling(model, "smoke shapes" if smoke else "SD 1.5-shaped (random weights)",
+                                   k=3 if smoke else 4, steps=2 if smoke else args.sampling_steps,
+                                   reps=1 if smoke else 2))
+        result["train_sampling"] = {"runs": runs}
+        log("train_sampling", [(r["model"], round(r["speedup"], 2)) for r in runs])
+        del model
     if "train" in sections:
         text, unet, vae = (SMOKE_TEXT, SMOKE_UNET, SMOKE_VAE) if smoke else (SD15_TEXT, SD15_UNET, SD15_VAE)
         size = 32 if smoke else args.size
@@ -135,12 +142,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "not_run": {v: why_not(v, device, smoke) for v in which if v not in timed}}
         log("train")
         del model, variants
-    if "schedule" in sections:
-        result["schedule"] = schedules(smoke)
-        log("schedule", {k: v for k, v in result["schedule"].items() if k != "curves"})
-    if "schedule_methods" in sections:
-        result["schedule_methods"] = method_schedules(smoke)
-        log("schedule_methods", {m: result["schedule_methods"][m] for m in METHODS})
     if "driver" in sections:
         counts = [50] if smoke else [int(c) for c in args.driver_concepts.split(",")]
         result["driver"] = driver(counts)

@@ -13,10 +13,11 @@ import ray
 import torch
 
 from jobs.bench.measure import peak_memory, rss_bytes
-from jobs.dispatch import DispatchConfig, Dispatcher
+from jobs.dispatch import ConceptResult, DispatchConfig, Dispatcher, Request
 from jobs.report import Progress, result_rows, write_results, write_run
 from jobs.train import plan
-from tinv.config import ConceptSpec, TrainConfig
+from tinv.manifest import ConceptSpec
+from tinv.settings import TrainConfig
 
 
 class NoopWorker:
@@ -30,26 +31,25 @@ class NoopWorker:
                 "templates": "0" * 64,
                 "device": "cpu", "worker": self.name, "pid": os.getpid()}
 
-    def train(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"concept_id": it["spec"]["concept_id"], "token": it["spec"]["placeholder_token"],
-                 "status": "succeeded", "error": None, "worker": self.name, "attempts": it["attempt"], "steps": 0,
-                 "seconds": 0.0, "final_loss": None, "embedding_uri": None, "retryable": False} for it in items]
+    def train(self, requests: list[Request]) -> list[ConceptResult]:
+        return [ConceptResult(r.spec.concept_id, "succeeded", r.spec.placeholder_token, attempts=r.attempt,
+                              worker=self.name, seconds=0.0) for r in requests]
 
 
 def driver(counts: list[int], actors: int = 2) -> list[dict[str, Any]]:
     """Plan, dispatch, account and write results for each count of concepts; driver time and memory."""
-    ray.init(num_cpus=actors, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=actors, include_dashboard=False, log_to_driver=False)  # its own instance
     remote = ray.remote(NoopWorker).options(num_cpus=1, max_concurrency=8, max_restarts=0)
     out = []
     try:
         for n in counts:
             with tempfile.TemporaryDirectory() as tmp, open(os.devnull, "w") as null:
                 specs = [ConceptSpec(f"c{i:06d}", (f"{tmp}/images/{i}/0.png",)) for i in range(n)]
-                results: dict[str, dict] = {}
+                results: dict[str, ConceptResult] = {}
                 progress = Progress(n, stream=null)
 
-                def on_result(r: dict, results=results, progress=progress) -> None:
-                    results[r["concept_id"]] = r
+                def on_result(r: ConceptResult, results=results, progress=progress) -> None:
+                    results[r.concept_id] = r
                     progress.update(r)
 
                 names = itertools.count()

@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from jobs.bench.shapes import SD15_TEXT, SD15_UNET, SD15_VAE
-from tinv.fingerprint import model_fingerprint
+from tinv.families.fingerprint import model_fingerprint
 
 
 def fingerprint_cost(smoke: bool = False) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from jobs.bench.measure import Variant, measure
-from tinv.models import BaseModel
-from tinv.samples import SampleConfig, SampleRequest, pipeline, sample
+from tinv.evaluation.sampling import SampleConfig, SampleRequest, pipeline, sample
+from tinv.families.model import BaseModel
 
 
 def generation(model: BaseModel, plain: BaseModel, concepts: int, steps: int, reps: int) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def generation(model: BaseModel, plain: BaseModel, concepts: int, steps: int, re
             plain_pipe.unload_textual_inversion(token)
 
     n = len(requests)
-    ways = [Variant("batched", "tinv.samples.sample, batches mixing concepts", batched, n, len(pairs)),
+    ways = [Variant("batched", "tinv.evaluation.sampling.sample, batches mixing concepts", batched, n, len(pairs)),
             Variant("per_concept", "load_textual_inversion + a pipeline call per concept", per_concept_way, n,
                     len(pairs))]
     measure(ways, model.device, reps, count_flops=False)

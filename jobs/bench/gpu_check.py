@@ -41,8 +41,8 @@ from jobs.bench.shapes import (
     sdxl_shaped,
 )
 from jobs.bench.training import checkpointing, switch, tinv_trainer
-from tinv.models import BaseModel, set_attention
-from tinv.train import GuardedStep
+from tinv.families.model import BaseModel, set_attention
+from tinv.training.loop import GuardedStep
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"sd15": (SD15_TEXT, SD15_UNET, 512), "sdxl": (SDXL_TEXT, SDXL_UNET, 1024)}
@@ -88,17 +88,17 @@ def paths(model: BaseModel, size: int, smoke: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     images = torch.rand(4, 3, size, size) * 2 - 1
     unet_dtype = model.dtype
-    switch(model, [model.unet], torch.float16)()
+    switch(model, [model.denoiser], torch.float16)()
     trainer = tinv_trainer(model, images, 2, size, 500)
     losses = [trainer.step()[0] for _ in range(5)]
     out["fp16"] = {"losses_finite": all(v == v and abs(v) != float("inf") for d in losses for v in d.values()),
                    "loss_scales": [trainer.slots[s].loss_scale for s in trainer.active]}
-    switch(model, [model.unet], unet_dtype)()
+    switch(model, [model.denoiser], unet_dtype)()
     big = 16  # 64 samples: more than an SDXL step at 1024 px fits on one GPU without checkpointing
     trainer = tinv_trainer(model, images, big, size, 500)
     step = GuardedStep(trainer)
-    forward = model.unet.forward
-    simulated = mock.patch.object(model.unet, "forward",
+    forward = model.denoiser.forward
+    simulated = mock.patch.object(model.denoiser, "forward",
                                   side_effect=lambda x, *a, **k: _small_only(forward, x, *a, **k))
     with simulated if smoke else contextlib.nullcontext():  # smoke: a CPU has no device memory to run out of
         try:
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("sd15", "sdxl"):
         model, size, flops = build(name, args.smoke, device, dtype)
         for attention in attentions:
-            set_attention([model.unet], attention)
+            set_attention([model.denoiser], attention)
             for ckpt in (False, True):
                 checkpointing(model, ckpt)
                 for k in ks:
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         got["mfu"] = flops * got["samples_per_s"] / result["matmul_flops"]
                     result["runs"].append({**row, **got})
                     print("[gpu-check]", json.dumps(result["runs"][-1]), file=sys.stderr, flush=True)
-        set_attention([model.unet], "sdpa")
+        set_attention([model.denoiser], "sdpa")
         checkpointing(model, False)
         if name == "sdxl":
             result["paths"] = paths(model, size, args.smoke)

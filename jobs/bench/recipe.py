@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from tinv.config import TrainConfig
-from tinv.models import BaseModel
+from tinv.families.model import BaseModel
 
 RECIPE = {"steps": 3000, "batch_size": 4, "learning_rate": 5e-4 * 4, "weight_decay": 1e-2}
 """diffusers' examples/textual_inversion defaults (lr 5e-4 scaled by batch 4, --scale_lr)."""
@@ -39,7 +37,7 @@ def recipe_step(model: BaseModel, images: torch.Tensor, prompts: list[str], cach
     optimizer = torch.optim.AdamW([table], lr=RECIPE["learning_rate"], weight_decay=RECIPE["weight_decay"])
     ids = tokenizer([p.format("<recipe-ph>") for p in prompts], padding="max_length", truncation=True,
                     max_length=tokenizer.model_max_length, return_tensors="pt").input_ids.to(model.device)
-    vae, unet, scheduler, dtype = model.vae, model.unet, model.scheduler, model.dtype
+    vae, unet, scheduler, dtype = model.vae, model.denoiser, model.scheduler, model.dtype
     with torch.no_grad():
         dist = vae.encode(images.to(model.device, vae.dtype)).latent_dist
         cached = dist.mean, dist.std
@@ -66,11 +64,3 @@ def recipe_step(model: BaseModel, images: torch.Tensor, prompts: list[str], cach
             table[keep] = original[keep]
 
     return step
-
-
-def recipe_config(base: TrainConfig | None = None) -> TrainConfig:
-    """tinv's trainer run on the recipe's schedule: its steps, learning rate, batch and weight decay, every
-    timestep drawn uniformly, styles like objects (the schedule section's "recipe" curve)."""
-    return replace(base or TrainConfig(), steps=RECIPE["steps"], learning_rate=RECIPE["learning_rate"],
-                   batch_size=RECIPE["batch_size"], weight_decay=RECIPE["weight_decay"], min_timestep_fraction=0.0,
-                   style_batch_size=RECIPE["batch_size"], style_timestep_power=1.0)

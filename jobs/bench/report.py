@@ -7,22 +7,30 @@ holds several runs side by side; :func:`markdown` renders it with the same table
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 TRAIN_TABLES = ("toy_train", "methods_toy", "methods_sd15", "preservation_toy", "preservation_sd15")
 """The sections rendered as training tables after ``train``'s (one per resolution)."""
-SECTION_KEYS = ("matmul", "train", *TRAIN_TABLES, "generate", "schedule", "schedule_methods", "driver", "writes",
-                "fingerprint", "projection")
+SECTION_KEYS = ("matmul", "train", *TRAIN_TABLES, "generate", "train_sampling", "driver", "writes", "fingerprint",
+                "projection")
 STAMP = ("command", "started", "threads")
 """What :func:`save` adds to each section it records."""
 
 
 def matmul_line(m: dict[str, Any]) -> list[str]:
-    rates = {k: v for k, v in m.items() if k.endswith("_flops") or k.endswith("_flops_1_thread")}
-    return ["Dense matmul: " + ", ".join(f"{k.removesuffix('_flops').replace('_flops', '')} {v / 1e9:.0f} GFLOP/s"
-                                         for k, v in rates.items()), ""]
+    """The dense rates; a run that measured the 3×3 convolution too (MFU is then taken against the larger of the
+    two per precision) shows it after the matmul's."""
+    def rates(kind: str) -> str:
+        found = {k.replace(kind, ""): v for k, v in m.items() if re.fullmatch(rf"[a-z0-9]+{kind}(_1_thread)?", k)}
+        return ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in found.items())
+
+    line = "Dense matmul: " + rates("_flops")
+    if any("_conv_flops" in k for k in m):
+        line += "; 3×3 convolution: " + rates("_conv_flops") + " (MFU against the larger of each pair)"
+    return [line, ""]
 
 
 def train_table(t: dict[str, Any]) -> list[str]:
@@ -42,57 +50,18 @@ def generate_line(g: dict[str, Any]) -> list[str]:
             f"per-concept {g['per_concept']['images_per_s']:.1f} images/s: {g['speedup']:.2f}×", ""]
 
 
-def schedule_table(schedule: dict[str, Any]) -> list[str]:
-    """The samples-to-target table: one row per concept, the recipe's curve beside tinv's."""
-    curves = {(c["concept"], c["schedule"]): c for c in schedule["curves"]}
-    recipe, tinv = schedule["recipe"], schedule["tinv"]
-
-    def reach(c: dict[str, Any]) -> str:
-        return f"{c['samples_to_target']:,}" if c["samples_to_target"] is not None else "not reached"
-
-    def stop(c: dict[str, Any]) -> tuple[str, float]:
-        if c["stopped_at"] is None:
-            return f"— (ran {c['steps'][-1] * c['samples_per_step']:,})", c["fidelity"][-1]
-        return f"{c['stopped_at'] * c['samples_per_step']:,}", c["fidelity_at_stop"]
-
-    lines = [f"| concept | kind | target | recipe: samples to target | recipe @ step {recipe['checkpoints'][-1]:,} "
-             f"| tinv: samples to target | tinv @ step {tinv['checkpoints'][-1]:,} | DVAR stop (samples) "
-             "| fidelity at stop |", "|---|---|---|---|---|---|---|---|---|"]
-    for name in dict.fromkeys(c["concept"] for c in schedule["curves"]):
-        r, t = curves[name, "recipe"], curves[name, "tinv"]
-        at, fid = stop(t)
-        lines.append(f"| {name} | {t['kind']} | {t['target']:.2f} | {reach(r)} | {r['fidelity'][-1]:.2f} "
-                     f"| {reach(t)} | {t['fidelity'][-1]:.2f} | {at} | {fid:.2f} |")
-    dvar = tinv.get("dvar", {})
-    lines.append(f"| **mean** | | | | {recipe['mean_fidelity'][-1]:.3f} | | {tinv['mean_fidelity'][-1]:.3f} "
-                 f"| {dvar.get('mean_samples', 0):,.0f} | {dvar.get('mean_fidelity_at_stop', 0):.3f} |")
-    for name, plan in (("tinv", tinv), ("recipe", recipe)):
-        pairs = ", ".join(f"{k}: {m:.2f}" for k, m in zip(plan["checkpoints"], plan["mean_fidelity"]))
-        lines += ["", f"Mean fidelity by step, {name}: {pairs}."]
-        if "mean_fidelity_loose" in plan:  # recorded since the fidelity asks for the rendering too
-            pairs = ", ".join(f"{k}: {m:.2f}" for k, m in zip(plan["checkpoints"], plan["mean_fidelity_loose"]))
-            lines += ["", f"Loose fidelity (rendering ignored, the earlier judgement) by step, {name}: {pairs}."]
-    return lines
-
-
-def method_schedule_table(schedule: dict[str, Any]) -> list[str]:
-    """Samples to target per concept and method, and each method's mean fidelity by step."""
-    curves = {(c["concept"], c["schedule"]): c for c in schedule["curves"]}
-    methods = list(dict.fromkeys(c["schedule"] for c in schedule["curves"]))
-    last = schedule["checkpoints"][-1]
-    head = ["concept", "kind", "target", *(f"{m}: samples to target" for m in methods),
-            *(f"{m} @ {last}" for m in methods)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in dict.fromkeys(c["concept"] for c in schedule["curves"]):
-        row = [curves[name, m] for m in methods]
-        reach = [f"{c['samples_to_target']:,}" if c["samples_to_target"] is not None else "not reached" for c in row]
-        lines.append(f"| {name} | {row[0]['kind']} | {row[0]['target']:.2f} | " + " | ".join(reach) + " | "
-                     + " | ".join(f"{c['fidelity'][-1]:.2f}" for c in row) + " |")
-    for m in methods:
-        pairs = ", ".join(f"{k}: {f:.2f}" for k, f in zip(schedule["checkpoints"], schedule[m]["mean_fidelity"]))
-        reached = f"{schedule[m]['reached']} of {schedule[m]['concepts']} reached"
-        lines += ["", f"Mean fidelity by step, {m} ({reached}): {pairs}."]
-    return lines
+def sampling_table(t: dict[str, Any]) -> list[str]:
+    """The train job's sampling, before (a call per concept, from copies) and after (the live slots together)."""
+    lines = ["The train job's samples: each concept alone from its copied vectors and LoRA (before), the finished "
+             "concepts together from the trainer's live slots (after):", "",
+             "| model | px | concepts (methods) | images each | denoising steps | concepts per call after "
+             "| before: images/s | after: images/s | after ÷ before |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in t["runs"]:
+        methods = ", ".join(f"{n} {m}" for m, n in r["methods"].items())
+        lines.append(f"| {r['model']} | {r['resolution']} | {r['concepts']} ({methods}) | {r['images_per_concept']} "
+                     f"| {r['sample_steps']} | {r['concepts_per_call']} | {r['before']['images_per_s']:.3g} "
+                     f"| {r['after']['images_per_s']:.3g} | {r['speedup']:.2f} |")
+    return [*lines, ""]
 
 
 def driver_lines(runs: list[dict[str, Any]]) -> list[str]:
@@ -105,17 +74,15 @@ def sections(result: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     if "matmul" in result:
         lines += matmul_line(result["matmul"])
-    trains = [k for k in result if k == "train" or k.startswith("train_")]
+    trains = [k for k in result if (k == "train" or k.startswith("train_")) and "variants" in result[k]]
     trains += TRAIN_TABLES
     for key in trains:
         if key in result:
             lines += train_table(result[key])
     if "generate" in result:
         lines += generate_line(result["generate"])
-    if "schedule" in result:
-        lines += [*schedule_table(result["schedule"]), ""]
-    if "schedule_methods" in result:
-        lines += [*method_schedule_table(result["schedule_methods"]), ""]
+    if "train_sampling" in result:
+        lines += sampling_table(result["train_sampling"])
     driver = result.get("driver")
     lines += driver_lines(driver["runs"] if isinstance(driver, dict) else driver or [])
     if "writes" in result:
@@ -136,16 +103,17 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join([f"Device: {result['device']}; `{result['command']}`", "", *sections(result)])
 
 
-def save(result: dict[str, Any], out: Path) -> None:
+def save(result: dict[str, Any], out: Path, keys: tuple[str, ...] = SECTION_KEYS) -> None:
     """Write ``result`` into ``out``, keeping sections an earlier run (another command) measured.
 
     Each section records the command and time that measured it, so one file per device holds the
-    default run, the 512 px run and the long toy-world schedule run side by side.
+    default run, the 512 px run and the long toy-world schedule run side by side. ``keys``: the sections a
+    command measures (``lab.bench.schedule`` passes its own).
     """
     stamp = {k: result[k] for k in STAMP}
     merged = json.loads(out.read_text()) if out.exists() else {}
-    merged |= {k: v for k, v in result.items() if k not in SECTION_KEYS}
-    for key in SECTION_KEYS:
+    merged |= {k: v for k, v in result.items() if k not in keys}
+    for key in keys:
         if key in result:
             name = f"{key}_{result['train']['resolution']}px" if key == "train" and not result["smoke"] else key
             value = result[key]

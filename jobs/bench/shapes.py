@@ -12,9 +12,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from tinv.models import BaseModel, assemble
-from tinv.prompts import template_words
-from tinv.tiny import BASE_WORDS, clip_tokenizer, sd_scheduler
+from tinv.families import Components
+from tinv.families.model import BaseModel, assemble, template_words
+from tinv.families.sd import SD
+from tinv.families.sdxl import SDXL
+from tinv.families.tiny import BASE_WORDS, clip_tokenizer, sd_scheduler
 
 SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                  num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
@@ -50,9 +52,9 @@ def sd_shaped(text: dict, unet: dict, vae: dict, device: torch.device, dtype: to
     eos = tokenizer.eos_token_id
     with torch.device(device):
         encoder = CLIPTextModel(CLIPTextConfig(**text, bos_token_id=eos - 1, eos_token_id=eos, pad_token_id=eos))
-        modules = UNet2DConditionModel(**unet), AutoencoderKL(**vae)
-    return assemble("random:sd1.5-shaped", Path("/nonexistent"), [tokenizer], [encoder], *modules, sd_scheduler(),
-                    device, dtype, fingerprint=f"random-weights-seed-{seed}")
+        parts = Components([tokenizer], [encoder], UNet2DConditionModel(**unet), AutoencoderKL(**vae), sd_scheduler())
+    return assemble("random:sd1.5-shaped", Path("/nonexistent"), SD, parts, device, dtype,
+                    fingerprint=f"random-weights-seed-{seed}")
 
 
 def sdxl_shaped(texts: list[dict], unet: dict, vae: dict, device: torch.device, dtype: torch.dtype,
@@ -65,9 +67,9 @@ def sdxl_shaped(texts: list[dict], unet: dict, vae: dict, device: torch.device, 
     with torch.device(device):
         encoders = [CLIPTextModel(CLIPTextConfig(**texts[0], **ids)),
                     CLIPTextModelWithProjection(CLIPTextConfig(**texts[1], **ids))]
-        modules = UNet2DConditionModel(**unet), AutoencoderKL(**vae)
-    return assemble("random:sdxl-shaped", Path("/nonexistent"), tokenizers, encoders, *modules, sd_scheduler(),
-                    device, dtype, fingerprint=f"random-weights-seed-{seed}")
+        parts = Components(tokenizers, encoders, UNet2DConditionModel(**unet), AutoencoderKL(**vae), sd_scheduler())
+    return assemble("random:sdxl-shaped", Path("/nonexistent"), SDXL, parts, device, dtype,
+                    fingerprint=f"random-weights-seed-{seed}")
 
 
 SMOKE_SDXL_TEXT = [SMOKE_TEXT, SMOKE_TEXT]

@@ -11,10 +11,12 @@ import torch
 
 from jobs.bench.measure import HALF_NAMES, Variant, native_half
 from jobs.bench.recipe import RECIPE, recipe_step
-from tinv.config import WITH_CLASS_PICTURES, ConceptSpec, TrainConfig
-from tinv.lora import Adapters
-from tinv.models import BaseModel, enable_gradient_checkpointing, set_attention
-from tinv.train import ConceptData, PackedTrainer
+from tinv.families.model import BaseModel, enable_gradient_checkpointing, set_attention
+from tinv.manifest import ConceptSpec
+from tinv.settings import WITH_CLASS_PICTURES, Recipe, TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.splice import Adapters
+from tinv.training.trainer import PackedTrainer
 
 VARIANTS = ["recipe", "latent-cache", "tinv", "tinv-k4", "channels-last", "compile", "threads-1", "bf16", "bf16-unet",
             "fp16", "fp16-unet", "checkpointing", "xformers"]
@@ -34,7 +36,7 @@ def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int
     """K concepts of ``method`` on ``images``; with ``preservation``, each with a class prompt kept that way (the
     class pictures, where it trains on them: ``images`` again, which costs the same as the base model's)."""
     cfg = TrainConfig(steps=steps, concepts_per_actor=k, batch_size=RECIPE["batch_size"], resolution=resolution,
-                      prior_preservation=preservation or "images", blank_prompt_preservation=blank)
+                      prior_preservation=preservation or "images", recipe=Recipe(blank_prompt_preservation=blank))
     trainer = PackedTrainer(model, cfg)
     for s in range(k):
         token = f"<bench{s}>" if method != "lora" else f"bench{s}"
@@ -47,7 +49,7 @@ def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int
 
 def switch(model: BaseModel, modules: list[torch.nn.Module], dtype: torch.dtype) -> Callable[[], None]:
     """Put ``modules`` in ``dtype`` (the model's own dtype follows the UNet); their LoRA adapters stay fp32, as
-    the trainer makes them (:meth:`tinv.lora.Adapters.add`) whatever the base's dtype."""
+    the trainer makes them (:meth:`tinv.training.splice.Adapters.add`) whatever the base's dtype."""
     def apply() -> None:
         for m in modules:
             m.to(dtype)
@@ -64,7 +66,7 @@ def checkpointing(model: BaseModel, on: bool) -> None:
     if on:
         enable_gradient_checkpointing(model)
         return
-    model.unet.disable_gradient_checkpointing()
+    model.denoiser.disable_gradient_checkpointing()
     for encoder in model.text_encoders:
         encoder.gradient_checkpointing_disable()
         encoder.eval()
@@ -88,7 +90,7 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
     one = tinv_trainer(model, images, 1, resolution, tinv_steps)
     if want("tinv"):
         out.append(Variant("tinv", "+ separate trainable vectors (tinv.PackedTrainer, K=1)", one.step, b, tinv_n))
-    unet = model.unet
+    unet = model.denoiser
     bf16 = {"enter": switch(model, [unet], torch.bfloat16), "leave": switch(model, [unet], torch.float32),
             "dtype": "bf16"} if torch.bfloat16 in native_half(model.device) else None
     if want("tinv-k4") or want("tinv-k4-bf16-unet"):
@@ -106,7 +108,7 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
         compiled = torch.compile(unet)
 
         def use(m):
-            return lambda: setattr(model, "unet", m)
+            return lambda: setattr(model, "denoiser", m)
         out.append(Variant("compile", "tinv K=1, torch.compile(UNet) (inductor; compile time excluded)",
                            one.step, b, tinv_n, enter=use(compiled), leave=use(unet), flops_from="tinv"))
     if want("threads-1"):
@@ -152,7 +154,6 @@ def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: li
     return out
 
 
-
 def why_not(variant: str, device: torch.device, smoke: bool) -> str:
     """Why a variant asked for was not timed on this device."""
     if variant.split("-")[0] in ("bf16", "fp16"):
@@ -161,7 +162,6 @@ def why_not(variant: str, device: torch.device, smoke: bool) -> str:
         return "xformers needs CUDA and the xformers package" if importlib.util.find_spec("xformers") \
             else "xformers is not installed"
     return "left out of the smoke run" if smoke else "not applicable here"
-
 
 
 def train_report(variants: list[Variant], rates: dict[tuple[str, int], float]) -> list[dict[str, Any]]:
