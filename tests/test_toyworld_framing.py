@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tinv.models import load_base_model
-from tinv.toyworld import MODEL_DIR
-from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.framing import TALL, busy, tall, variant_data
-from tinv.toyworld.world import render_with_mask
+from lab.toyworld import MODEL_DIR
+from lab.toyworld.concepts import CONCEPTS
+from lab.toyworld.framing import TALL, busy, tall, variant_data
+from lab.toyworld.world import render_with_mask
+from tinv.families.model import load_base_model
 
 
 def test_tall_pictures_sit_at_an_end_and_busy_ones_leave_the_subject_alone():

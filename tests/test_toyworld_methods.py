@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from tinv.config import TrainConfig
-from tinv.embedded import EMBEDDED_MODEL
-from tinv.models import load_base_model
-from tinv.samples import SampleRequest, sample
-from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.fidelity import LORA_WORD, Draw, Judged, judge, learn
-from tinv.toyworld.methods import RUNS, MethodRow, class_pictures, class_prompt, compare, paired_se, shows_attribute
-from tinv.toyworld.scorer import find_scorer
-from tinv.toyworld.world import SHAPES, Item
+from lab.toyworld.concepts import CONCEPTS
+from lab.toyworld.fidelity import LORA_WORD, Draw, Judged, judge, learn
+from lab.toyworld.methods import RUNS, MethodRow, class_pictures, class_prompt, compare, paired_se, shows_attribute
+from lab.toyworld.scorer import find_scorer
+from lab.toyworld.world import SHAPES, Item
+from tinv import EMBEDDED_MODEL
+from tinv.evaluation.sampling import SampleRequest, sample
+from tinv.families.model import load_base_model
+from tinv.settings import PRESETS, TrainConfig
 
 NAMES = ("red-star", "navy")
 PICK = tuple(c for c in CONCEPTS if c.name in NAMES)
-CFG = TrainConfig(steps=3, class_images=3, class_sample_steps=2)
+CFG = TrainConfig(steps=3, class_images=3, recipe=replace(PRESETS["toyworld"], class_sample_steps=2))
 
 
 def test_the_bare_class_prompt_and_the_attribute_each_concept_is_watched_for():
@@ -76,3 +76,22 @@ def test_prior_pictures_are_the_jobs_class_pictures_and_lora_draws_go_through_th
     base = sample(model, [None], request, words=["star"], steps=2)
     assert (sample(model, [None], request, words=["star"], steps=2, loras=[trained.lora]) != base).any()
     assert (sample(model, [None], request, words=["star"], steps=2) == base).all()  # and the base is left as it was
+
+
+def test_the_lab_trains_under_the_toyworld_preset_and_its_flags_set_the_recipe():
+    import argparse
+
+    from lab.toyworld import CONFIG
+    from lab.toyworld.flags import add_train_flags, train_config
+
+    # the settings its studies were recorded under: the toyworld preset and 500 steps, not the product's defaults
+    assert CONFIG == TrainConfig(steps=500, recipe=PRESETS["toyworld"]) and CONFIG.recipe != TrainConfig().recipe
+    p = argparse.ArgumentParser()
+    add_train_flags(p, {"steps": 200})
+    assert train_config(p.parse_args([])) == replace(CONFIG, steps=200)
+    cfg = train_config(p.parse_args(["--prior-preservation", "both", "--blank-prompt-preservation",
+                                     "--min-timestep-fraction", "0.25", "--style-timestep-power", "2",
+                                     "--lora-text-encoder-learning-rate", "3e-3"]))
+    assert cfg.prior_preservation == "both" and cfg.steps == 200
+    assert cfg.recipe == replace(PRESETS["toyworld"], blank_prompt_preservation=True, min_timestep_fraction=0.25,
+                                 style_timestep_power=2.0, lora_text_encoder_learning_rate=3e-3)

@@ -7,15 +7,15 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from tinv.config import TrainConfig
-from tinv.models import load_base_model
-from tinv.samples import SampleRequest, sample
-from tinv.toyworld import MODEL_DIR, SCORER_FILE
-from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.fidelity import Judged, fidelity_table, worst_shape
-from tinv.toyworld.metric import ToyFidelity
-from tinv.toyworld.scorer import evaluate_scorer, load_scorer, pixels
-from tinv.toyworld.world import TEMPLATES, Item, render
+from lab.toyworld import MODEL_DIR, SCORER_FILE
+from lab.toyworld.concepts import CONCEPTS
+from lab.toyworld.fidelity import Judged, fidelity_table, worst_shape
+from lab.toyworld.scorer import evaluate_scorer, load_scorer, pixels
+from lab.toyworld.world import TEMPLATES, Item, render
+from tinv.evaluation.sampling import SampleRequest, sample
+from tinv.evaluation.toyworld import ToyFidelity
+from tinv.families.model import load_base_model
+from tinv.settings import PRESETS, TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +46,16 @@ def test_scorer_reads_fresh_and_reconstructed_pictures(scorer):
 
 def test_a_short_ti_run_lifts_an_unnamed_colour_from_the_floor(scorer):
     concept = next(c for c in CONCEPTS if c.name == "teal-cross")
-    (row,) = fidelity_table(str(MODEL_DIR), scorer, TrainConfig(steps=150), (concept,), samples=16)
+    (row,) = fidelity_table(str(MODEL_DIR), scorer, TrainConfig(steps=150, recipe=PRESETS["toyworld"]), (concept,),
+                             samples=16)
     assert row.floor <= 0.15 and row.best_words <= 0.3, row
     assert row.ti >= 0.8, row
 
 
 def test_demo_style_captions_name_the_shape_each_picture_shows(scorer, tmp_path):
-    from tinv.demo import make_demo
-    from tinv.images import decode_image
+    from lab.toyworld.demo import make_demo
     from tinv.manifest import read_manifest
+    from tinv.training.pictures import decode_image
 
     styles = [s for s in read_manifest(str(make_demo(tmp_path))) if s.learnable_property == "style"]
     assert len(styles) == 4 and all(not s.captions for s in read_manifest(str(tmp_path / "demo.parquet"))

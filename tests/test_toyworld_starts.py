@@ -7,16 +7,16 @@ import torch
 from jobtools import TOY
 from test_starts import Given
 
-from tinv.config import TrainConfig
+from lab.toyworld.concepts import CONCEPTS
+from lab.toyworld.corpus import corpus, write_corpus
+from lab.toyworld.fast_start import censored_samples, cost, summary
+from lab.toyworld.fidelity import concept_data
+from lab.toyworld.schedule import Curve, snapshots
+from lab.toyworld.world import BACKDROP_RGB, CANONICAL_RGB, COMBINATIONS, HOLE
+from tinv.families.model import load_base_model
 from tinv.manifest import read_manifest
-from tinv.models import load_base_model
-from tinv.starts import LEARNED, word_start
-from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.corpus import corpus, write_corpus
-from tinv.toyworld.fast_start import censored_samples, cost, summary
-from tinv.toyworld.fidelity import concept_data
-from tinv.toyworld.schedule import Curve, snapshots
-from tinv.toyworld.world import BACKDROP_RGB, CANONICAL_RGB, COMBINATIONS, HOLE
+from tinv.settings import PRESETS, TrainConfig
+from tinv.training.starts import LEARNED, word_start
 
 
 def test_the_corpus_is_three_families_disjoint_from_the_held_out_concepts(tmp_path):
@@ -41,7 +41,7 @@ def test_the_corpus_is_three_families_disjoint_from_the_held_out_concepts(tmp_pa
 
 def test_a_schedules_step_0_is_the_start_itself():
     model = load_base_model(TOY)
-    cfg = TrainConfig(steps=2, batch_size=2)
+    cfg = TrainConfig(steps=2, batch_size=2, recipe=PRESETS["toyworld"])
     rows = [torch.full((1, model.embedding_dims[0]), 0.01)]
     plain, _, _, begun = snapshots(model, CONCEPTS[:1], cfg, [0, 2], dvar=False)
     assert begun == [{"init": "word"}]

@@ -6,9 +6,8 @@ from collections import Counter
 
 import numpy as np
 
-from tinv.tiny import clip_tokenizer
-from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.world import (
+from lab.toyworld.concepts import CONCEPTS
+from lab.toyworld.world import (
     BACKDROP_RGB,
     BACKDROP_WORD,
     BACKDROPS,
@@ -34,6 +33,7 @@ from tinv.toyworld.world import (
     training_item,
     training_set,
 )
+from tinv.families.tiny import clip_tokenizer
 
 
 def test_training_data_never_contains_a_held_out_concept():
@@ -137,7 +137,7 @@ def test_concepts_cover_three_kinds_and_their_pictures_show_them():
 
 
 def test_toy_demo_manifest_has_every_concept_kind_with_tokens_no_word_reaches(tmp_path):
-    from tinv.demo import make_demo
+    from lab.toyworld.demo import make_demo
     from tinv.manifest import read_manifest
 
     specs = read_manifest(str(make_demo(tmp_path)))
@@ -150,8 +150,8 @@ def test_toy_demo_manifest_has_every_concept_kind_with_tokens_no_word_reaches(tm
 
 
 def test_a_described_colour_or_backdrop_reaches_the_text_encoder_only_at_its_word():
-    from tinv.toyworld import nets
-    from tinv.toyworld.fit import Description, rgb_inputs
+    from lab.toyworld import nets
+    from lab.toyworld.fit import Description, rgb_inputs
 
     tok = nets.tokenizer()
     te = nets.text_encoder(len(tok), tok.eos_token_id)

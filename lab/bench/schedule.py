@@ -26,6 +26,7 @@ import torch
 from jobs.bench import report
 from jobs.bench.measure import dense_rates, device_name, slug
 from jobs.bench.recipe import RECIPE
+from lab.toyworld import CONFIG
 from lab.toyworld.concepts import CONCEPTS
 from lab.toyworld.methods import TOY_LORA_LEARNING_RATES
 from lab.toyworld.schedule import schedule_curves
@@ -33,11 +34,11 @@ from lab.toyworld.scorer import find_scorer
 from tinv import EMBEDDED_MODEL
 from tinv.families.model import load_base_model
 from tinv.manifest import METHODS
-from tinv.settings import PRESETS, TrainConfig
+from tinv.settings import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("schedule", "schedule_methods")
-TOYWORLD = TrainConfig(steps=500, recipe=PRESETS["toyworld"])
+TOYWORLD = CONFIG
 """tinv's schedule as these sections measure it (the product's defaults when they were recorded)."""
 METHOD_CHECKPOINTS = [25, 50, 100, 150, 200, 300, 400, 500]
 

@@ -1,13 +1,12 @@
 """Probe: do the prior-preservation class pictures show each held-out concept's attribute more often than
 the base model draws it?
 
-Draws every class set the method comparison trains on (:func:`tinv.toyworld.methods.class_pictures`, the job's
+Draws every class set the method comparison trains on (:func:`lab.toyworld.methods.class_pictures`, the job's
 own class pictures, ``--class-images`` per prompt), reads them with the toy world's scorer and prints, per
 concept, the share showing its attribute (its colour, its backdrop) beside the base model's share read by a
-recorded comparison (``--rows``, a ``python -m tinv.toyworld methods --json`` file). Run from the repository root:
+recorded comparison (``--rows``, a ``python -m lab.toyworld methods --json`` file). Run from the repository root:
 
-    OMP_NUM_THREADS=2 python benchmarks/toyworld/class_share.py \\
-        --rows benchmarks/toyworld/rates/pivotal-prior-384-samples.json
+    OMP_NUM_THREADS=2 python -m lab.probes.class_share --rows lab/results/rates/pivotal-prior-384-samples.json
 """
 
 from __future__ import annotations
@@ -18,22 +17,21 @@ from pathlib import Path
 
 import numpy as np
 
-from tinv import cli
-from tinv.config import TrainConfig
-from tinv.models import load_base_model
-from tinv.toyworld import MODEL_DIR, SCORER_FILE
-from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.fidelity import Judged
-from tinv.toyworld.methods import class_pictures, shows_attribute
-from tinv.toyworld.scorer import load_scorer
+from lab.toyworld import MODEL_DIR, SCORER_FILE
+from lab.toyworld.concepts import CONCEPTS
+from lab.toyworld.fidelity import Judged
+from lab.toyworld.flags import add_train_flags, train_config
+from lab.toyworld.methods import class_pictures, shows_attribute
+from lab.toyworld.scorer import load_scorer
+from tinv.families.model import load_base_model
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", required=True, help="a methods comparison's JSON: its base_share per concept")
-    cli.add_fields(p, TrainConfig)
+    add_train_flags(p)
     args = p.parse_args()
-    cfg = cli.build(TrainConfig, args)
+    cfg = train_config(args)
     base = {r["concept"]: r["base_share"] for r in json.loads(Path(args.rows).read_text())}
     model = load_base_model(str(MODEL_DIR), precision="fp32")
     scorer = load_scorer(Path(MODEL_DIR) / SCORER_FILE)

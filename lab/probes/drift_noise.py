@@ -1,6 +1,6 @@
 """Analysis: which recorded language drifts exceed issue 23's bound of +0.05 beyond their sampling noise?
 
-A methods comparison (``python -m tinv.toyworld methods --json``) reads each concept's drift as the rise, from
+A methods comparison (``python -m lab.toyworld methods --json``) reads each concept's drift as the rise, from
 the base model to the personalized one, in the share of ``--samples`` bare-class-prompt samples showing the
 concept's attribute. Each share is a binomial proportion, so a drift's standard error is at most
 ``sqrt(p1 (1 - p1) / n + p0 (1 - p0) / n)`` when the two draws, which share their seeds and prompts, are not
@@ -9,7 +9,7 @@ per-sample differences) use that; older ones keep only the shares, and get this 
 whose drift is over the bound by more than ``--sigmas`` of that error ("over"), within it by less ("unclear"),
 and the count of those under it. Run from the repository root:
 
-    python benchmarks/toyworld/drift_noise.py --samples 384 benchmarks/toyworld/preservation/*.json
+    python -m lab.probes.drift_noise --samples 384 lab/results/preservation/*.json
 """
 
 from __future__ import annotations

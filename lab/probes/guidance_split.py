@@ -1,13 +1,13 @@
 """Probe: where a LoRA's language drift comes from, split by guidance and by adapter part.
 
 Trains held-out concepts (``--concepts``, default the four styles) as ``--method`` (``lora`` or ``pivotal``)
-with prior preservation (the other flags are TrainConfig's, as in ``python -m tinv.toyworld methods``), then
-draws each concept's bare class prompt(s) (``a <shape>``) from the base model and through the concept's
-adapters (UNet and text encoders; the UNet's part alone; the text encoders' part alone), at guidance 1 (no
-classifier-free guidance) and 5 (the comparison's), and prints the share of samples showing the concept's
-attribute (its backdrop, its colour) with its fidelity beside it. Run from the repository root:
+with prior preservation (the other flags are the lab's TrainConfig and Recipe flags, as in ``python -m
+lab.toyworld methods``), then draws each concept's bare class prompt(s) (``a <shape>``) from the base model and
+through the concept's adapters (UNet and text encoders; the UNet's part alone; the text encoders' part alone),
+at guidance 1 (no classifier-free guidance) and 5 (the comparison's), and prints the share of samples showing
+the concept's attribute (its backdrop, its colour) with its fidelity beside it. Run from the repository root:
 
-    OMP_NUM_THREADS=2 python benchmarks/toyworld/guidance_split.py --lora-text-encoder \\
+    OMP_NUM_THREADS=2 python -m lab.probes.guidance_split --lora-text-encoder \\
         --lora-text-encoder-learning-rate 3e-3 --lora-learning-rate 1e-3 --json out.json
 """
 
@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tinv import cli
-from tinv.config import TrainConfig
-from tinv.models import load_base_model
-from tinv.toyworld import MODEL_DIR, SCORER_FILE
-from tinv.toyworld.concepts import CONCEPTS
-from tinv.toyworld.fidelity import Draw, judge, learn, share
-from tinv.toyworld.methods import bare_word, class_pictures, shows_attribute
-from tinv.toyworld.scorer import load_scorer
+from lab.toyworld import MODEL_DIR, SCORER_FILE
+from lab.toyworld.concepts import CONCEPTS
+from lab.toyworld.fidelity import Draw, judge, learn, share
+from lab.toyworld.flags import add_train_flags, train_config
+from lab.toyworld.methods import bare_word, class_pictures, shows_attribute
+from lab.toyworld.scorer import load_scorer
+from tinv.families.model import load_base_model
 
 PARTS = ("base", "both", "unet", "text")
 
@@ -37,9 +36,9 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--method", default="lora", choices=["lora", "pivotal"])
     p.add_argument("--concepts", nargs="*", default=None, help="held-out concept names (default: the styles)")
-    cli.add_fields(p, TrainConfig, defaults={"steps": 200, "prior_loss_weight": 1.0})
+    add_train_flags(p, {"steps": 200, "prior_loss_weight": 1.0})
     args = p.parse_args()
-    cfg = cli.build(TrainConfig, args)
+    cfg = train_config(args)
     named = {c.name: c for c in CONCEPTS}
     unknown = sorted(set(args.concepts or ()) - set(named))
     if unknown:

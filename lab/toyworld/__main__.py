@@ -1,4 +1,4 @@
-"""``python -m tinv.toyworld train --out DIR`` | ``… fidelity [--model DIR]`` | ``… methods [--model DIR]`` |
+"""``python -m lab.toyworld train --out DIR`` | ``… fidelity [--model DIR]`` | ``… methods [--model DIR]`` |
 ``… corpus --out DIR`` | ``… starts --init URI`` | ``… framing``."""
 
 from __future__ import annotations
@@ -9,16 +9,15 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from tinv import cli
-from tinv.config import TrainConfig
-from tinv.toyworld import MODEL_DIR, SCORER_FILE
+from lab.toyworld import MODEL_DIR, SCORER_FILE
+from lab.toyworld.flags import add_train_flags, train_config
 
 FIDELITY_STEPS = 200
 """TI steps per concept in the fidelity table (the toy world's concepts are there by then)."""
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tinv.toyworld")
+    p = argparse.ArgumentParser(prog="python -m lab.toyworld")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the toy model and its scorer from a seed")
     t.add_argument("--out", required=True, help="folder for the diffusers model")
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="the frozen UNet's")
     f.add_argument("--text-encoder-precision", default="fp32", choices=["fp32", "same"],
                    help="fp32 (tinv's policy) or the UNet's precision (the measurement that chose the policy)")
-    cli.add_fields(f, TrainConfig, defaults={"steps": FIDELITY_STEPS})  # --seed also seeds pictures and samples
+    add_train_flags(f, {"steps": FIDELITY_STEPS})  # --seed also seeds pictures and samples
     m = sub.add_parser("methods", help="ti / lora / pivotal (with and without prior preservation) per held-out "
                                        "concept: fidelity, language drift, bytes, seconds")
     m.add_argument("--model", default=str(MODEL_DIR))
@@ -41,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--runs", nargs="*", default=None, metavar="RUN",
                    help="columns to learn and draw, e.g. ti lora lora+prior (default: every one of methods.RUNS)")
     m.add_argument("--toy-lora-rates", action=argparse.BooleanOptionalAction, default=True,
-                   help="each method's toy-world LoRA learning rate (tinv.toyworld.methods.TOY_LORA_LEARNING_RATES) "
+                   help="each method's toy-world LoRA learning rate (lab.toyworld.methods.TOY_LORA_LEARNING_RATES) "
                         "instead of --lora-learning-rate")
-    cli.add_fields(m, TrainConfig, defaults={"steps": FIDELITY_STEPS})
+    add_train_flags(m, {"steps": FIDELITY_STEPS})
     c = sub.add_parser("corpus", help="write a manifest of toy concepts disjoint from the held-out ones (to train "
                                       "with jobs.train and fit a learned start on)")
     c.add_argument("--out", required=True, help="folder for corpus.parquet and its pictures")
@@ -65,15 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     fr.add_argument("--json", default=None, help="also write the rows as JSON here")
     fr.add_argument("--step-cost", action="store_true", help="only time a packed step of square, mixed and tall "
                                                              "concepts (one UNet pass per latent size)")
-    cli.add_fields(fr, TrainConfig, defaults={"steps": FIDELITY_STEPS})
+    add_train_flags(fr, {"steps": FIDELITY_STEPS})
     args = p.parse_args(argv)
     {"train": train, "fidelity": fidelity, "methods": methods, "corpus": corpus, "starts": starts,
      "framing": framing}[args.command](args)
 
 
 def starts(args: argparse.Namespace) -> None:
-    from tinv.toyworld.fast_start import cost, markdown, start_curves, summary
-    from tinv.toyworld.scorer import load_scorer
+    from lab.toyworld.fast_start import cost, markdown, start_curves, summary
+    from lab.toyworld.scorer import load_scorer
 
     began = time.perf_counter()
     curves = start_curves(args.model, load_scorer(Path(args.model) / SCORER_FILE), args.init, samples=args.samples,
@@ -94,13 +93,13 @@ def starts(args: argparse.Namespace) -> None:
 
 
 def framing(args: argparse.Namespace) -> None:
-    from tinv.toyworld.framing import compare, markdown, step_cost
-    from tinv.toyworld.scorer import load_scorer
+    from lab.toyworld.framing import compare, markdown, step_cost
+    from lab.toyworld.scorer import load_scorer
 
     if args.step_cost:
         print(json.dumps(step_cost(args.model), indent=1))
         return
-    cfg = cli.build(TrainConfig, args)
+    cfg = train_config(args)
     began = time.perf_counter()
     rows = compare(args.model, load_scorer(Path(args.model) / SCORER_FILE), cfg, samples=args.samples, seed=cfg.seed,
                    batch_size=64)
@@ -112,7 +111,7 @@ def framing(args: argparse.Namespace) -> None:
 
 
 def corpus(args: argparse.Namespace) -> None:
-    from tinv.toyworld.corpus import write_corpus
+    from lab.toyworld.corpus import write_corpus
 
     print(write_corpus(args.out, args.concepts, args.seed))
 
@@ -120,8 +119,8 @@ def corpus(args: argparse.Namespace) -> None:
 def train(args: argparse.Namespace) -> None:
     from diffusers import AutoencoderKL
 
-    from tinv.toyworld.fit import FitConfig, train_model
-    from tinv.toyworld.scorer import evaluate_scorer, save_scorer, train_scorer
+    from lab.toyworld.fit import FitConfig, train_model
+    from lab.toyworld.scorer import evaluate_scorer, save_scorer, train_scorer
 
     cfg = FitConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
     start = time.perf_counter()
@@ -137,12 +136,12 @@ def train(args: argparse.Namespace) -> None:
 def fidelity(args: argparse.Namespace) -> None:
     import torch
 
-    from tinv.models import PRECISIONS
-    from tinv.toyworld.fidelity import fidelity_table, markdown
-    from tinv.toyworld.scorer import load_scorer
+    from lab.toyworld.fidelity import fidelity_table, markdown
+    from lab.toyworld.scorer import load_scorer
+    from tinv.families.model import PRECISIONS
 
     scorer = load_scorer(Path(args.model) / SCORER_FILE)
-    cfg = cli.build(TrainConfig, args)
+    cfg = train_config(args)
     text = torch.float32 if args.text_encoder_precision == "fp32" else PRECISIONS[args.precision]
     rows = fidelity_table(args.model, scorer, cfg, samples=args.samples, seed=cfg.seed, precision=args.precision,
                           text_encoder_dtype=text)
@@ -152,10 +151,10 @@ def fidelity(args: argparse.Namespace) -> None:
 
 
 def methods(args: argparse.Namespace) -> None:
-    from tinv.toyworld.methods import RUNS, TOY_LORA_LEARNING_RATES, column, compare, markdown
-    from tinv.toyworld.scorer import load_scorer
+    from lab.toyworld.methods import RUNS, TOY_LORA_LEARNING_RATES, column, compare, markdown
+    from lab.toyworld.scorer import load_scorer
 
-    cfg = cli.build(TrainConfig, args)
+    cfg = train_config(args)
     rates = TOY_LORA_LEARNING_RATES if args.toy_lora_rates else None
     named = {column(*run).replace(" ", ""): run for run in RUNS}
     unknown = sorted(set(args.runs or ()) - set(named))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from tinv.toyworld.world import (
+from lab.toyworld.world import (
     BACKDROP_WORD,
     COLOURS,
     COMBINATIONS,
@@ -35,7 +35,7 @@ class Concept:
     backdrop: str = LIGHT
     """A style concept's unnamed backdrop."""
     rendering: str = "plain"
-    """How every training picture is drawn (a style of :data:`~tinv.toyworld.world.STYLES`)."""
+    """How every training picture is drawn (a style of :data:`~lab.toyworld.world.STYLES`)."""
     rgb: tuple[int, int, int] | None = None
     """A described colour's exact fill (an object whose ``colour`` is ``other``)."""
     backdrop_rgb: tuple[int, int, int] | None = None

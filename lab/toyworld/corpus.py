@@ -1,12 +1,12 @@
 """A night's worth of toy concepts to fit a learned start on, disjoint from the 12 held-out ones.
 
-Three families, the shapes of the held-out kinds (:data:`~tinv.toyworld.concepts.CONCEPTS`) in other
+Three families, the shapes of the held-out kinds (:data:`~lab.toyworld.concepts.CONCEPTS`) in other
 places of the world, so a start fitted on them must generalise to the held-out concepts, not recall them:
 
 - **combinations** other than the held-out four: every other named colour × shape pair, plain and in one
   random rendering;
 - **described colours** × shapes: objects in a random colour of the described continuum (never within
-  :data:`~tinv.toyworld.world.HOLE` of a canonical colour, so never an unnamed one);
+  :data:`~lab.toyworld.world.HOLE` of a canonical colour, so never an unnamed one);
 - **described backdrops**: styles on a random dark tone of the backdrop continuum (never within ``HOLE``
   of an unnamed backdrop), captioned as the held-out styles are.
 
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tinv.demo import concept_rows
-from tinv.manifest import write_manifest
-from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.world import (
+from lab.toyworld.concepts import CONCEPTS, Concept
+from lab.toyworld.demo import concept_rows
+from lab.toyworld.world import (
     COMBINATIONS,
     DESCRIBED,
     NAMED_COLOURS,
@@ -31,6 +30,7 @@ from tinv.toyworld.world import (
     described_backdrop,
     described_rgb,
 )
+from tinv.manifest import write_manifest
 
 CORPUS_SEED = 1000
 """Corpus concept k's pictures are drawn from ``CORPUS_SEED + k``, away from the held-out concepts' seeds."""

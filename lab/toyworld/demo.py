@@ -1,32 +1,24 @@
-"""The shipped demo: the toy world's held-out concepts as a manifest, and the embedded default model.
+"""The shipped demo's manifest: the toy world's held-out concepts, written by ``python -m lab.toyworld.demo``.
 
 ``make_demo`` writes ``manifests/demo.parquet`` and its 32 px PNGs: every held-out concept of the
 toy world (combinations, unnamed colours, unnamed styles), a few pictures each, with tokens that
 are not words of the world; one of them (:data:`DEMO_METHODS`) by pivotal tuning, the rest by TI.
-``default_model`` is the toy-world model shipped inside the package.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tinv.embedded import DEMO_MANIFEST, EMBEDDED_MODEL
+from lab.toyworld.concepts import CONCEPTS, Concept
+from lab.toyworld.fidelity import token
+from lab.toyworld.world import EVAL_PROMPTS, OBJECT_PROMPT
+from tinv.evaluation.sampling import png_bytes
 from tinv.manifest import write_manifest
-from tinv.samples import png_bytes
-from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.fidelity import token
-from tinv.toyworld.world import EVAL_PROMPTS, OBJECT_PROMPT
 
-__all__ = ["DEMO_MANIFEST", "DEMO_METHODS", "DEMO_STEPS", "default_model", "make_demo"]
 DEMO_STEPS = 150
 DEMO_IMAGES = 6
 DEMO_METHODS = {"black-triangle": "pivotal"}
 """Concepts the demo trains with another method than ``ti``: pivotal tuning (its token and a LoRA)."""
-
-
-def default_model() -> Path:
-    """The embedded default model: the toy-world model inside the package (no download)."""
-    return EMBEDDED_MODEL
 
 
 def eval_prompts(concept: Concept) -> list[str]:
@@ -76,3 +68,9 @@ def make_demo(folder: str | Path = "manifests", n_images: int = DEMO_IMAGES, see
     manifest = Path(folder) / "demo.parquet"
     write_manifest(demo_rows(folder, n_images, seed), str(manifest))
     return manifest
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(make_demo(sys.argv[1] if len(sys.argv) > 1 else "manifests"))

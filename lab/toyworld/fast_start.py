@@ -1,10 +1,10 @@
 """The word, cross and learned starts side by side on the toy world's held-out concepts.
 
-Every start trains the 12 held-out concepts from the same pictures, captions, seeds and schedule (tinv's
-defaults, DVAR watching, :mod:`tinv.toyworld.schedule`): the initializer word's embedding (Textual
-Inversion, Gal et al. 2022, arXiv 2208.01618), the text encoder's output for it (Cross Initialization,
-Pang et al. 2023, arXiv 2312.15905), and an initializer ``jobs.fit_init`` fitted on a night's run of
-concepts disjoint from these (:mod:`tinv.toyworld.corpus`; HyperDreamBooth's idea, Ruiz et al. 2023,
+Every start trains the 12 held-out concepts from the same pictures, captions, seeds and schedule (the lab's
+settings, :data:`lab.toyworld.CONFIG`, DVAR watching, :mod:`lab.toyworld.schedule`): the initializer word's
+embedding (Textual Inversion, Gal et al. 2022, arXiv 2208.01618), the text encoder's output for it (Cross
+Initialization, Pang et al. 2023, arXiv 2312.15905), and an initializer ``jobs.fit_init`` fitted on a night's run of
+concepts disjoint from these (:mod:`lab.toyworld.corpus`; HyperDreamBooth's idea, Ruiz et al. 2023,
 arXiv 2307.06949), behind the guard that keeps a prediction only when its fixed-batch loss beats the word's.
 Per concept and start: fidelity at step 0 (the start alone), samples seen until the target (0.9; a
 combination's: 0.9 of its words' score), the DVAR stop step and fidelity there.
@@ -16,19 +16,20 @@ import statistics
 from dataclasses import replace
 from typing import Any
 
-from tinv.config import TrainConfig
-from tinv.models import load_base_model
-from tinv.starts import CROSS, WORD, Start, load_start
-from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.schedule import Curve, schedule_curves
-from tinv.toyworld.scorer import Scorer
+from lab.toyworld import CONFIG
+from lab.toyworld.concepts import CONCEPTS, Concept
+from lab.toyworld.schedule import Curve, schedule_curves
+from lab.toyworld.scorer import Scorer
+from tinv.families.model import load_base_model
+from tinv.settings import TrainConfig
+from tinv.training.starts import CROSS, WORD, Start, load_start
 
 CHECKPOINTS = [0, 10, 25, 50, 100, 150, 200, 300, 400, 500]
 KINDS = ("combination", "unnamed", "style")
 
 
 def start_curves(
-    model_dir: str, scorer: Scorer, init: str, cfg: TrainConfig = TrainConfig(),
+    model_dir: str, scorer: Scorer, init: str, cfg: TrainConfig = CONFIG,
     concepts: tuple[Concept, ...] = CONCEPTS, checkpoints: list[int] = CHECKPOINTS, samples: int = 32,
     seed: int = 0, **gen,
 ) -> list[Curve]:

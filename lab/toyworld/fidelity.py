@@ -19,13 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.images import decode_image
-from tinv.models import BaseModel, load_base_model
-from tinv.samples import SampleRequest, sample
-from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.scorer import Scorer, pixels
-from tinv.toyworld.world import (
+from lab.toyworld.concepts import CONCEPTS, Concept
+from lab.toyworld.scorer import Scorer, pixels
+from lab.toyworld.world import (
     BACKDROP_WORD,
     DESCRIPTOR_WORD,
     NAMED_COLOURS,
@@ -35,7 +31,13 @@ from tinv.toyworld.world import (
     STYLE_PROMPT,
     Item,
 )
-from tinv.train import ConceptData, TrainedConcept, train_concepts
+from tinv.evaluation.sampling import SampleRequest, sample
+from tinv.families.model import BaseModel, load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.settings import TrainConfig
+from tinv.training.concept import ConceptData, TrainedConcept
+from tinv.training.loop import train_concepts
+from tinv.training.pictures import decode_image
 
 
 @dataclass

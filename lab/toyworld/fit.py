@@ -1,6 +1,6 @@
 """Train the toy world's text-to-image model from a seed: VAE first, then UNet + text encoder.
 
-``python -m tinv.toyworld train --out DIR`` calls :func:`train_model`. The result is an
+``python -m lab.toyworld train --out DIR`` calls :func:`train_model`. The result is an
 ordinary diffusers folder (``StableDiffusionPipeline.save_pretrained``).
 """
 
@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
-from tinv.models import TEMPLATES_FILE
-from tinv.toyworld import nets
-from tinv.toyworld.scorer import pixels
-from tinv.toyworld.world import (
+from lab.toyworld import nets
+from lab.toyworld.scorer import pixels
+from lab.toyworld.world import (
     BACKDROP_WORD,
     DESCRIPTOR_WORD,
     EVAL_PROMPTS,
@@ -30,6 +29,7 @@ from tinv.toyworld.world import (
     Item,
     training_set,
 )
+from tinv.families.model import TEMPLATES_FILE
 
 
 @dataclass(frozen=True)
@@ -193,6 +193,6 @@ def train_model(out: str | Path, cfg: FitConfig = FitConfig(), progress: Callabl
 
 
 def write_templates(out: Path) -> None:
-    """Ship the world's own prompt templates with the model (read by ``tinv.models``)."""
+    """Ship the world's own prompt templates with the model (read by ``tinv.families.model``)."""
     templates = {"object": TEMPLATES, "style": STYLE_TEMPLATES, "eval": EVAL_PROMPTS}
     (out / TEMPLATES_FILE).write_text(json.dumps(templates, indent=1))

@@ -1,7 +1,8 @@
 """Framing on the toy world: photos are not square, and their subject shares the picture with other things.
 
-The 12 held-out concepts learned with Textual Inversion at tinv's defaults from pictures that go through the
-user's path (PNG files, :func:`tinv.images.load_pictures`), judged on square samples as the fidelity table is:
+The 12 held-out concepts learned with Textual Inversion at the lab's settings (:data:`lab.toyworld.CONFIG`) from
+pictures that go through the user's path (PNG files, :func:`tinv.training.pictures.load_pictures`), judged on square
+samples as the fidelity table is:
 
 - **square**: the concept's own 32 px pictures (the fidelity table's TI column, for reference);
 - **tall**: each picture at the top or the bottom of a 32 x 48 canvas of its own backdrop, the way a portrait
@@ -16,23 +17,25 @@ user's path (PNG files, :func:`tinv.images.load_pictures`), judged on square sam
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lab.toyworld import CONFIG
+from lab.toyworld.concepts import CONCEPTS, Concept
+from lab.toyworld.fidelity import Draw, judge, share, token
+from lab.toyworld.scorer import Scorer
+from lab.toyworld.world import NAMED_COLOURS, SIZE, render_with_mask
 from tinv import storage
-from tinv.buckets import step_of
-from tinv.config import ConceptSpec, TrainConfig
-from tinv.images import load_pictures
-from tinv.models import BaseModel, load_base_model
-from tinv.samples import png_bytes
-from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.fidelity import Draw, judge, share, token
-from tinv.toyworld.scorer import Scorer
-from tinv.toyworld.world import NAMED_COLOURS, SIZE, render_with_mask
-from tinv.train import ConceptData, train_concepts
-from tinv.trainer import PackedTrainer
+from tinv.evaluation.sampling import png_bytes
+from tinv.families.model import BaseModel, load_base_model
+from tinv.manifest import ConceptSpec
+from tinv.settings import TrainConfig
+from tinv.training.concept import ConceptData
+from tinv.training.loop import train_concepts
+from tinv.training.pictures import load_pictures
+from tinv.training.trainer import PackedTrainer
 
 TALL = (SIZE, SIZE * 3 // 2)
 """The portrait canvas (width, height)."""
@@ -93,7 +96,7 @@ def variant_data(concept: Concept, variant: str, n: int, seed: int, model: BaseM
     spec = ConceptSpec(concept.name, tuple(images), placeholder_token=token(concept),
                        learnable_property=concept.learnable_property, initializer_token=concept.initializer,
                        captions=concept.captions(n, seed), masks=tuple(masks))
-    step = step_of(model) if variant == "tall_bucketed" else None
+    step = model.family.pixel_multiple(model) if variant == "tall_bucketed" else None
     squares, framed = load_pictures(spec, model.resolution, step)
     return ConceptData(spec, squares, framed=framed)
 
@@ -133,7 +136,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def step_cost(model_dir: str, steps: int = 40, repeats: int = 3) -> dict[str, float]:
-    """Seconds per packed step (K = 4, tinv's defaults) of the held-out combinations and unnamed colours: all
+    """Seconds per packed step (K = 4, the lab's settings) of the held-out combinations and unnamed colours: all
     square, two of them tall (two latent sizes: two UNet passes a step), all tall (one size); the median of
     ``repeats`` interleaved runs of ``steps`` steps, and each mix's ratio to the all-square step."""
     model = load_base_model(model_dir)
@@ -145,7 +148,7 @@ def step_cost(model_dir: str, steps: int = 40, repeats: int = 3) -> dict[str, fl
     seconds: dict[str, list[float]] = {name: [] for name in mixes}
     for _ in range(repeats):
         for name, concepts in data.items():
-            trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=4))
+            trainer = PackedTrainer(model, replace(CONFIG, concepts_per_actor=4))
             for s, d in enumerate(concepts):
                 trainer.admit(s, d)
             trainer.step()  # warm-up

@@ -2,7 +2,7 @@
 
 Every method learns the same 12 concepts from the same pictures, captions and prompts (Textual Inversion,
 Gal et al. 2022, arXiv 2208.01618; DreamBooth, Ruiz et al. 2022, arXiv 2208.12242, in its LoRA form, with
-the plain word :data:`~tinv.toyworld.fidelity.LORA_WORD` as its token, and pivotal tuning, a new token and
+the plain word :data:`~lab.toyworld.fidelity.LORA_WORD` as its token, and pivotal tuning, a new token and
 a LoRA together), and each LoRA method once without and once with prior preservation. Per concept and run:
 
 - **fidelity**, strict and loose (:meth:`Concept.hit`), over the concept's usual prompts;
@@ -14,7 +14,7 @@ a LoRA together), and each LoRA method once without and once with prior preserva
 - the **bytes** of the files the job writes for it and its training **seconds** (the run's wall time over
   its concepts, packed as the job packs them).
 
-Prior preservation uses the job's own class pictures (:mod:`tinv.classes`: the base model draws
+Prior preservation uses the job's own class pictures (:mod:`tinv.training.classes`: the base model draws
 ``class_images`` of each distinct class prompt once, shared by every concept that names it):
 :func:`class_prompt` for each concept.
 """
@@ -28,15 +28,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from tinv import classes
-from tinv.config import WITH_CLASS_PICTURES, TrainConfig
-from tinv.models import BaseModel, load_base_model
-from tinv.outputs import learned_files
-from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.fidelity import Draw, Judged, judge, learn, share
-from tinv.toyworld.scorer import Scorer
-from tinv.toyworld.world import OBJECT_PROMPT, SHAPES
-from tinv.train import TrainedConcept
+from lab.toyworld.concepts import CONCEPTS, Concept
+from lab.toyworld.fidelity import Draw, Judged, judge, learn, share
+from lab.toyworld.scorer import Scorer
+from lab.toyworld.world import OBJECT_PROMPT, SHAPES
+from tinv.families import Family
+from tinv.families.model import BaseModel, load_base_model
+from tinv.files.outputs import learned_files
+from tinv.settings import WITH_CLASS_PICTURES, TrainConfig
+from tinv.training import classes
+from tinv.training.concept import TrainedConcept
 
 RUNS = (("ti", False), ("lora", False), ("lora", True), ("pivotal", False), ("pivotal", True))
 """(method, prior preservation) of every column."""
@@ -101,7 +102,7 @@ def shows_attribute(concept: Concept, judged: Judged) -> bool:
 
 def class_pictures(model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainConfig) -> dict:
     """Concept name → (class prompt(s), class pictures ``(M, 3, H, W)``, each picture's prompt), every
-    distinct class prompt drawn once, as the job draws them (:func:`tinv.classes.generate`)."""
+    distinct class prompt drawn once, as the job draws them (:func:`tinv.training.classes.generate`)."""
     info = {"base_model_fingerprint": "toyworld", "resolution": model.resolution, "dtype": str(model.dtype)}
     sets = {p: classes.class_set(p, cfg, info) for p in sorted({p for c in concepts for p in class_prompts(c)})}
     with tempfile.TemporaryDirectory() as out:
@@ -111,8 +112,9 @@ def class_pictures(model: BaseModel, concepts: tuple[Concept, ...], cfg: TrainCo
                      tuple(p for p in class_prompts(c) for _ in range(len(pictures[p])))) for c in concepts}
 
 
-def file_bytes(trained: TrainedConcept) -> int:
-    return sum(len(b) for b in learned_files(trained, {"base_model_fingerprint": "toyworld"}).values())
+def file_bytes(trained: TrainedConcept, family: Family) -> int:
+    """All bytes of the files the job writes for what ``trained`` learned, in ``family``'s layouts."""
+    return sum(len(b) for b in learned_files(trained, family, {"base_model_fingerprint": "toyworld"}).values())
 
 
 def compare(
@@ -156,7 +158,7 @@ def compare(
             bare = np.array([shows_attribute(c, j) for j in drawn], dtype=float)
             rows.append(MethodRow(c.name, c.kind, run[0], run[1], share(found[i, run]),
                                   share(found[i, run], loose=True), float(bare.mean()), float(base.mean()),
-                                  file_bytes(t), seconds[run], paired_se(bare - base)))
+                                  file_bytes(t, model.family), seconds[run], paired_se(bare - base)))
     return rows
 
 

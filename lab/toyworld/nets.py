@@ -5,9 +5,9 @@ from __future__ import annotations
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tinv.prompts import template_words
-from tinv.tiny import clip_tokenizer
-from tinv.toyworld.world import SIZE, WORDS
+from lab.toyworld.world import SIZE, WORDS
+from tinv.families.model import template_words
+from tinv.families.tiny import clip_tokenizer
 
 MAX_TOKENS = 16
 """Prompts of the world are short; 16 positions keep cross-attention cheap."""

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from tinv.config import TrainConfig
-from tinv.models import BaseModel
-from tinv.starts import Start
-from tinv.toyworld.concepts import CONCEPTS, Concept
-from tinv.toyworld.fidelity import Draw, concept_data, score, word_prompts
-from tinv.toyworld.scorer import Scorer
-from tinv.train import PackedTrainer
+from lab.toyworld.concepts import CONCEPTS, Concept
+from lab.toyworld.fidelity import Draw, concept_data, score, word_prompts
+from lab.toyworld.scorer import Scorer
+from tinv.families.model import BaseModel
+from tinv.settings import TrainConfig
+from tinv.training.starts import Start
+from tinv.training.trainer import PackedTrainer
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Curve:
     fidelity_at_stop: float | None = None
     samples_per_step: int = 4
     start: dict | None = None
-    """Where its vectors started (:func:`tinv.starts.choose`'s record)."""
+    """Where its vectors started (:func:`tinv.training.starts.choose`'s record)."""
 
     @property
     def samples_to_target(self) -> int | None:
@@ -52,7 +52,7 @@ def snapshots(
 ) -> tuple[dict[tuple[int, int], Draw], dict[int, tuple[int, Draw]], list[int], list[dict | None]]:
     """What concept i has learned by ``method`` from ``start`` as a :class:`Draw`, ``(i, step) → draw`` at
     each checkpoint (step 0: the start itself) and ``i → (stop step, draw)`` for DVAR; each concept's samples
-    per step and its start's record (:func:`tinv.starts.choose`)."""
+    per step and its start's record (:func:`tinv.training.starts.choose`)."""
     cfg = replace(cfg, concepts_per_actor=len(concepts), early_stop=dvar)
     trainer = PackedTrainer(model, cfg, start)
     for i, c in enumerate(concepts):

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from tinv.evaluation.toyworld import HEADS, SCORER_FILE, Scorer, load_scorer, pixels
 from lab.toyworld.world import (
     BACKDROPS,
     COLOURS,
@@ -28,6 +27,7 @@ from lab.toyworld.world import (
     described_rgb,
     render,
 )
+from tinv.evaluation.toyworld import HEADS, SCORER_FILE, Scorer, load_scorer, pixels
 
 assert HEADS == {"shape": SHAPES, "colour": (*COLOURS, DESCRIBED), "style": STYLES,
                  "backdrop": (LIGHT, *BACKDROPS, DESCRIBED)}, "the product's scorer labels are the world's"

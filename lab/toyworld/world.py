@@ -21,7 +21,7 @@ A generic noun, "shape", stands for any shape in some captions ("a striped shape
 *between* things it can already say. The toy world's stand-in: a share (:data:`P_DESCRIBED`) of the
 training pictures are drawn in a random colour from the RGB cube and captioned "a colour square", where the
 generator's training adds a learned linear function of that RGB value to the word "colour"'s
-embedding (``tinv.toyworld.fit``). No described colour lies within :data:`HOLE` of any of the ten
+embedding (``lab.toyworld.fit``). No described colour lies within :data:`HOLE` of any of the ten
 canonical colours, and the scorer reads such colours as ``other``, so no description reaches an
 unnamed colour (or a held-out combination's colour): an unnamed colour sits in a hole of the
 described continuum, where Textual Inversion must find it.
