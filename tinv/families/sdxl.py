@@ -19,22 +19,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from tinv.families import Components, Conditioning, LoraParts
-from tinv.families.sd import (
-    CLIP_LORA_TARGETS,
-    KOHYA_TRAINING_KEYS,
-    UNET_LORA_TARGETS,
-    ddpm_noisy_and_target,
-    ddpm_timesteps,
-    load_unet_parts,
-    scale_latents,
-    unet_diffusers_lora,
-    unet_kohya_lora,
-    unet_pixel_multiple,
-    unet_predict,
-    unet_read_lora,
-    unet_resolution,
-)
+from tinv.families import Components, Conditioning
+from tinv.families.sd import KOHYA_TRAINING_KEYS, StableDiffusion, load_unet_parts, unet_kohya_lora
 
 if TYPE_CHECKING:
     from tinv.families.model import BaseModel
@@ -49,14 +35,13 @@ def eos_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class StableDiffusionXL:
-    """SDXL (``StableDiffusionXLPipeline`` folders)."""
+class StableDiffusionXL(StableDiffusion):
+    """SDXL (``StableDiffusionXLPipeline`` folders): Stable Diffusion's UNet side with a second text encoder, added
+    conditioning and its own files."""
 
     name: str = "sdxl"
     pipeline_class: type = StableDiffusionXLPipeline
     parts: tuple[str, ...] = ("tokenizer", "text_encoder", "unet", "vae", "scheduler", "tokenizer_2", "text_encoder_2")
-    lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
-    text_lora_targets: tuple[str, ...] = CLIP_LORA_TARGETS
     embedding_keys: tuple[str, ...] = ("clip_l", "clip_g")
     webui_embedding_keys: tuple[str, ...] = ("clip_l", "clip_g")
     bundle_keys: tuple[str, ...] = ("clip_l", "clip_g")
@@ -70,12 +55,6 @@ class StableDiffusionXL:
 
     def version(self, model: BaseModel) -> str:
         return "sdxl"
-
-    def resolution(self, model: BaseModel) -> int:
-        return unet_resolution(model)
-
-    def pixel_multiple(self, model: BaseModel) -> int:
-        return unet_pixel_multiple(model)
 
     def encode(self, model: BaseModel, ids: list[torch.Tensor], size: tuple[int, int],
                zeroed: torch.Tensor | None = None) -> Conditioning:
@@ -106,20 +85,6 @@ class StableDiffusionXL:
         config = json.loads(index.read_text()) if index.is_file() else {}
         return bool(config.get("force_zeros_for_empty_prompt", True))
 
-    def scale_latents(self, model: BaseModel, latents: torch.Tensor) -> torch.Tensor:
-        return scale_latents(model, latents)
-
-    def timesteps(self, model: BaseModel, n: int, generator: torch.Generator, low: float, power: float
-                  ) -> torch.Tensor:
-        return ddpm_timesteps(model, n, generator, low, power)
-
-    def noisy_and_target(self, model: BaseModel, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-        return ddpm_noisy_and_target(model, latents, noise, t)
-
-    def predict(self, model: BaseModel, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        return unet_predict(model, noisy, t, cond)
-
     def pipeline(self, model: BaseModel, scheduler: Any, text_encoders: bool = False) -> StableDiffusionXLPipeline:
         encoders = model.text_encoders if text_encoders else [None, None]
         tokenizers = model.tokenizers if text_encoders else [None, None]
@@ -133,15 +98,8 @@ class StableDiffusionXL:
                 "pooled_prompt_embeds": cond.tensors["text_embeds"],
                 "negative_pooled_prompt_embeds": uncond.tensors["text_embeds"]}
 
-    def diffusers_lora(self, denoiser: dict[str, torch.Tensor], text: list[dict[str, torch.Tensor]] | None
-                       ) -> dict[str, torch.Tensor]:
-        return unet_diffusers_lora(denoiser, text)
-
     def kohya_lora(self, diffusers_state: dict[str, torch.Tensor], text_encoders: int) -> dict[str, torch.Tensor]:
         return unet_kohya_lora(diffusers_state, single_text=False)
-
-    def read_lora(self, state: dict[str, torch.Tensor], model: BaseModel) -> LoraParts:
-        return unet_read_lora(state, model.text_encoders)
 
     def file_metadata(self, model: BaseModel) -> dict[str, str]:
         return {"family": "sdxl", "ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
