@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from jobs.dispatch import ConceptResult, Request
-from tinv import EMBEDDED_MODEL
-from tinv.errors import ConceptCrashedError, ConceptDataError, TinvError, TransientError
+from tinv import EMBEDDED_MODEL, storage
+from tinv.errors import ConceptCrashedError, ConceptDataError, StorageUnavailableError, TinvError
 from tinv.evaluation.evaluate import ConceptEval, EvalConcept, Evaluator
 from tinv.evaluation.metrics import load_metrics
 from tinv.evaluation.sampling import SampleConfig
@@ -71,6 +71,8 @@ class WorkerSetup:
     """How each concept's evaluation samples are drawn and scored."""
     export: tuple[str, ...] = ()
     """:attr:`tinv.files.catalog.PublishConfig.export`: extra layouts each concept's folder gets."""
+    storage_retry_s: float = storage.RETRY_WINDOW_S
+    """How long storage may fail transiently before a write counts as an outage (``--storage-retry-s``)."""
 
 
 def load_model(setup: Any, gradient_checkpointing: bool = False) -> BaseModel:
@@ -110,6 +112,7 @@ class TrainerWorker:
 
     def __init__(self, setup: WorkerSetup) -> None:
         self.setup, self.name, self.load_error = setup, worker_name(), None
+        storage.set_retry_window(setup.storage_retry_s)
         began = time.monotonic()
         try:
             self.cfg = setup.train
@@ -126,6 +129,9 @@ class TrainerWorker:
         self.inbox: queue.Queue[Pending] = queue.Queue()
         self.outbox: queue.Queue[tuple[Pending, TrainedConcept]] = queue.Queue(WRITE_QUEUE)
         self.waiting: dict[str, Pending] = {}
+        self.unwritten: dict[tuple[str, str], TrainedConcept] = {}
+        """Trained concepts whose files storage would not take (an outage): (concept id, fingerprint) → the result,
+        kept to be written when the driver hands them back, never trained again."""
         self.model_lock = threading.Lock()
         """Held while the model is in use (training, drawing class pictures): Ray runs an actor's calls in
         threads at once, and a spliced text encoder or a routed denoiser is one caller's at a time."""
@@ -147,7 +153,11 @@ class TrainerWorker:
         """Train concepts (each request's spec a :class:`tinv.plan.Resolved`); one result per request, in order."""
         pending = [Pending(r, Future()) for r in requests]
         for p in pending:
-            self.inbox.put(p)
+            trained = self.unwritten.pop((p.settings.concept_id, p.request.fingerprint), None)
+            if trained is not None:  # trained already: only its files are still to write
+                self.outbox.put((p, trained))
+            else:
+                self.inbox.put(p)
         return [p.future.result() for p in pending]
 
     # -- the training thread -------------------------------------------------------------
@@ -191,8 +201,10 @@ class TrainerWorker:
                 yield ConceptData(spec, images, *self._class_pictures(settings), framed=framed, settings=settings)
             except ConceptDataError as e:
                 yield TrainedConcept(spec, None, failure=e)
-            except OSError as e:  # storage still failing after its own retries: worth another attempt
-                yield TrainedConcept(spec, None, failure=TransientError(f"storage error: {e!r}"))
+            except StorageUnavailableError as e:  # an outage, not the concept's fault
+                yield TrainedConcept(spec, None, failure=e)
+            except OSError as e:  # a permanent storage error on its data (what is not its pictures'): it fails
+                yield TrainedConcept(spec, None, failure=ConceptDataError(spec.concept_id, f"storage error: {e!r}"))
             try:
                 entry = self.inbox.get_nowait()
             except queue.Empty:
@@ -232,8 +244,8 @@ class TrainerWorker:
             with self.model_lock:  # two calls at once would splice the one text encoder twice
                 classes.generate(self.model, sets, self.setup.output, self.setup.samples.sample_batch_size,
                                  self.setup.storage_options)
-        except OSError as e:  # storage still failing after its own retries: worth another attempt
-            error: Exception = TransientError(f"could not write class pictures: {e!r}")
+        except StorageUnavailableError as e:  # an outage: the driver stops or hands them out again
+            error: Exception = e
         except Exception as e:  # noqa: BLE001 — these classes fail; their concepts are told why
             error = e
         else:
@@ -265,8 +277,11 @@ class TrainerWorker:
                     extra_files=drawn.files(), metrics=drawn.summary, eval_prompts=drawn.eval_prompts,
                     export=tuple(self.setup.export), storage_options=self.setup.storage_options,
                 )
-            except OSError as e:  # storage failing after its own retries: the driver may try again
-                failure: TinvError = TransientError(f"could not write outputs: {e!r}")
+            except StorageUnavailableError as e:  # an outage: kept to be written again, not trained again
+                self.unwritten[(trained.spec.concept_id, pending.request.fingerprint)] = trained
+                pending.future.set_result(self._failed(pending, e, trained.seconds))
+            except OSError as e:  # a permanent storage error writing this concept: it alone fails
+                failure: TinvError = ConceptCrashedError(trained.spec.concept_id, f"writing outputs: {e!r}")
                 pending.future.set_result(self._failed(pending, failure, trained.seconds))
             except Exception as e:  # noqa: BLE001 — encoding or writing this concept raised: it alone fails
                 failure = ConceptCrashedError(trained.spec.concept_id, f"writing outputs: {e!r}")

@@ -47,14 +47,18 @@ class ClusterConfig:
     cpus_per_actor: int | None = None
     """CPUs (torch threads) per actor; None: 1 with GPUs, else CPUs / actors."""
     precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
-    """Precision of the frozen UNet and VAE (auto: bf16 on a GPU with bf16, fp16 on one without, fp32 on CPU;
+    """Precision of the frozen denoiser and VAE (auto: bf16 on a GPU with bf16, fp16 on one without, fp32 on CPU;
     the text encoders stay fp32)."""
     attention: str = field(default="sdpa", metadata={"choices": ("sdpa", "xformers")})
     """Attention kernel: PyTorch SDPA, or xformers when installed."""
     gradient_checkpointing: bool = False
-    """Recompute the UNet's and text encoders' activations in the backward pass: less memory, slower steps."""
+    """Recompute the denoiser's and text encoders' activations in the backward pass: less memory, slower steps."""
     storage_options: str | None = None
     """fsspec storage options as JSON (e.g. an S3 endpoint); only their names are ever recorded."""
+    storage_retry_s: float = 600.0
+    """Seconds storage may keep failing (refused, timeouts, 5xx) before the run counts it an outage (exit 3)."""
+    take_over: bool = False
+    """Take the output's lease from the run that holds it (only when that run is known to be dead)."""
 
     def parsed_storage_options(self) -> dict[str, Any] | None:
         return parse_storage_options(self.storage_options)

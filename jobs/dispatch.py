@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from tinv.errors import AttemptsExhaustedError, TinvError
+from tinv.errors import AttemptsExhaustedError, StorageUnavailableError, TinvError, TransientError
 
 log = logging.getLogger("tinv.dispatch")
 
@@ -66,13 +66,17 @@ class ConceptResult:
     seconds: float | None = None
     record: dict[str, Any] | None = None
     """The concept's ``result.json`` (succeeded, skipped): files, hashes, metrics, base model."""
+    outage: bool = False
+    """Storage was down for the whole retry window: not the concept's failure. The dispatcher hands it back to
+    the actor that holds its trained result (to upload, not retrain) without charging an attempt."""
 
     @classmethod
     def failed(cls, concept_id: str, token: str | None, error: BaseException, attempts: int = 0,
                worker: str | None = None, seconds: float | None = None) -> ConceptResult:
         """A failure with ``error``'s message, type and whether it is worth another attempt."""
         return cls(concept_id, "failed", token, str(error), type(error).__name__,
-                   bool(getattr(error, "retryable", False)), attempts, worker, seconds)
+                   bool(getattr(error, "retryable", False)), attempts, worker, seconds,
+                   outage=isinstance(error, StorageUnavailableError))
 
 
 @dataclass(frozen=True)
@@ -130,12 +134,16 @@ class Dispatcher:
     def __init__(
         self, make_actor: Callable[[], Any], cfg: DispatchConfig, on_result: Callable[[Any], None],
         method: str = "train", failure: Callable[..., Any] = ConceptResult.failed,
+        probe: Callable[[], None] | None = None, stop: Callable[[], str | None] | None = None,
     ) -> None:
         """``method``: the actor method that takes a list of :class:`Request` and returns one result per request
         (with ``concept_id``, ``retryable``, ``error``, ``worker``); ``failure``: makes the result of a concept
-        whose attempts ran out, as :meth:`ConceptResult.failed` does."""
+        whose attempts ran out, as :meth:`ConceptResult.failed` does; ``probe``: checks that storage answers
+        (raising :class:`~tinv.errors.TransientError` when it does not), asked when an actor reports an outage;
+        ``stop``: why the run must stop now (its lease was taken), or None."""
         self.make_actor, self.cfg, self.on_result, self.method = make_actor, cfg, on_result, method
-        self.failure = failure
+        self.failure, self.probe, self.stop = failure, probe, stop
+        self.outages = 0
         self.max_replacements = cfg.max_replacements or 2 * cfg.num_actors * cfg.max_attempts
         self.replaced = 0
         self.actors = [self._spawn() for _ in range(cfg.num_actors)]
@@ -178,6 +186,8 @@ class Dispatcher:
     def _loop(self, tasks: list[Task]) -> None:
         self.queue.extend(tasks)
         while self.queue or any(a.calls for a in self.actors):
+            if self.stop is not None and (why := self.stop()):
+                raise InfrastructureError(f"stopped: {why}")
             for actor in list(self.actors):
                 self._feed(actor)
             refs = [r for a in self.actors for r in [*a.calls, a.info_ref] if r is not None]
@@ -241,10 +251,27 @@ class Dispatcher:
         tasks = actor.calls.pop(ref)
         actor.last_progress = time.monotonic()
         for task, result in zip(tasks, value):
-            if result.retryable:
+            if getattr(result, "outage", False):
+                self._outage(actor, task, result)
+            elif result.retryable:
                 self._retry(task, result.error or "transient error", result.worker)
             else:
                 self.on_result(result)
+
+    def _outage(self, actor: _Actor, task: Task, result: Any) -> None:
+        """Storage was down for an actor's whole retry window: if it still is, the run stops
+        (:class:`InfrastructureError`); else the task goes back to that actor, which holds the concept's trained
+        result, to be written again, without charging an attempt."""
+        self.outages += 1
+        log.warning("storage outage while %s wrote %s: %s", result.worker, task.spec.concept_id, result.error)
+        if self.probe is not None:
+            try:
+                self.probe()
+            except TransientError as e:
+                raise InfrastructureError(f"storage stayed unavailable past its retry window: {e}") from e
+        task.last_error = result.error or "storage outage"
+        call = getattr(actor.handle, self.method).remote([task.request()])
+        actor.calls[call] = [task]
 
     def _check_deadlines(self) -> None:
         now = time.monotonic()

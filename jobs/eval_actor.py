@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from jobs.actor import load_model, worker_info, worker_name
-from jobs.dispatch import Request
+from jobs.dispatch import ConceptResult, Request
 from tinv import storage
 from tinv.errors import ConceptDataError, InvalidInputError, TinvError, TransientError
 from tinv.evaluation.evaluate import EvalConcept, Evaluator, read_embedding, training_files
@@ -42,28 +42,15 @@ class EvalSpec:
 
 
 @dataclass(frozen=True)
-class EvalResult:
-    """A concept's evaluation: its status (with the typed error of a failure), each image's row (prompt, seed,
-    image path, metrics), the concept's metric means, and its training pictures' paths (the gallery's)."""
+class EvalResult(ConceptResult):
+    """A concept's evaluation: its status (with the typed error of a failure, :meth:`ConceptResult.failed`), each
+    image's row (prompt, seed, image path, metrics), the concept's metric means, and its training pictures' paths
+    (the gallery's)."""
 
-    concept_id: str
-    status: str
-    token: str | None = None
-    error: str | None = None
-    error_type: str | None = None
-    retryable: bool = False
-    attempts: int = 0
-    worker: str | None = None
     rows: tuple[dict[str, Any], ...] = ()
     metrics: dict[str, float] = field(default_factory=dict)
     learnable_property: str = "object"
     train_images: tuple[str, ...] = ()
-
-    @classmethod
-    def failed(cls, concept_id: str, token: str | None, error: BaseException, attempts: int = 0,
-               worker: str | None = None) -> EvalResult:
-        return cls(concept_id, "failed", token, str(error), type(error).__name__,
-                   bool(getattr(error, "retryable", False)), attempts, worker)
 
 
 @dataclass(frozen=True)
@@ -78,6 +65,8 @@ class EvalSetup:
     precision: str = "auto"
     attention: str = "sdpa"
     threads: int = 1
+    storage_retry_s: float = storage.RETRY_WINDOW_S
+    """How long storage may fail transiently before a read or write counts as an outage."""
 
 
 class EmbeddingMisfitError(InvalidInputError):
@@ -89,6 +78,7 @@ class EvalWorker:
 
     def __init__(self, setup: EvalSetup) -> None:
         self.setup, self.name, self.load_error = setup, worker_name(), None
+        storage.set_retry_window(setup.storage_retry_s)
         try:
             self.model = load_model(setup)
             self.evaluator = Evaluator(self.model, setup.samples, load_metrics(self.model, setup.samples.metrics))

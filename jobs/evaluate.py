@@ -49,7 +49,7 @@ from tinv.evaluation.sampling import SampleConfig
 from tinv.files import outputs
 from tinv.files.gallery import gallery_html
 
-log = logging.getLogger("tinv.evaluation.evaluate")
+log = logging.getLogger("tinv.evaluate")
 EVAL_COLUMNS = pa.schema([
     ("kind", pa.string()),  # "image" or "concept" (per-concept means)
     ("concept_id", pa.string()),
@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: the run's folder; ./out/eval for --embeddings)")
     p.add_argument("--model", default=None, help="base model (default: the run's; needed with --embeddings)")
     cli.add_fields(p, SampleConfig, inherit=True)  # --run: what the train job drew with, unless given
-    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing",))  # drawing takes no gradient
+    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing", "take_over"))  # drawing takes no gradient
     cli.add_fields(p, DispatchConfig, skip=("num_actors",), defaults=DISPATCH_DEFAULTS)
     return p.parse_args(argv)
 
@@ -158,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     cluster = cli.build(ClusterConfig, args, gradient_checkpointing=False)
     storage_options = cluster.parsed_storage_options()
+    storage.set_retry_window(cluster.storage_retry_s)
     recorded = None
     if args.run:
         source = local_abs(args.run)
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
     connect(cluster.ray_address)
     setup_kw = dict(model=model, output=output, samples=samples, storage_options=storage_options,
+                    storage_retry_s=cluster.storage_retry_s,
                     precision=cluster.precision, attention=cluster.attention)
     make_actor, n_actors = actor_factory(cluster, lambda threads: EvalSetup(threads=threads, **setup_kw), EvalWorker)
     dispatch = cli.build(DispatchConfig, args, num_actors=min(n_actors, max(1, len(tasks))))

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="folder URI for initializer.safetensors and fit.json")
     p.add_argument("--model", default=None, help="base model (default: the runs' own)")
     cli.add_fields(p, FitConfig)
-    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing", "num_actors"))
+    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing", "num_actors", "take_over"))
     return p.parse_args(argv)
 
 

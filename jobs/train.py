@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 from ray.util.metrics import Counter
 
-from jobs import cli
+from jobs import cli, lease, preflight
 from jobs.actor import TrainerWorker, WorkerSetup
 from jobs.common import (
     EXIT_FAILED,
@@ -43,7 +44,7 @@ from jobs.common import (
 from jobs.dispatch import ConceptResult, DispatchConfig, Dispatcher, InfrastructureError, Task
 from jobs.report import Progress, counts, result_rows, write_results, write_run
 from tinv import storage
-from tinv.errors import ClassPicturesError, ConceptDataError, InitializerError
+from tinv.errors import ClassPicturesError, ConceptDataError, InitializerError, LostResultError, TransientError
 from tinv.evaluation.metrics import parse_requests
 from tinv.evaluation.sampling import SampleConfig
 from tinv.files import catalog, outputs, webui
@@ -56,7 +57,7 @@ from tinv.training import classes, starts
 REPO = Path(__file__).resolve().parent.parent
 DISPATCH_SET_BY_JOB = ("num_actors", "concepts_per_actor")
 """DispatchConfig fields the job fills in itself (the actor count found on the cluster; K from TrainConfig)."""
-log = logging.getLogger("tinv.training.loop")
+log = logging.getLogger("tinv.train")
 
 
 FLAGS: tuple[tuple[str, str, tuple[tuple[type, tuple[str, ...]], ...]], ...] = (
@@ -71,12 +72,13 @@ FLAGS: tuple[tuple[str, str, tuple[tuple[type, tuple[str, ...]], ...]], ...] = (
         (SampleConfig, ("samples_per_prompt", "sample_steps", "guidance", "metrics")),
         (PublishConfig, ("publish_if", "export")))),
     ("cluster", "where and how the actors run", (
-        (ClusterConfig, ("ray_address", "accelerator", "num_actors", "precision", "attention",
-                         "gradient_checkpointing", "storage_options")),
-        (DispatchConfig, ("max_attempts", "concept_timeout_s")))),
+        (ClusterConfig, ("accelerator", "num_actors", "precision", "attention", "gradient_checkpointing",
+                         "storage_options", "storage_retry_s", "take_over")),
+        (DispatchConfig, ("max_attempts",)))),
 )
 """The job's flags, by group: the settings a user of a personalization trainer sets. Every other field keeps its
-default here (the objective's finer terms are :class:`tinv.settings.Recipe`'s)."""
+default here (the objective's finer terms are :class:`tinv.settings.Recipe`'s); the Ray cluster is
+``$RAY_ADDRESS`` (``ray job submit`` sets it), else a new local instance."""
 DEMO_MANIFEST = "manifests/demo.parquet"
 """The shipped demo manifest, relative to the repository root (the job's working directory)."""
 DEMO_RECIPE = "toyworld"
@@ -203,20 +205,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     started = time.time()
-    # -- parse ---------------------------------------------------------------------------
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+    # -- parse and check, before anything starts ----------------------------------------
     inputs = read_inputs(args)
     cfg, output, storage_options = inputs.train, inputs.output, inputs.storage_options
+    storage.set_retry_window(inputs.cluster.storage_retry_s)
     log.info("manifest %s: %d concepts valid; output %s", inputs.manifest, len(inputs.specs), output)
     try:
         start, start_key = starts.load_start(cfg.init, storage_options)
     except InitializerError as e:
         raise JobExit(EXIT_INVALID, f"invalid input: --init {cfg.init}: {e}") from e
-    # -- build ---------------------------------------------------------------------------
+    preflight.check_model(args.model)
+    preflight.check_output(output, run_id, storage_options)
+    try:
+        held = lease.acquire(output, run_id, storage_options, take_over=inputs.cluster.take_over)
+    except lease.LeaseHeldError as e:
+        raise JobExit(EXIT_INVALID, f"invalid input: {e}") from e
+    heartbeat = lease.Heartbeat(output, held, storage_options)
+    try:
+        return train_and_account(args, inputs, run_id, started, start, start_key, heartbeat)
+    finally:
+        try:
+            lease.release(output, heartbeat.stop(), storage_options)
+        except OSError as e:  # storage down: the lease ages out, or the next run on this host takes it over
+            log.warning("could not release the lease on %s: %s", output, e)
+
+
+def train_and_account(args: argparse.Namespace, inputs: Inputs, run_id: str, started: float, start: starts.Start,
+                      start_key: str, heartbeat: lease.Heartbeat) -> int:
+    """Build the actors, plan, draw the class pictures, train; then account for the run from what is on storage."""
+    cfg, output, storage_options = inputs.train, inputs.output, inputs.storage_options
     connect(inputs.cluster.ray_address)
     setup_kw = dict(model=args.model, train=cfg, output=output, storage_options=storage_options,
                     export=inputs.publish.export, precision=inputs.cluster.precision,
                     attention=inputs.cluster.attention, gradient_checkpointing=inputs.cluster.gradient_checkpointing,
-                    samples=inputs.samples)
+                    samples=inputs.samples, storage_retry_s=inputs.cluster.storage_retry_s)
     make_actor, n_actors = actor_factory(inputs.cluster, lambda threads: WorkerSetup(threads=threads, **setup_kw),
                                          TrainerWorker)
     dispatch = cli.build(DispatchConfig, args, num_actors=n_actors, concepts_per_actor=cfg.concepts_per_actor)
@@ -228,7 +251,12 @@ def run(args: argparse.Namespace) -> int:
         results[result.concept_id] = result
         progress.update(result)
 
-    dispatcher = Dispatcher(make_actor, dispatch, on_result)
+    def probe() -> None:  # asked when an actor reports an outage: storage answers, or the run stops
+        uri = storage.join(output, f"{preflight.PROBE}-{run_id}")
+        storage.write_bytes(uri, b"tinv", storage_options)
+        storage.remove(uri, storage_options)
+
+    dispatcher = Dispatcher(make_actor, dispatch, on_result, probe=probe, stop=lambda: heartbeat.lost)
     model = wait_for_model(dispatcher, args.model)
     loaded = time.time()
     if start.initializer is not None:
@@ -238,7 +266,7 @@ def run(args: argparse.Namespace) -> int:
             dispatcher.shutdown()
             raise JobExit(EXIT_INVALID, f"invalid input: --init {cfg.init}: {e}") from e
     # -- plan + loop ---------------------------------------------------------------------
-    infra_error, class_counts, todo = None, {"wanted": 0, "drawn": 0, "failed": 0}, []
+    infra_error, class_counts, todo, planned = None, {"wanted": 0, "drawn": 0, "failed": 0}, [], {}
     try:
         triggers = webui.resolve_triggers(((s.concept_id, s.trigger) for s in inputs.specs),
                                           lambda words: set(dispatcher.ask("one_token_words", words)))
@@ -252,44 +280,96 @@ def run(args: argparse.Namespace) -> int:
         for result in class_failed.values():
             on_result(result)
         dispatcher.run(todo)
-    except InfrastructureError as e:
+    except (InfrastructureError, TransientError) as e:
         infra_error = str(e)
         print(f"[tinv] infrastructure failure: {e}", file=sys.stderr, flush=True)
     dispatcher.shutdown()
-    # -- save ----------------------------------------------------------------------------
-    held_back = {cid: inputs.publish.held_back(r.record) for cid, r in results.items() if r.status != "failed"}
-    rows = result_rows(inputs.specs, results, held_back)
-    summary = counts(rows)
-    code = EXIT_INFRA if infra_error else EXIT_FAILED if summary["failed"] else EXIT_OK
-    published = [results[s.concept_id].record for s in inputs.specs if s.concept_id in held_back
-                 and held_back[s.concept_id] is None]
-    finished = time.time()
-    record = {
-        "manifest": inputs.manifest, "output": output, "model_uri": args.model, "train_config": asdict(cfg),
-        "samples": asdict(inputs.samples), "cluster": inputs.cluster.recorded(), "dispatch": asdict(dispatch),
-        "base_model": model["base_model"], "base_model_fingerprint": model["base_model_fingerprint"],
-        "model": {k: model[k] for k in ("resolution", "dtype", "device")}, "actors": n_actors,
-        "actors_replaced": dispatcher.replaced, "counts": summary, "exit_code": code, "infra_error": infra_error,
-        "classes": class_counts, "start": start_key, "publish": asdict(inputs.publish),
-        "catalog": {"published": len(published), "held_back": sum(v is not None for v in held_back.values()),
-                    "written": not infra_error},
-        "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3),
-                    "load_seconds": round(loaded - started, 3), "train_seconds": round(finished - loaded, 3)},
-    }
+    # -- save: from what is on storage ---------------------------------------------------
+    fingerprints = {t.spec.concept_id: t.fingerprint for t in todo}
+    record = {"manifest": inputs.manifest, "output": output, "model_uri": args.model, "train_config": asdict(cfg),
+              "samples": asdict(inputs.samples), "cluster": inputs.cluster.recorded(), "dispatch": asdict(dispatch),
+              "base_model": model["base_model"], "base_model_fingerprint": model["base_model_fingerprint"],
+              "model": {k: model[k] for k in ("resolution", "dtype", "device")}, "actors": n_actors,
+              "actors_replaced": dispatcher.replaced, "storage_outages": dispatcher.outages, "infra_error": infra_error,
+              "classes": class_counts, "start": start_key, "publish": asdict(inputs.publish), "run_id": run_id,
+              "lease_lost": heartbeat.lost}
+    infra_error = infra_error or heartbeat.lost
+    accounted = account(inputs, results, fingerprints, planned, infra_error)
+    return save(inputs, accounted, record, run_id, started, loaded, infra_error)
+
+
+def account(inputs: Inputs, results: dict[str, ConceptResult], fingerprints: dict[str, str],
+            planned: dict[str, ConceptResult], infra_error: str | None) -> dict[str, ConceptResult]:
+    """Every concept's result as storage has it now: a succeeded or skipped one only while its ``result.json`` is
+    there under the fingerprint it was planned with (re-read, not remembered); one that is not (another writer
+    replaced it, or the run stopped before it) is failed with why. Storage down now: the results as they came."""
+    out = dict(results)
     try:
+        for cid, result in results.items():
+            if result.status == "failed":
+                continue
+            on_disk = outputs.read_result(inputs.output, cid, inputs.storage_options)
+            fp = fingerprints.get(cid) or (planned[cid].record or {}).get("config_fingerprint")
+            if on_disk is None or on_disk.get("config_fingerprint") != fp:
+                why = "its result.json is gone" if on_disk is None else "its result.json is another run's"
+                out[cid] = ConceptResult.failed(cid, result.token, LostResultError(cid, why))
+            else:
+                out[cid] = dataclasses.replace(result, record=on_disk)
+    except TransientError:  # storage down: what the actors reported is all there is to say
+        return results
+    return out
+
+
+def save(inputs: Inputs, results: dict[str, ConceptResult], record: dict[str, Any], run_id: str, started: float,
+         loaded: float, infra_error: str | None) -> int:
+    """``results.parquet``, ``run.json`` and (when the run was whole) the catalog and ``latest``; the exit code.
+    Storage down: the rows go to the log, and the run exits 3 (a re-run finishes only what is not done)."""
+    output, storage_options, publish = inputs.output, inputs.storage_options, inputs.publish
+    held_back = {cid: publish.held_back(r.record) for cid, r in results.items() if r.status != "failed"}
+    rows: list[dict[str, Any]] = result_rows(inputs.specs, results, held_back)
+    try:
+        published = [] if infra_error else published_records(inputs, results, held_back)
+        rows = result_rows(inputs.specs, results, held_back)
+        summary = counts(rows)
+        code = EXIT_INFRA if infra_error else EXIT_FAILED if summary["failed"] else EXIT_OK
+        finished = time.time()
+        record |= {"counts": summary, "exit_code": code, "infra_error": infra_error,
+                   "catalog": {"published": len(published), "held_back": sum(v is not None for v in held_back.values()),
+                               "written": not infra_error},
+                   "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3),
+                               "load_seconds": round(loaded - started, 3),
+                               "train_seconds": round(finished - loaded, 3)}}
         write_results(output, rows, storage_options)
         write_run(output, record, storage_options)
         if not infra_error:  # a broken night leaves the last catalog served
-            latest = catalog.write_catalog(output, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started)), published,
-                                           storage_options)
-            log.info("catalog: %d concepts published, %d held back; %s", latest["concepts"],
-                     record["catalog"]["held_back"], storage.join(output, latest["catalog"]))
-    except OSError as e:
+            latest = catalog.write_catalog(output, run_id, published, storage_options)
+            log.info("catalog: %d concepts published, %d held back; latest names %s", len(published),
+                     record["catalog"]["held_back"], latest["catalog"])
+    except OSError as e:  # storage down (after its window) or refusing: say in the log what could not be written
+        for row in rows:
+            print(f"[tinv] result {json.dumps(row, default=str, sort_keys=True)}", file=sys.stderr, flush=True)
         raise JobExit(EXIT_INFRA, f"could not write results to {output}: {e}") from e
-    # -- report --------------------------------------------------------------------------
     print(f"[tinv] {summary} in {finished - started:.1f} s; results in {storage.join(output, 'results.parquet')}; "
           f"exit {code}", file=sys.stderr, flush=True)
     return code
+
+
+def published_records(inputs: Inputs, results: dict[str, ConceptResult], held_back: dict[str, str | None]
+                      ) -> list[dict[str, Any]]:
+    """The ``result.json`` of every concept that passes the gate and whose served files are on storage as it says,
+    in manifest order (:func:`tinv.files.catalog.on_disk`)."""
+    out = []
+    for spec in inputs.specs:
+        cid = spec.concept_id
+        if cid not in held_back or held_back[cid] is not None:
+            continue
+        differs = catalog.on_disk(inputs.output, results[cid].record, inputs.storage_options)
+        if differs:
+            log.warning("%s held back from the catalog: %s", cid, differs)
+            held_back[cid] = differs
+            continue
+        out.append(results[cid].record)
+    return out
 
 
 if __name__ == "__main__":

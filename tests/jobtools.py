@@ -38,10 +38,10 @@ def job_env() -> dict[str, str]:
 def run_driver(
     cluster: dict, *args: str, timeout: float = 240, module: str = "jobs.train", env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """`python -m MODULE --ray-address CLUSTER ARGS...` as a subprocess, from the repo root (``env`` added)."""
-    cmd = [sys.executable, "-m", module, "--ray-address", cluster["address"], *args]
-    return subprocess.run(cmd, cwd=REPO, env={**cluster["env"], **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    """`RAY_ADDRESS=CLUSTER python -m MODULE ARGS...` as a subprocess, from the repo root (``env`` added)."""
+    cmd = [sys.executable, "-m", module, *args]
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["address"], **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 FILES = {"result.json", "grid.png"}

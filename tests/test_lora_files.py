@@ -111,7 +111,7 @@ def test_both_lora_layouts_load_in_diffusers_and_draw_what_the_trained_model_dra
             assert np.abs(drawn - ours).max() <= 2, (cid, file)
 
 
-@pytest.mark.parametrize("kind,version,v2", [("sd1", "sd_v1", "False"), ("sd2", "sd_v2", "True"),
+@pytest.mark.parametrize("kind,version,v2", [("sd1", "sd_v1", "False"), ("sd2", "sd_v2_v", "True"),
                                              ("sdxl", "sdxl_base_v1-0", "False")])
 def test_every_file_names_its_model_family_as_kohya_and_the_model_spec_do(tiny_models, images, kind, version, v2):
     """AUTOMATIC1111 lists a LoRA under a model family only from ``ss_base_model_version`` and ``ss_v2``: without

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,6 +19,8 @@ from tinv.manifest import ConceptSpec, ManifestError, read_manifest, specs_from_
 from tinv.settings import Recipe, TrainConfig
 
 GOOD = {"concept_id": "good", "images": ["a.png"]}
+NO_RAY = {**job_env(), "RAY_ADDRESS": "127.0.0.1:1"}
+"""Nothing listens there: what is refused must be refused before the driver reaches for Ray."""
 
 
 def problems_of(rows, schema=None) -> list[str]:
@@ -180,9 +184,8 @@ def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path):
     manifest = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"concept_id": "../up", "images": ["x.png"]}, GOOD, GOOD]), manifest)
     cmd = [sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--model", TOY,
-           "--output", str(tmp_path / "out"),
-           "--ray-address", "127.0.0.1:1"]  # nothing listens there: validation must come first
-    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+           "--output", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=REPO, env=NO_RAY, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "row 0" in proc.stderr and "row 2" in proc.stderr and "duplicates row 1" in proc.stderr
     assert not (tmp_path / "out").exists()
@@ -194,14 +197,47 @@ def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path):
     (["--demo"], "unrecognized arguments: --demo"),  # the no-argument run is the demo
 ])
 def test_a_manifest_never_trains_on_the_embedded_toy_model_by_accident(tmp_path, args, says):
-    cmd = [sys.executable, "-m", "jobs.train", *args, "--output", str(tmp_path / "out"), "--ray-address", "127.0.0.1:1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "jobs.train", *args, "--output", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=REPO, env=NO_RAY, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 
 def test_embedding_files_are_drawn_with_the_model_named_not_the_toy_one(tmp_path):
-    cmd = [sys.executable, "-m", "jobs.evaluate", "--embeddings", str(tmp_path / "x.bin"),
-           "--ray-address", "127.0.0.1:1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "jobs.evaluate", "--embeddings", str(tmp_path / "x.bin")]
+    proc = subprocess.run(cmd, cwd=REPO, env=NO_RAY, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--embeddings needs --model" in proc.stderr, proc.stderr[-2000:]
+
+
+def read_only_folder(tmp_path) -> str:
+    """A folder this process may not write: a read-only one, or (as root, who writes those) one under /sys."""
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o555)
+        return str(tmp_path / "ro" / "out")
+    return "/sys/tinv-read-only-output"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_anything_starts(tmp_path):
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    for output, says in ((str(a_file), "is a file; it must be a folder"),
+                         (read_only_folder(tmp_path), "cannot write to --output")):
+        proc = subprocess.run([sys.executable, "-m", "jobs.train", "--output", output], cwd=REPO, env=NO_RAY,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert a_file.read_text() == "not a folder"
+
+
+def test_a_malformed_model_config_is_invalid_input_naming_the_file(tiny_models, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_models["sd1"], broken)
+    (broken / "unet" / "config.json").write_text('{"sample_size": 16,')
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist([GOOD]), manifest)
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--model", str(broken),
+                           "--output", str(tmp_path / "out")], cwd=REPO, env=NO_RAY, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "unet/config.json is not readable JSON" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -107,6 +107,24 @@ def test_the_catalog_lists_its_concepts_files_and_hashes_and_latest_is_written_l
     assert data == (tmp_path / "catalog.jsonl").read_bytes()
 
 
+def test_latest_only_moves_forward_and_a_catalog_line_needs_its_files_as_result_json_says(tmp_path):
+    newer = write_catalog(str(tmp_path), "20261202T000000Z", [record("a", 0.9)])
+    older = write_catalog(str(tmp_path), "20261201T000000Z", [record("b", 0.9)])  # a run that started earlier
+    assert older == newer == json.loads((tmp_path / "latest").read_text())  # latest still names the newer one
+    assert (tmp_path / "catalogs" / "20261201T000000Z.jsonl").exists()  # its own catalog is kept beside
+    assert json.loads((tmp_path / "catalog.jsonl").read_text())["concept_id"] == "a"
+    folder = tmp_path / "concepts" / "a"
+    folder.mkdir(parents=True)
+    data = b"the embedding"
+    (folder / "learned_embeds.safetensors").write_bytes(data)
+    good = {**record("a", 0.9), "sha256": {"learned_embeds.safetensors": hashlib.sha256(data).hexdigest()}}
+    assert catalog.on_disk(str(tmp_path), good) is None
+    (folder / "learned_embeds.safetensors").write_bytes(b"another writer's embedding")  # re-read, not remembered
+    assert "is not the file its result.json names" in catalog.on_disk(str(tmp_path), good)
+    (folder / "learned_embeds.safetensors").unlink()
+    assert "is not on storage" in catalog.on_disk(str(tmp_path), good)
+
+
 @pytest.mark.parametrize("kind", ["sd1", "sd2"])
 def test_the_concepts_library_layout_loads_with_load_textual_inversion(tiny_models, tmp_path, kind):
     vectors = [torch.randn(2, 32)]

@@ -184,9 +184,10 @@ def many_concepts(tmp_path: Path, n: int) -> Path:
 
 def test_a_worker_killed_mid_run_loses_no_concept(ray_cluster, tmp_path):
     manifest, out = many_concepts(tmp_path, 8), tmp_path / "out"
-    cmd = [sys.executable, "-m", "jobs.train", "--ray-address", ray_cluster["address"], "--manifest", str(manifest),
+    cmd = [sys.executable, "-m", "jobs.train", "--manifest", str(manifest),
            "--model", TOY, "--output", str(out), "--steps", "80", "--batch-size", "2", "--concepts-per-actor", "2"]
-    driver = subprocess.Popen(cmd, cwd=REPO, env=ray_cluster["env"], stdout=subprocess.PIPE,
+    driver = subprocess.Popen(cmd, cwd=REPO, env={**ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"]},
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while not list(out.glob("concepts/*/result.json")):
@@ -234,7 +235,11 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
         {"concept_id": "named", "images": good, "trigger": "circle"},  # a toy word given as trigger: refused
         {"concept_id": "tall", "images": [f"tall-{j}.png" for j in range(4)]},
         {"concept_id": "masked", "images": good, "masks": [f"mask-{j}.png" for j in range(4)]},
+        {"concept_id": "folder", "images": [*good[:2], "demo/red-star"]},  # a directory where an image should be
+        {"concept_id": "loop", "images": [*good[:2], "loop-a.png"]},  # a symlink loop
     ]
+    (tmp_path / "loop-a.png").symlink_to(tmp_path / "loop-b.png")
+    (tmp_path / "loop-b.png").symlink_to(tmp_path / "loop-a.png")
     write_manifest(rows, str(tmp_path / "mixed.parquet"))
     out = tmp_path / "out"
     proc = run_driver(ray_cluster, "--manifest", str(tmp_path / "mixed.parquet"), "--model", TOY, "--output", str(out),
@@ -242,7 +247,10 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     assert proc.returncode == 1, proc.stderr[-4000:]
     got = results(out)
     assert [r["status"] for r in got.values()] == ["succeeded", "failed", "failed", "failed", "succeeded", "failed",
-                                                   "succeeded", "failed", "succeeded", "succeeded"]
+                                                   "succeeded", "failed", "succeeded", "succeeded", "failed", "failed"]
+    for cid, says, uri in (("folder", "Is a directory", "demo/red-star"), ("loop", "symbolic links", "loop-a.png")):
+        assert got[cid]["error_type"] == "ConceptDataError" and got[cid]["attempts"] == 1  # failed once, not retried
+        assert says in got[cid]["error"] and uri in got[cid]["error"] and f"'{cid}'" in got[cid]["error"]
     assert got["named"]["error_type"] == "ConceptDataError" and got["named"]["attempts"] == 0
     assert "trigger 'circle' is a word the base model's tokenizer reads as one token" in got["named"]["error"]
     assert got["star"]["trigger"] == "tinv-star" and got["star"]["held_back"] == "steps 4 fails steps>=10"
@@ -259,7 +267,7 @@ def test_bad_concepts_fail_alone_with_their_reasons(ray_cluster, tmp_path):
     objects = {c: "object" for c in ("good-1", "star", "tall", "masked")}
     assert tree(out) == expected_files(objects | {"good-2": "style"}, triggers={"star": "tinv-star"}, export=True)
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"] == {"total": 10, "succeeded": 5, "failed": 5, "skipped": 0}
+    assert run["counts"] == {"total": 12, "succeeded": 5, "failed": 7, "skipped": 0}
     assert run["catalog"] == {"published": 4, "held_back": 1, "written": True}
     assert run["actors_replaced"] == 0  # a bad concept is not a lost node
 

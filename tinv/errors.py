@@ -78,5 +78,10 @@ class ClassPicturesError(ConceptError):
     """The class pictures a concept's prior preservation needs could not be drawn (the class's error says why)."""
 
 
+class LostResultError(ConceptError):
+    """A concept's ``result.json`` was not on storage as the run wrote it when the run finished (another writer,
+    or someone, replaced or removed it)."""
+
+
 class ConceptOutOfMemoryError(ConceptError):
     """The concept did not fit in accelerator memory even alone in a batch."""

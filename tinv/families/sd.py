@@ -7,7 +7,7 @@ the folder and regresses the noise (epsilon) or the velocity (v-prediction, SD 2
 ``train_dreambooth_lora.py``). The files: diffusers' ``{token: (n, D)}`` embedding and ``unet.``-prefixed
 LoRA, AUTOMATIC1111's ``emb_params`` embedding, kohya's ``lora_unet_`` / ``lora_te_`` LoRA with
 ``bundle_emb.<token>.string_to_param.*``, and kohya's metadata (``ss_base_model_version`` ``sd_v1`` or
-``sd_v2``, ``ss_v2``, ``modelspec.architecture``).
+``sd_v2``, ``sd_v2_v``, ``ss_v2``, ``modelspec.architecture``).
 
 :mod:`tinv.families.sdxl` reuses the UNet-side functions of this module.
 """
@@ -252,8 +252,9 @@ class StableDiffusion:
         v2 = self.version(model) == "sd2"
         v_pred = model.scheduler.config.prediction_type == "v_prediction"
         arch = "stable-diffusion-v1" if not v2 else "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
-        return {"family": self.version(model), "ss_base_model_version": "sd_v2" if v2 else "sd_v1",
-                "ss_v2": str(v2), "ss_v_parameterization": str(v_pred), "modelspec.architecture": arch}
+        version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else "")  # kohya's model_util naming
+        return {"family": self.version(model), "ss_base_model_version": version, "ss_v2": str(v2),
+                "modelspec.architecture": arch}
 
 
 SD = StableDiffusion()

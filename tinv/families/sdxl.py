@@ -103,7 +103,7 @@ class StableDiffusionXL(StableDiffusion):
 
     def file_metadata(self, model: BaseModel) -> dict[str, str]:
         return {"family": "sdxl", "ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False",
-                "ss_v_parameterization": "False", "modelspec.architecture": "stable-diffusion-xl-v1-base"}
+                "modelspec.architecture": "stable-diffusion-xl-v1-base"}
 
 
 SDXL = StableDiffusionXL()

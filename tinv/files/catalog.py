@@ -4,8 +4,10 @@ After ``results.parquet`` the train job writes ``{output}/catalogs/{run_id}.json
 concept that passes the run's quality gate, ``--publish-if``), a copy at ``{output}/catalog.jsonl``, and
 then, last, ``{output}/latest``: a small JSON file naming the newest complete catalog and its sha256,
 which a serving system polls. Every write is whole (``tinv.storage.write_bytes``), so a reader of
-``latest`` always finds a complete catalog. A line is made only from the concept's ``result.json``, so a
-concept skipped by a re-run keeps the same line.
+``latest`` always finds a complete catalog. A line is made only from the concept's ``result.json`` as it is on
+storage when the run finishes, and only when every file it names is there with that sha256 (:func:`on_disk`), so
+a concept skipped by a re-run keeps the same line and no line names a file another writer replaced. ``latest``
+only ever moves forward.
 """
 
 from __future__ import annotations
@@ -88,12 +90,30 @@ class PublishConfig:
         return "; ".join(reasons) or None
 
 
+def served_files(record: dict[str, Any]) -> list[str]:
+    """The files of a concept a serving system loads (its ``result.json``'s, samples and grid left out)."""
+    return [n for n in record.get("files", []) if not n.startswith("samples/") and n != "grid.png"]
+
+
+def on_disk(output: str, record: dict[str, Any], storage_options: dict[str, Any] | None = None) -> str | None:
+    """None when every served file of ``record`` is on storage with the sha256 its ``result.json`` says (read
+    again now, not remembered), else what differs."""
+    folder, hashes = storage.join(output, "concepts", record["concept_id"]), record.get("sha256") or {}
+    for name in served_files(record):
+        try:
+            digest = hashlib.sha256(storage.read_bytes(storage.join(folder, name), storage_options)).hexdigest()
+        except FileNotFoundError:
+            return f"{name} is not on storage"
+        if digest != hashes.get(name):
+            return f"{name} on storage is not the file its result.json names (sha256 {digest[:12]}…)"
+    return None
+
+
 def catalog_line(record: dict[str, Any]) -> dict[str, Any]:
     """A concept's catalog entry from its ``result.json``: what to load (paths relative to the output root,
     each with its sha256; samples left out), against which base model, and its metrics."""
     hashes = record.get("sha256") or {}
-    files = {relative_uri(record["concept_id"], name): hashes.get(name) for name in record.get("files", [])
-             if not name.startswith("samples/") and name != "grid.png"}
+    files = {relative_uri(record["concept_id"], name): hashes.get(name) for name in served_files(record)}
     keys = ("concept_id", "token", "tokens", "trigger", "method", "lora_rank", "learnable_property", "metrics",
             "steps", "final_loss", "base_model", "base_model_fingerprint", "config_fingerprint")
     return {**{k: record.get(k) for k in keys}, "files": files}
@@ -102,13 +122,26 @@ def catalog_line(record: dict[str, Any]) -> dict[str, Any]:
 def write_catalog(
     output: str, run_id: str, records: list[dict[str, Any]], storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the run's catalog (``records``: the published concepts' ``result.json``), its copy, then ``latest``
-    naming it; returns what ``latest`` holds."""
+    """Write the run's catalog (``records``: the published concepts' ``result.json``, as on storage), then, unless
+    ``latest`` already names a newer run's catalog (it only ever moves forward: runs are named by their UTC start),
+    its copy and ``latest`` naming it; returns what ``latest`` holds afterwards."""
     data = "".join(json.dumps(catalog_line(r), sort_keys=True) + "\n" for r in records).encode()
     name = f"catalogs/{run_id}.jsonl"
     storage.write_bytes(storage.join(output, name), data, storage_options)
+    current = read_latest(output, storage_options)
+    if current is not None and str(current.get("run", "")) > run_id:
+        return current
     storage.write_bytes(storage.join(output, CATALOG_NAME), data, storage_options)
     latest = {"catalog": name, "sha256": hashlib.sha256(data).hexdigest(), "concepts": len(records), "run": run_id}
     storage.write_bytes(storage.join(output, LATEST_NAME), json.dumps(latest, sort_keys=True).encode() + b"\n",
                         storage_options)  # LAST: a poller sees a new catalog only once it is whole
     return latest
+
+
+def read_latest(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """What ``latest`` holds, or None when there is none (or it is unreadable)."""
+    try:
+        latest = json.loads(storage.read_bytes(storage.join(output, LATEST_NAME), storage_options))
+    except (FileNotFoundError, ValueError):
+        return None
+    return latest if isinstance(latest, dict) else None

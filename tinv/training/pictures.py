@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tinv import storage
-from tinv.errors import ConceptDataError
+from tinv.errors import ConceptDataError, TransientError
 from tinv.families.model import BaseModel, encode_latents
 from tinv.manifest import ConceptSpec
 from tinv.training.concept import Framed, Latents
@@ -86,10 +86,16 @@ def decode_image(data: bytes, size: int, *, concept_id: str, uri: str, max_pixel
 
 
 def _read(concept_id: str, uri: str, storage_options: dict[str, Any] | None) -> bytes:
+    """An image's bytes; a permanent storage error (missing, a directory, a symlink loop, no permission) fails the
+    concept at once, naming the URI; an outage (:class:`~tinv.errors.StorageUnavailableError`) passes on."""
     try:
         return storage.read_bytes(uri, storage_options)
     except FileNotFoundError as e:
         raise ConceptDataError(concept_id, "image not found", uri) from e
+    except TransientError:
+        raise
+    except OSError as e:
+        raise ConceptDataError(concept_id, f"image cannot be read: {e.strerror or e}", uri) from e
 
 
 def load_images(
