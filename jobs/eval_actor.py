@@ -152,8 +152,9 @@ class EvalWorker:
 
 
 def check_fits(model: BaseModel, vectors: list[torch.Tensor], uri: str) -> None:
-    """A clear error when an embedding was made for another model shape (SDXL on SD 1.5, 768 on 1024)."""
+    """A clear error when an embedding was made for another model shape (SDXL on SD 1.5, 768 on 1024); the first
+    encoders' vectors alone fit (FLUX's CLIP-L without T5's)."""
     dims = [v.shape[-1] for v in vectors]
-    if dims != model.embedding_dims:
+    if dims != model.embedding_dims[: len(dims)]:
         raise EmbeddingMisfitError(f"{uri}: embedding dims {dims} do not fit this model's text encoders "
                                    f"{model.embedding_dims}")

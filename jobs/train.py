@@ -65,7 +65,8 @@ FLAGS: tuple[tuple[str, str, tuple[tuple[type, tuple[str, ...]], ...]], ...] = (
         (TrainConfig, ("resolution", "aspect_buckets")),)),
     ("method", "how each concept learns (a manifest row may override some)", (
         (TrainConfig, ("learning_rate", "lora_rank", "lora_learning_rate", "lora_targets", "lora_text_encoder",
-                       "caption_dropout", "prior_preservation", "prior_loss_weight", "class_images", "init")),)),
+                       "caption_dropout", "prior_preservation", "prior_loss_weight", "class_images", "init",
+                       "train_t5")),)),
     ("schedule", "how long and how many at once", (
         (TrainConfig, ("steps", "batch_size", "seed", "early_stop", "concepts_per_actor")),)),
     ("evaluation and publishing", "each concept's samples, and what the serving catalog takes", (

@@ -24,6 +24,13 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def flux_models(tmp_path_factory) -> dict[str, Path]:
+    """kind → folder of a tiny random FLUX.1 saved with ``save_pretrained`` (flux-dev, flux-schnell)."""
+    root = tmp_path_factory.mktemp("tiny-flux")
+    return {kind: save_tiny_model(root / kind, kind, seed=0) for kind in ("flux-dev", "flux-schnell")}
+
+
+@pytest.fixture(scope="session")
 def images() -> torch.Tensor:
     """Four 32 px training images ``(4, 3, 32, 32)`` in [-1, 1] (seeded)."""
     g = torch.Generator().manual_seed(0)

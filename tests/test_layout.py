@@ -9,12 +9,14 @@ import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 PRODUCT = [*(REPO / "tinv").rglob("*.py"), *(REPO / "jobs").rglob("*.py")]
-FAMILY_MODULES = {REPO / "tinv" / "families" / name for name in ("sd.py", "sdxl.py", "tiny.py")}
+FAMILY_MODULES = {REPO / "tinv" / "families" / name for name in ("sd.py", "sdxl.py", "flux.py", "tiny.py")}
 FAMILY_WORDS = ("UNet2DConditionModel", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "CLIPTextModel",
                 "CLIPTokenizer", "text_encoder_2", "tokenizer_2", "add_time_ids", "time_ids", "text_embeds",
                 "lora_unet_", "lora_te_", "lora_te1_", "clip_l", "clip_g", "emb_params", "string_to_param", "unet",
                 "is_sdxl",
-                "prediction_type", "scaling_factor", "get_velocity", "sdxl_base", "sd_v1")
+                "prediction_type", "scaling_factor", "get_velocity", "sdxl_base", "sd_v1",
+                "FluxPipeline", "FluxTransformer2DModel", "T5EncoderModel", "t5xxl", "_pack_latents", "guidance_embeds",
+                "flux1")
 """A family's classes and keys: none may be named outside the family modules (the benchmark's SD-shaped models
 excepted: it measures those families by name)."""
 

@@ -29,8 +29,8 @@ class Given(Start):
 
     rows: list[torch.Tensor] | None = None
 
-    def vectors(self, model, spec, images, means=None):
-        return self.rows
+    def vectors(self, model, spec, images, means=None, encoders=None):
+        return None if self.rows is None else self.rows[:encoders]
 
 
 def pictures(name: str, size: int = 32) -> torch.Tensor:
@@ -179,7 +179,7 @@ def test_dvar_counts_the_fall_from_the_word_start_so_a_good_learned_start_stops_
 class Breaks(Start):
     """A start whose prediction raises for one concept."""
 
-    def vectors(self, model, spec, images, means=None):
+    def vectors(self, model, spec, images, means=None, encoders=None):
         if spec.concept_id == "bad":
             raise RuntimeError("the initializer broke")
         return None

@@ -91,10 +91,10 @@ def test_an_outage_inside_the_window_costs_no_concept_and_no_retraining(ray_clus
 
 def test_an_outage_past_the_window_stops_the_run_losing_nothing_and_a_rerun_finishes_it(ray_cluster, moto_endpoint):
     name = "tinv-outage-long"
-    fs, proxy = bucket(moto_endpoint, name, 4, 20), FaultProxy(int(moto_endpoint.rsplit(":", 1)[1]))
+    fs, proxy = bucket(moto_endpoint, name, 4, 12), FaultProxy(int(moto_endpoint.rsplit(":", 1)[1]))
     proc = driver(ray_cluster, name, proxy, "--storage-retry-s", "3")
     wait_for(lambda: finished(fs, name), 240, proc)
-    proxy.outage("refuse", 30)
+    proxy.outage("refuse", 15)
     before = finished(fs, name)
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 3, log[-4000:]  # infrastructure: never "fix your data"

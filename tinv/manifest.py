@@ -74,6 +74,8 @@ class ConceptSpec:
     """One mask URI per image (white = subject), weighting the loss per latent pixel; or ``mask_from_alpha``."""
     mask_from_alpha: bool = False
     """Each image's alpha channel is its mask (a cut-out subject on a transparent background)."""
+    train_t5: bool | None = None
+    """FLUX: also learn its vectors in T5 (``ti``, ``pivotal``); ``None`` takes the run's ``--train-t5``."""
     trigger: str = ""
     """Its web-UI files' stem and prompt word (:mod:`tinv.files.webui`); empty: derived from the id at planning."""
 
@@ -185,6 +187,7 @@ COLUMNS: dict[str, tuple[str, tuple[Callable[[pa.DataType], bool], ...]]] = {
     "trigger": ("string", _STRING),
     "masks": ("list<string>", (_list_of_strings,)),
     "mask_from_alpha": ("bool", _BOOL),
+    "train_t5": ("bool", _BOOL),
 }
 """Column → (type name for messages, predicates on the Arrow type)."""
 REQUIRED = ("concept_id", "images")

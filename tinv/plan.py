@@ -47,6 +47,8 @@ class Resolved:
     """``images``, ``output`` or ``both`` with a ``class_prompt``; None without."""
     blank_prompt_preservation: bool = False
     """Its prediction under the empty prompt is kept the frozen model's (never for ``ti``)."""
+    train_t5: bool = False
+    """Its new vectors train in T5 too, where the model has one (FLUX)."""
 
     @property
     def concept_id(self) -> str:
@@ -92,6 +94,7 @@ def resolve(spec: ConceptSpec, cfg: TrainConfig) -> Resolved:
         caption_dropout=0.0 if spec.method == "ti" else cfg.caption_dropout,
         prior_preservation=cfg.prior_preservation if spec.class_prompt else None,
         blank_prompt_preservation=blank,
+        train_t5=spec.method != "lora" and (cfg.train_t5 if spec.train_t5 is None else spec.train_t5),
     )
 
 
@@ -110,6 +113,9 @@ def config_fingerprint(settings: Resolved, cfg: TrainConfig, model: dict[str, An
     recipe = cfg.recipe
     concept = dataclasses.asdict(settings)
     concept["spec"].pop("eval_prompts")
+    for terms, key in ((concept["spec"], "train_t5"), (concept, "train_t5")):
+        if not terms[key]:  # hashed only where set: concepts from before T5 vectors keep their fingerprint
+            terms.pop(key)
     if manifest_dir:
         prefix = manifest_dir.rstrip("/") + "/"
         for key in ("images", "masks"):
@@ -143,6 +149,8 @@ def trained_under(settings: Resolved, cfg: TrainConfig, lora_targets: tuple[str,
     adapter sat on."""
     out: dict[str, object] = {"steps": settings.steps, "learning_rate": settings.learning_rate,
                               "seed": settings.seed, "batch_size": settings.batch_size}
+    if settings.train_t5:
+        out["train_t5"] = True
     if settings.spec.method == "ti":
         return out
     out |= {"lora_rank": settings.lora_rank, "lora_learning_rate": cfg.lora_learning_rate,

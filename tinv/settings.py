@@ -145,6 +145,8 @@ class TrainConfig:
     """Weight of the class loss beside a concept's own (diffusers' --prior_loss_weight)."""
     class_images: int = 100
     """Pictures the base model draws per class prompt (diffusers' --num_class_images)."""
+    train_t5: bool = False
+    """FLUX: learn new vectors in T5 too, not only in CLIP-L (diffusers' --enable_t5_ti); a manifest row may say."""
     init: str = "word"
     """Where new vectors start: word (the initializer word), cross (Cross Initialization, arXiv 2312.15905), or
     the URI of an initializer fitted by jobs.fit_init."""

@@ -22,6 +22,7 @@ def generation(model: BaseModel, plain: BaseModel, concepts: int, steps: int, re
     per-concept way (diffusers resizes its text encoder there; tinv's slot tokens must not share it).
     """
     cfg = SampleConfig(sample_steps=steps)
+    how = cfg.drawing(model)
     torch.manual_seed(0)
     table = model.text_encoders[0].get_input_embeddings().weight.detach().float()
     vectors = [[table[torch.randint(len(table), (1,))] + 0.1 * torch.randn(1, table.shape[1])]
@@ -31,15 +32,14 @@ def generation(model: BaseModel, plain: BaseModel, concepts: int, steps: int, re
     pipe, plain_pipe = pipeline(model, cfg.scheduler), pipeline(plain, cfg.scheduler, text_encoders=True)
 
     def batched() -> None:
-        sample(model, vectors, requests, steps=cfg.sample_steps, guidance=cfg.guidance,
-               batch_size=cfg.sample_batch_size, pipe=pipe)
+        sample(model, vectors, requests, pipe=pipe, **how)
 
     def per_concept_way() -> None:
         for c, row in enumerate(vectors):
             token = f"<gen{c}>"
             plain_pipe.load_textual_inversion({token: row[0][0]})
-            plain_pipe([p.format(token) for p, _ in pairs], num_inference_steps=cfg.sample_steps,
-                       guidance_scale=cfg.guidance, generator=[torch.Generator().manual_seed(k) for _, k in pairs],
+            plain_pipe([p.format(token) for p, _ in pairs], num_inference_steps=how["steps"],
+                       guidance_scale=how["guidance"], generator=[torch.Generator().manual_seed(k) for _, k in pairs],
                        output_type="np")
             plain_pipe.unload_textual_inversion(token)
 

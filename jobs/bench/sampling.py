@@ -93,6 +93,7 @@ def train_sampling(model: BaseModel, label: str, k: int, steps: int, reps: int) 
     return {"model": label, "resolution": model.resolution, "concepts": k,
             "methods": dict(Counter(MIX[s % len(MIX)] for s in slots)), "images_per_concept": per_concept,
             "sample_steps": steps, "sample_batch_size": evaluator.cfg.sample_batch_size, "concepts_per_call": group,
-            "guidance": evaluator.cfg.guidance, "scheduler": evaluator.cfg.scheduler, "reps": reps, **runs,
+            "guidance": evaluator.cfg.drawing(model)["guidance"],
+            "scheduler": evaluator.cfg.scheduler or model.family.sampling(model).scheduler, "reps": reps, **runs,
             "speedup": runs["after"]["images_per_s"] / runs["before"]["images_per_s"],
             "max_pixel_difference": difference}

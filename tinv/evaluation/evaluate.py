@@ -99,8 +99,9 @@ def read_embedding(
         local.write_bytes(storage.read_bytes(uri, storage_options))
         (state,) = load_textual_inversion_state_dicts([str(local)])
     for keys in layouts():  # a family's keys (SDXL clip_l / clip_g; A1111 emb_params): the token is the file's name
-        if set(state) == set(keys):
-            return token or f"<{name.split('.')[0]}>", [state[k].float() for k in keys]
+        held = keys[: len(state)]  # the first encoders' (FLUX: clip_l, and t5xxl where T5's vectors trained)
+        if set(state) == set(held):
+            return token or f"<{name.split('.')[0]}>", [state[k].float() for k in held]
     (found,), (vectors,) = TextualInversionLoaderMixin._retrieve_tokens_and_embeddings([token], [state], _NoVocab())
     vectors = vectors if vectors.ndim == 2 else vectors[None]
     return found, [vectors.float()]
@@ -143,7 +144,7 @@ class Evaluator:
         plan = [[(p, seed) for p in self.prompts(c) for seed in range(self.cfg.samples_per_prompt)] for c in concepts]
         requests = [SampleRequest(i, p, seed) for i, pairs in enumerate(plan) for p, seed in pairs]
         images = np.zeros((0, self.model.resolution, self.model.resolution, 3), np.uint8)
-        how = {"steps": self.cfg.sample_steps, "guidance": self.cfg.guidance, "batch_size": self.cfg.sample_batch_size}
+        how = self.cfg.drawing(self.model)
         if requests and live is not None:
             images = live(requests, pipe=self.pipe, **how)
         elif requests:

@@ -21,6 +21,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from PIL import Image
@@ -54,11 +55,13 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
     "euler-a": EulerAncestralDiscreteScheduler,
     "ddim": DDIMScheduler,
+    "flow-euler": FlowMatchEulerDiscreteScheduler,
 }
-"""Sampling schedulers by name; the default, multistep DPM-Solver++, is good at ~25 steps."""
+"""Sampling schedulers by name: multistep DPM-Solver++ (good at ~25 steps) is Stable Diffusion's default, the
+flow-matching Euler sampler FLUX.1's (:meth:`tinv.families.Family.sampling`)."""
 
 
-def pipeline(model: BaseModel, scheduler: str = "dpm++", text_encoders: bool = False) -> Any:
+def pipeline(model: BaseModel, scheduler: str | None = None, text_encoders: bool = False) -> Any:
     """The model family's diffusers pipeline over the loaded modules, with the named sampling scheduler.
 
     tinv encodes prompts itself (:func:`sample` passes prompt embeddings), so by default the pipeline holds no
@@ -66,6 +69,7 @@ def pipeline(model: BaseModel, scheduler: str = "dpm++", text_encoders: bool = F
     encoders' (fp32) and a half-precision denoiser would refuse them. ``text_encoders=True`` (for
     ``load_textual_inversion`` and string prompts) gives a pipeline that encodes prompts itself.
     """
+    scheduler = scheduler or model.family.sampling(model).scheduler
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; one of {', '.join(SCHEDULERS)}")
     pipe = model.family.pipeline(model, SCHEDULERS[scheduler].from_config(model.scheduler.config), text_encoders)
@@ -123,13 +127,15 @@ def _adapters(model: BaseModel, loras: list[dict[str, torch.Tensor] | None],
 
 def _sample(model: BaseModel, vectors: list[list[torch.Tensor] | None], requests: list[SampleRequest], steps: int,
             guidance: float, batch_size: int, pipe, words: list[str] | None, routes: list[str]) -> np.ndarray:
-    if any(v is None for v in vectors) and words is None:
-        raise ValueError("a concept without vectors needs its word")
-    plain = [words[c] if v is None else None for c, v in enumerate(vectors)]
-    vectors = [v if v is not None else [torch.zeros(1, d) for d in model.embedding_dims] for v in vectors]
+    encoders = len(model.text_encoders)
+    if any(v is None or len(v) < encoders for v in vectors) and words is None:
+        raise ValueError("a concept without vectors in every text encoder needs its word")
+    held = [0 if v is None else len(v) for v in vectors]  # the first encoders hold its vectors, the rest its word
+    vectors = [v or [torch.zeros(1, model.embedding_dims[0])] for v in vectors]
     max_vectors = max(v.shape[0] for row in vectors for v in row)
     names = slot_token_names(len(vectors), max_vectors)
-    said = [plain[c] or " ".join(names[c][: vectors[c][0].shape[0]]) for c in range(len(vectors))]
+    said = [[" ".join(names[c][: vectors[c][0].shape[0]]) if e < held[c] else words[c] for e in range(encoders)]
+            for c in range(len(vectors))]
     ids = register_slot_tokens(model, names)
     slots = [[nn.Parameter(torch.zeros(max_vectors, d, device=model.device), requires_grad=False)
               for d in model.embedding_dims] for _ in vectors]
@@ -141,15 +147,16 @@ def _sample(model: BaseModel, vectors: list[list[torch.Tensor] | None], requests
 
 
 @torch.no_grad()
-def draw(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[str], routes: list[str], *,
+def draw(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[list[str]], routes: list[str], *,
          steps: int, guidance: float, batch_size: int) -> np.ndarray:
     """Draw ``requests`` ``(N, H, W, 3)`` uint8 with the vectors the caller has spliced in: concept ``c``'s ``{}``
-    reads ``said[c]`` (its slot tokens, or plain text) and its samples go through adapter ``routes[c]``; batches
-    of ``batch_size`` mix concepts, each image's noise from its own ``torch.Generator(seed)``."""
+    reads ``said[c][e]`` in text encoder ``e``'s prompt (its slot tokens, or plain text) and its samples go through
+    adapter ``routes[c]``; batches of ``batch_size`` mix concepts, each image's noise from its own
+    ``torch.Generator(seed)``."""
     size, out = model.resolution, []
     for i in range(0, len(requests), batch_size):
         chunk = requests[i : i + batch_size]
-        texts = [r.prompt.format(said[r.concept]) for r in chunk]
+        texts = [[r.prompt.format(said[r.concept][e]) for r in chunk] for e in range(len(model.text_encoders))]
         with routed([model.denoiser, *model.text_encoders], [routes[r.concept] for r in chunk]):
             cond = _embed(model, texts, size)
             empty = model.family.forces_zeros(model)  # as the family's pipeline conditions an empty prompt
@@ -161,8 +168,8 @@ def draw(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[
     return np.concatenate(out)
 
 
-def _embed(model: BaseModel, texts: list[str], size: int) -> Conditioning:
-    """The denoiser's conditioning of ``texts``, in its dtype."""
+def _embed(model: BaseModel, texts: list[str] | list[list[str]], size: int) -> Conditioning:
+    """The denoiser's conditioning of ``texts`` (or per text encoder), in its dtype."""
     return model.family.encode(model, model.tokenize(texts), (size, size)).to(model.dtype)
 
 
@@ -183,22 +190,30 @@ class SampleConfig:
 
     samples_per_prompt: int = 2
     """Images per evaluation prompt (seeds 0, 1, …); 0 draws none."""
-    sample_steps: int = 25
-    """Denoising steps per evaluation image."""
-    guidance: float = 5.0
-    """Classifier-free guidance scale."""
-    scheduler: str = field(default="dpm++", metadata={"choices": tuple(SCHEDULERS)})
-    """Sampling scheduler (dpm++ is multistep DPM-Solver++)."""
+    sample_steps: int | None = None
+    """Denoising steps per evaluation image; none given: the model family's (SD 25, FLUX.1 [dev] 28, [schnell] 4)."""
+    guidance: float | None = None
+    """Guidance scale; none given: the model family's (SD 5, FLUX.1 [dev] 3.5)."""
+    scheduler: str | None = field(default=None, metadata={"choices": tuple(SCHEDULERS)})
+    """Sampling scheduler; none given: the model family's (SD: dpm++, multistep DPM-Solver++; FLUX.1: the folder's)."""
     sample_batch_size: int = 16
     """Images per denoising batch (mixing concepts)."""
     metrics: tuple[str, ...] = ()
     """Metric plug-ins to add to the model folder's own: ``NAME[=ARGUMENT]``, e.g.
     ``clip=openai/clip-vit-large-patch14``."""
 
+    def drawing(self, model: BaseModel) -> dict[str, Any]:
+        """:func:`draw`'s ``steps``, ``guidance`` and ``batch_size`` for ``model``: these, or its family's."""
+        own = model.family.sampling(model)
+        return {"steps": self.sample_steps or own.steps,
+                "guidance": own.guidance if self.guidance is None else self.guidance,
+                "batch_size": self.sample_batch_size}
+
     def __post_init__(self) -> None:
-        checks = {"samples_per_prompt >= 0": self.samples_per_prompt >= 0, "sample_steps >= 1": self.sample_steps >= 1,
+        checks = {"samples_per_prompt >= 0": self.samples_per_prompt >= 0,
+                  "sample_steps >= 1": self.sample_steps is None or self.sample_steps >= 1,
                   "sample_batch_size >= 1": self.sample_batch_size >= 1,
-                  f"scheduler in {tuple(SCHEDULERS)}": self.scheduler in SCHEDULERS}
+                  f"scheduler in {tuple(SCHEDULERS)}": self.scheduler is None or self.scheduler in SCHEDULERS}
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
             raise ValueError("SampleConfig: need " + ", ".join(failed))

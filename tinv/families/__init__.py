@@ -7,7 +7,8 @@ the layouts and metadata of the files the clients load, and the sampling pipelin
 planning, actors, trainer, slots, outputs, storage, catalog) asks the model's family and never names a
 family's classes or keys. The family of a folder is read from its ``model_index.json`` (:func:`family_of`).
 
-Families: :mod:`tinv.families.sd` (Stable Diffusion 1.x and 2.x), :mod:`tinv.families.sdxl` (SDXL). A new one
+Families: :mod:`tinv.families.sd` (Stable Diffusion 1.x and 2.x), :mod:`tinv.families.sdxl` (SDXL),
+:mod:`tinv.families.flux` (FLUX.1 [dev] and [schnell]). A new one
 is a new module here, an entry in :func:`families`, and a tiny-model builder in :mod:`tinv.families.tiny`.
 """
 
@@ -37,6 +38,9 @@ class Components:
     denoiser: nn.Module
     vae: nn.Module
     scheduler: Any
+    text_dtypes: tuple[torch.dtype | None, ...] = ()
+    """A text encoder's dtype where the family fixes it (FLUX's T5: the run's); None or absent: the run's text
+    encoder dtype (fp32 by default: the new vectors' gradient crosses it)."""
 
 
 @dataclass
@@ -51,6 +55,16 @@ class Conditioning:
 
     def to(self, dtype: torch.dtype) -> Conditioning:
         return Conditioning({k: v.to(dtype) for k, v in self.tensors.items()})
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a family's users draw by default: the sampler (a name of :data:`tinv.evaluation.sampling.SCHEDULERS`),
+    denoising steps and guidance."""
+
+    scheduler: str
+    steps: int
+    guidance: float
 
 
 @dataclass
@@ -76,6 +90,8 @@ class Family(Protocol):
     """The denoiser's default LoRA target modules (the field's recipe for this family)."""
     text_lora_targets: tuple[str, ...]
     """A text encoder's LoRA target modules."""
+    text_lora_encoders: int
+    """How many of the text encoders (the first ones) a LoRA's text-encoder part sits on."""
     embedding_keys: tuple[str, ...]
     """diffusers' embedding file: one key per text encoder, or none (keyed by the token)."""
     webui_embedding_keys: tuple[str, ...]
@@ -87,6 +103,13 @@ class Family(Protocol):
 
     def load(self, path: Path, load: Any, dtype: torch.dtype, vae_dtype: torch.dtype) -> Components:
         """The components of the folder ``path``: ``load(cls, part, **kwargs)`` loads a weighted one."""
+
+    def vector_encoders(self, model: BaseModel, t5: bool) -> int:
+        """How many of the text encoders (the first ones) hold a concept's new vectors (``t5``: the run or the
+        concept asks for T5's too, where the family has one); the rest read its word as plain text."""
+
+    def max_lengths(self, model: BaseModel) -> list[int]:
+        """Tokens per prompt, per text encoder."""
 
     def version(self, model: BaseModel) -> str:
         """Which of the family's models this is (``sd1``, ``sd2``, ``sdxl``)."""
@@ -122,6 +145,9 @@ class Family(Protocol):
     def pipeline(self, model: BaseModel, scheduler: Any, text_encoders: bool = False) -> Any:
         """The sampling pipeline over the loaded modules (with the text encoders only when asked)."""
 
+    def sampling(self, model: BaseModel) -> Sampling:
+        """The sampler, steps and guidance its users draw with by default."""
+
     def pipeline_embeds(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
         """The pipeline's keyword arguments for precomputed prompt embeddings."""
 
@@ -141,10 +167,11 @@ class Family(Protocol):
 
 def families() -> dict[str, Family]:
     """diffusers pipeline class name (``model_index.json``'s ``_class_name``) → its family."""
+    from tinv.families.flux import FLUX
     from tinv.families.sd import SD
     from tinv.families.sdxl import SDXL
 
-    return {family.pipeline_class.__name__: family for family in (SD, SDXL)}
+    return {family.pipeline_class.__name__: family for family in (SD, SDXL, FLUX)}
 
 
 def family_of(path: Path, uri: str) -> Family:

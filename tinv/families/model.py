@@ -89,10 +89,14 @@ class BaseModel:
         """sha256 of the training prompt templates (they shape what is learned)."""
         return hashlib.sha256(json.dumps(self.templates, sort_keys=True).encode()).hexdigest()
 
-    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
-        """Token ids of ``prompts`` per tokenizer ``(B, T)``, padded to each one's length, on the model's device."""
-        return [tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(self.device) for tok in self.tokenizers]
+    def tokenize(self, prompts: list[str] | list[list[str]]) -> list[torch.Tensor]:
+        """Token ids per tokenizer ``(B, T)``, padded to the family's length for it, on the model's device:
+        of ``prompts``, or of ``prompts[e]`` for tokenizer ``e`` (a concept's word differs between encoders
+        where only some hold its vectors)."""
+        each = prompts if prompts and isinstance(prompts[0], list) else [prompts] * len(self.tokenizers)
+        return [tok(texts, padding="max_length", max_length=length, truncation=True,
+                    return_tensors="pt").input_ids.to(self.device)
+                for tok, texts, length in zip(self.tokenizers, each, self.family.max_lengths(self))]
 
 
 @torch.no_grad()
@@ -174,8 +178,9 @@ def assemble(uri: str, path: Path, family: Family, parts: Any, device: torch.dev
     ``text_encoder_dtype``. ``load_base_model`` ends here; the benchmark calls it on models built from configs."""
     for module in [*parts.text_encoders, parts.denoiser, parts.vae]:
         module.requires_grad_(False).eval().to(device)
-    wanted = [(parts.denoiser, dtype), (parts.vae, vae_dtype(dtype)), *((m, text_encoder_dtype)
-                                                                         for m in parts.text_encoders)]
+    fixed = list(parts.text_dtypes) + [None] * len(parts.text_encoders)
+    wanted = [(parts.denoiser, dtype), (parts.vae, vae_dtype(dtype)),
+              *((m, want or text_encoder_dtype) for m, want in zip(parts.text_encoders, fixed))]
     for module, want in wanted:
         if module.dtype != want:  # a cast with a dtype warns per model per actor even when nothing changes
             module.to(want)

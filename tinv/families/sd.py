@@ -29,7 +29,7 @@ from diffusers.utils.state_dict_utils import (
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tinv.families import Components, Conditioning, LoraParts, contiguous
+from tinv.families import Components, Conditioning, LoraParts, Sampling, contiguous
 
 if TYPE_CHECKING:
     from tinv.families.model import BaseModel
@@ -178,6 +178,8 @@ class StableDiffusion:
     parts: tuple[str, ...] = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
     lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
     text_lora_targets: tuple[str, ...] = CLIP_LORA_TARGETS
+    text_lora_encoders: int = 2
+    """Every text encoder (SD has one, SDXL two)."""
     embedding_keys: tuple[str, ...] = ()
     """diffusers' embedding file is keyed by the token itself (``{token: (n, D)}``)."""
     webui_embedding_keys: tuple[str, ...] = ("emb_params",)
@@ -190,6 +192,13 @@ class StableDiffusion:
         unet, vae, scheduler = load_unet_parts(path, load, dtype, vae_dtype)
         return Components([CLIPTokenizer.from_pretrained(path / "tokenizer")], [load(CLIPTextModel, "text_encoder")],
                           unet, vae, scheduler)
+
+    def vector_encoders(self, model: BaseModel, t5: bool) -> int:
+        """Every text encoder holds the new vectors."""
+        return len(model.text_encoders)
+
+    def max_lengths(self, model: BaseModel) -> list[int]:
+        return [tokenizer.model_max_length for tokenizer in model.tokenizers]
 
     def version(self, model: BaseModel) -> str:
         """``sd1`` or ``sd2``: SD 2.x has the 1 024-wide OpenCLIP text encoder, or predicts the velocity."""
@@ -235,6 +244,10 @@ class StableDiffusion:
 
     def pipeline_embeds(self, cond: Conditioning, uncond: Conditioning) -> dict[str, torch.Tensor]:
         return {"prompt_embeds": cond.tensors["hidden"], "negative_prompt_embeds": uncond.tensors["hidden"]}
+
+    def sampling(self, model: BaseModel) -> Sampling:
+        """Multistep DPM-Solver++, 25 steps, guidance 5."""
+        return Sampling("dpm++", 25, 5.0)
 
     def diffusers_lora(self, denoiser: dict[str, torch.Tensor], text: list[dict[str, torch.Tensor]] | None
                        ) -> dict[str, torch.Tensor]:

@@ -14,15 +14,22 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -69,6 +76,54 @@ def clip_tokenizer(words: Iterable[str], size: int | None = None) -> CLIPTokeniz
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def t5_tokenizer(words: Iterable[str], max_length: int = 32) -> T5TokenizerFast:
+    """A T5 (SentencePiece Unigram) tokenizer whose pieces make each of ``words`` one token ``▁word``, other text
+    single characters; ``</s>`` ends every prompt, as T5's does."""
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789<>-_.,"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((f"▁{w}", -1.0) for w in sorted(set(words))),
+              ("▁", -3.0), *((c, -5.0) for c in chars)]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    model.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                         special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=model, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def _t5(vocab_size: int, seed: int) -> T5EncoderModel:
+    """A tiny T5 encoder whose table is padded past its tokenizer, as T5's is (32 128 rows for 32 100 tokens)."""
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size + 28, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                   feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
+
+
+def _flux_transformer(guidance: bool, seed: int) -> FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=[4, 6, 6])
+
+
+def _flux_vae(seed: int) -> AutoencoderKL:
+    """16 latent channels with FLUX.1's shift and scale, no quant convs, 2× downsampling, 32 px native."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, sample_size=32,
+                         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def flux_scheduler(schnell: bool = False) -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's: [dev] shifts with the image's length, [schnell] does not."""
+    if schnell:
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
 
 
 def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], words: list[str]) -> list[list[str]]:
@@ -148,14 +203,24 @@ def sd_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     )
 
 
+KINDS = ("sd1", "sd2", "sdxl", "flux-dev", "flux-schnell")
+
+
 def tiny_pipeline(
     kind: str = "sd1", words: Iterable[str] = (), seed: int = 0
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """Build a tiny random pipeline: ``sd1`` (epsilon), ``sd2`` (v-prediction) or ``sdxl``."""
-    if kind not in ("sd1", "sd2", "sdxl"):
-        raise ValueError(f"kind must be sd1, sd2 or sdxl, got {kind!r}")
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline:
+    """Build a tiny random pipeline: ``sd1`` (epsilon), ``sd2`` (v-prediction), ``sdxl``, ``flux-dev`` or
+    ``flux-schnell``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     tokenizer = clip_tokenizer([*BASE_WORDS, *template_words(), *words])
     eos_id = tokenizer.eos_token_id
+    if kind.startswith("flux"):
+        t5 = t5_tokenizer([*BASE_WORDS, *template_words(), *words])
+        clip = _text_encoder(len(tokenizer), eos_id, 32, False, seed + 1)
+        return FluxPipeline(scheduler=flux_scheduler(kind == "flux-schnell"), vae=_flux_vae(seed),
+                            text_encoder=clip, tokenizer=tokenizer, text_encoder_2=_t5(len(t5), seed + 3),
+                            tokenizer_2=t5, transformer=_flux_transformer(kind == "flux-dev", seed + 2))
     scheduler = sd_scheduler("v_prediction" if kind == "sd2" else "epsilon")
     if kind != "sdxl":
         return StableDiffusionPipeline(

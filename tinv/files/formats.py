@@ -41,8 +41,9 @@ Text = list[dict[str, torch.Tensor]]
 
 
 def keyed(keys: tuple[str, ...], vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One key per text encoder's vectors, as CPU fp32 copies."""
-    if len(keys) != len(vectors):
+    """One key per text encoder's vectors (the first encoders': FLUX's CLIP-L alone unless T5's train too), as
+    CPU fp32 copies."""
+    if not 1 <= len(vectors) <= len(keys):
         raise ValueError(f"{len(vectors)} text encoders' vectors for the keys {keys}")
     return contiguous(dict(zip(keys, vectors)))
 
@@ -119,7 +120,7 @@ def lora_files(family: Family, concept_id: str, token: str, trigger: str, method
     meta = {"concept_id": concept_id, "token": token, "trigger": trigger, "method": method, "lora_rank": str(rank),
             "ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank),
             **architecture(metadata, "lora")}
-    bundle = (trigger, vectors) if vectors is not None else None
+    bundle = (trigger, vectors) if vectors is not None and family.bundle_keys else None
     return {LORA_NAME: to_bytes(contiguous(family.diffusers_lora(state, text)), meta),
             lora_path(trigger): to_bytes(webui_lora(family, state, text, bundle), meta)}
 

@@ -27,7 +27,8 @@ from tinv.training.pictures import load_images
 
 MARKER = "class.json"
 CLASS_SCHEDULER = "dpm++"
-"""Class pictures are drawn with the default sampler (multistep DPM-Solver++)."""
+"""Class pictures are drawn with the family's default sampler: Stable Diffusion's multistep DPM-Solver++ (what a
+class set's key records; FLUX.1's sets are keyed by its base model too)."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def generate(
     # a class prompt holds no braces (the manifest refuses them), so it formats to itself
     requests = [SampleRequest(c, cls.prompt, i) for c, cls in enumerate(sets) for i in range(cls.count)]
     images = sample(model, [None] * len(sets), requests, steps=steps, guidance=guidance, batch_size=batch_size,
-                    pipe=pipeline(model, CLASS_SCHEDULER), words=[""] * len(sets))
+                    pipe=pipeline(model), words=[""] * len(sets))
     start = 0
     for cls in sets:
         mine: np.ndarray = images[start : start + cls.count]

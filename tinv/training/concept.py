@@ -155,6 +155,8 @@ class Slot:
     """Per text encoder, ``(M, T)``: each class picture's prompt (``output`` preservation: each class prompt)."""
     start: dict | None = None
     """Where its vectors started (:func:`tinv.training.starts.choose`)."""
+    encoders: int = 0
+    """How many text encoders (the first ones) hold its vectors (0: none, ``lora``)."""
     finished: bool = False
     """Its training is over; it waits in the slot, its vectors and adapter live, for its samples to be drawn."""
 

@@ -70,6 +70,10 @@ def register_slot_tokens(model: BaseModel, names: list[list[str]]) -> list[list[
     for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
         vocab_size = encoder.get_input_embeddings().num_embeddings
         missing = [n for row in names for n in row if n not in tokenizer.get_vocab()]
+        if missing and len(tokenizer) < vocab_size and not any(t.startswith("<tinv-") for t in tokenizer.get_vocab()):
+            # a table padded past its tokenizer (T5's 32 128 rows for 32 100 tokens): filler names for the rows
+            # between, so slot tokens land after the table, which is never resized
+            tokenizer.add_tokens([f"<tinv-pad{i}>" for i in range(len(tokenizer), vocab_size)])
         if missing:
             if len(tokenizer) < vocab_size or not all(
                 t.startswith("<tinv-slot") for t in tokenizer.convert_ids_to_tokens(range(vocab_size, len(tokenizer)))

@@ -44,21 +44,22 @@ def initializer_id(tokenizer, spec: ConceptSpec) -> int:
     return ids[0]
 
 
-def word_start(model: BaseModel, spec: ConceptSpec) -> list[torch.Tensor]:
-    """Per text encoder, ``(num_vectors, D)``: the initializer word's input embedding in every row."""
+def word_start(model: BaseModel, spec: ConceptSpec, encoders: int | None = None) -> list[torch.Tensor]:
+    """Per text encoder (the first ``encoders``; None: all), ``(num_vectors, D)``: the initializer word's input
+    embedding in every row."""
     rows = []
-    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
+    for tokenizer, encoder in list(zip(model.tokenizers, model.text_encoders))[:encoders]:
         vector = encoder.get_input_embeddings().weight[initializer_id(tokenizer, spec)].detach().float()
         rows.append(vector.expand(spec.num_vectors, -1).clone())
     return rows
 
 
 @torch.no_grad()
-def cross_start(model: BaseModel, spec: ConceptSpec) -> list[torch.Tensor]:
-    """Per text encoder, ``(num_vectors, D)``: the encoder's last hidden state at the initializer word in the
-    prompt ``<bos> word <eos>`` (Cross Initialization's ``E(v_init)``), in every row."""
+def cross_start(model: BaseModel, spec: ConceptSpec, encoders: int | None = None) -> list[torch.Tensor]:
+    """Per text encoder (the first ``encoders``), ``(num_vectors, D)``: the encoder's last hidden state at the
+    initializer word in the prompt ``<bos> word <eos>`` (Cross Initialization's ``E(v_init)``), in every row."""
     rows = []
-    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
+    for tokenizer, encoder in list(zip(model.tokenizers, model.text_encoders))[:encoders]:
         word = initializer_id(tokenizer, spec)
         ids = torch.tensor([[tokenizer.bos_token_id, word, tokenizer.eos_token_id]], device=encoder.device)
         hidden = encoder(ids).last_hidden_state[0, 1].float()
@@ -74,15 +75,17 @@ class Start:
     initializer: Initializer | None = None
 
     def vectors(self, model: BaseModel, spec: ConceptSpec, images: torch.Tensor,
-                means: torch.Tensor | None = None) -> list[torch.Tensor] | None:
-        """Per text encoder, ``(num_vectors, D)``; None when a learned start has no prediction for this
-        concept (no network for its vector count). ``means``: the pictures' VAE latent means, if known."""
+                means: torch.Tensor | None = None, encoders: int | None = None) -> list[torch.Tensor] | None:
+        """Per text encoder (the first ``encoders``), ``(num_vectors, D)``; None when a learned start has no
+        prediction for this concept (no network for its vector count). ``means``: the pictures' VAE latent means,
+        if known."""
         if self.name == WORD:
-            return word_start(model, spec)
+            return word_start(model, spec, encoders)
         if self.name == CROSS:
-            return cross_start(model, spec)
+            return cross_start(model, spec, encoders)
         features = picture_features(model, images, self.initializer.features, means)
-        return self.initializer.predict(features, spec.learnable_property, spec.num_vectors)
+        rows = self.initializer.predict(features, spec.learnable_property, spec.num_vectors)
+        return None if rows is None else rows[:encoders]
 
 
 def initializer_uri(init: str) -> str:
@@ -116,7 +119,7 @@ def choose(
     if start is None or start.name == WORD:
         return word, {"init": WORD}
     losses = {WORD: loss_of(word)}
-    rows = start.vectors(model, spec, images, means)
+    rows = start.vectors(model, spec, images, means, encoders=len(word))
     if rows is None:
         return word, {"init": WORD, "requested": start.name, "losses": losses,
                       "reason": f"the initializer has no network for {spec.num_vectors} vectors"}

@@ -62,7 +62,7 @@ class PackedTrainer:
                                            weight_decay=cfg.recipe.weight_decay)
         self.slots: list[Slot | None] = [None] * cfg.concepts_per_actor
         self.step_count = 0
-        texts = model.text_encoders if cfg.lora_text_encoder else []
+        texts = model.text_encoders[: model.family.text_lora_encoders] if cfg.lora_text_encoder else []
         self.lora_targets = cfg.lora_targets or model.family.lora_targets
         self.lora_places = [(model.denoiser, self.lora_targets),
                             *((e, model.family.text_lora_targets) for e in texts)]
@@ -89,11 +89,11 @@ class PackedTrainer:
                                    f"num_vectors {spec.num_vectors} > max_vectors {cfg.recipe.max_vectors}")
         if tuple(data.images.shape[-2:]) != (self.resolution, self.resolution):
             raise ValueError(f"images are {tuple(data.images.shape[-2:])}, the trainer needs {self.resolution} px")
-        start = self._word_start(spec) if settings.trains_vectors else []
+        encoders = self.model.family.vector_encoders(self.model, settings.train_t5) if settings.trains_vectors else 0
+        start = self._word_start(spec, encoders) if encoders else []
         latents = [latents_of(self.model, framed) for framed in data.training]
         templates = spec.captions or self.model.templates[spec.learnable_property]
-        word = " ".join(self.names[s][: spec.num_vectors]) if settings.trains_vectors else spec.placeholder_token
-        prompt_ids = self.model.tokenize([t.format(word) for t in templates])
+        prompt_ids = self.model.tokenize([[t.format(w) for t in templates] for w in self.words(s, spec, encoders)])
         for p in self.slot_parameters(s):
             self.optimizer.state.pop(p, None)
         self.optimizer.param_groups[s]["lr"] = settings.learning_rate
@@ -114,7 +114,7 @@ class PackedTrainer:
         adapter = self._adapter(s, settings)
         generator = torch.Generator().manual_seed(settings.seed)
         self.slots[s] = Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.recipe.loss_scale,
-                             adapter=adapter, **prior)
+                             adapter=adapter, encoders=encoders, **prior)
         if settings.trains_vectors:  # a failure from here on leaves the slot to train.py's _admit to free
             # the pictures' own latent means, as encoded above (framed otherwise: the start encodes the squares)
             means = latents[0].mean[: len(data.images)] if data.framed is None else None
@@ -152,14 +152,20 @@ class PackedTrainer:
         """Everything slot ``s`` trains: its token vectors and its adapter, if it has one."""
         return [*self.vectors[s], *(p for group in self.lora_groups.get(s, []) for p in group["params"])]
 
-    def _word_start(self, spec: ConceptSpec) -> list[torch.Tensor]:
-        """Its tokens checked new to every tokenizer, then its word start (:func:`tinv.training.starts.word_start`)."""
-        for tokenizer in self.model.tokenizers:
+    def words(self, s: int, spec: ConceptSpec, encoders: int) -> list[str]:
+        """Slot ``s``'s concept in each text encoder's prompts: its slot tokens in the first ``encoders``, its
+        placeholder as plain text in the others."""
+        slot_word = " ".join(self.names[s][: spec.num_vectors])
+        return [slot_word if e < encoders else spec.placeholder_token for e in range(len(self.model.text_encoders))]
+
+    def _word_start(self, spec: ConceptSpec, encoders: int) -> list[torch.Tensor]:
+        """Its tokens checked new to the tokenizers of its vectors, then its word start (:func:`word_start`)."""
+        for tokenizer in self.model.tokenizers[:encoders]:
             vocab = tokenizer.get_vocab()  # a word is in it as "word</w>"; it is one token either way
             clash = [t for t in spec.tokens if t in vocab or len(tokenizer.tokenize(t)) == 1]  # encode warns if long
             if clash:
                 raise ConceptDataError(spec.concept_id, f"placeholder token {clash[0]!r} is already in the vocabulary")
-        return word_start(self.model, spec)
+        return word_start(self.model, spec, encoders)
 
     # -- one step --------------------------------------------------------------------------
     @property
@@ -250,13 +256,10 @@ class PackedTrainer:
         with spliced(self.model, self.vectors, self.token_ids):
             losses = self._losses(slots, draws)  # (G,)
             (losses * scales).sum().backward()
-        for s in range(len(self.slots)):  # AdamW must not step what did not train:
-            if s not in group:  # the spliced lookup gives every slot a zero gradient, a routed layer every adapter
-                for p in self.slot_parameters(s):
-                    p.grad = None
-            elif not self.slots[s].settings.trains_vectors:  # a lora concept's token is plain text
-                for p in self.vectors[s]:
-                    p.grad = None
+        for s in range(len(self.slots)):  # AdamW must not step what did not train: the spliced lookup gives every
+            # slot a zero gradient, a routed layer every adapter; a concept's word is plain text where it has no vectors
+            for p in self.slot_parameters(s) if s not in group else self.vectors[s][self.slots[s].encoders:]:
+                p.grad = None
         values, failed = {}, {}
         for s, slot, loss, scale in zip(group, slots, losses.tolist(), scales.tolist()):
             grads = [p.grad.div_(scale) for p in self.slot_parameters(s) if p.grad is not None]
@@ -319,12 +322,8 @@ class PackedTrainer:
              batch_size: int) -> np.ndarray:
         """Samples of the concepts in ``slots`` (request ``concept`` ``i`` is ``slots[i]``) from their live token
         vectors and adapters, as they are now, batched across them (:func:`tinv.evaluation.sampling.draw`)."""
-        said, routes = [], []
-        for s in slots:
-            slot = self.slots[s]
-            trains = slot.settings.trains_vectors
-            said.append(" ".join(self.names[s][: slot.spec.num_vectors]) if trains else slot.spec.placeholder_token)
-            routes.append(slot.adapter or BASE)
+        said = [self.words(s, self.slots[s].spec, self.slots[s].encoders) for s in slots]
+        routes = [self.slots[s].adapter or BASE for s in slots]
         with torch.no_grad(), spliced(self.model, self.vectors, self.token_ids):
             return draw(self.model, pipe, requests, said, routes, steps=steps, guidance=guidance,
                         batch_size=batch_size)
@@ -332,7 +331,7 @@ class PackedTrainer:
     def emit(self, s: int) -> TrainedConcept:
         """Take the finished concept out of slot ``s``."""
         slot = self.slots[s]
-        vectors = [row[: slot.spec.num_vectors].detach().cpu().clone() for row in self.vectors[s]]
+        vectors = [row[: slot.spec.num_vectors].detach().cpu().clone() for row in self.vectors[s][: slot.encoders]]
         lora, text = self.lora_states(s)
         self.slots[s], scale = None, self.model.pixels_per_latent
         sizes = {f"{g.mean.shape[-1] * scale}x{g.mean.shape[-2] * scale}": len(g.index) for g in slot.latents}
