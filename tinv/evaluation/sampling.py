@@ -36,6 +36,7 @@ from tinv.training.splice import (
     remove_everywhere,
     routed,
     slot_token_names,
+    slot_words,
     spliced,
 )
 
@@ -134,7 +135,7 @@ def _sample(model: BaseModel, vectors: list[list[torch.Tensor] | None], requests
     vectors = [v or [torch.zeros(1, model.embedding_dims[0])] for v in vectors]
     max_vectors = max(v.shape[0] for row in vectors for v in row)
     names = slot_token_names(len(vectors), max_vectors)
-    said = [[" ".join(names[c][: vectors[c][0].shape[0]]) if e < held[c] else words[c] for e in range(encoders)]
+    said = [slot_words(names[c], vectors[c][0].shape[0], held[c], words and words[c], encoders)
             for c in range(len(vectors))]
     ids = register_slot_tokens(model, names)
     slots = [[nn.Parameter(torch.zeros(max_vectors, d, device=model.device), requires_grad=False)

@@ -87,7 +87,7 @@ class EncodingCache:
         table = encoder.get_input_embeddings()
         if (ids >= getattr(table, "base", table).num_embeddings).any():
             return encoder(ids).last_hidden_state
-        keys = [(str(ids.device), row.cpu().numpy().tobytes()) for row in ids]
+        keys = [(str(ids.device), row.tobytes()) for row in ids.cpu().numpy()]  # one copy off the device
         missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
         if missing:
             with torch.no_grad():

@@ -100,7 +100,7 @@ def generate(
         start += cls.count
         for uri, image in zip(cls.uris(output), mine):
             storage.write_bytes(uri, png_bytes(image), storage_options)
-        marker = {"key": cls.key, **asdict(cls), "scheduler": CLASS_SCHEDULER}
+        marker = {"key": cls.key, **asdict(cls), "scheduler": model.family.sampling(model).scheduler}  # as drawn
         storage.write_bytes(storage.join(cls.folder(output), MARKER), json.dumps(marker, indent=2).encode(),
                             storage_options)
 

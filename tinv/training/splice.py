@@ -64,18 +64,25 @@ def slot_token_names(slots: int, max_vectors: int) -> list[list[str]]:
     return [[f"<tinv-slot{s}-{j}>" for j in range(max_vectors)] for s in range(slots)]
 
 
+def slot_words(names: list[str], num_vectors: int, held: int, word: str, encoders: int) -> list[str]:
+    """A concept's word in each of ``encoders`` text encoders' prompts: its first ``num_vectors`` slot tokens
+    ``names`` in the first ``held`` encoders (those that hold its vectors), ``word`` as plain text in the rest."""
+    slot_word = " ".join(names[:num_vectors])
+    return [slot_word if e < held else word for e in range(encoders)]
+
+
 def register_slot_tokens(model: BaseModel, names: list[list[str]]) -> list[list[list[int]]]:
     """Add any missing slot tokens to every tokenizer; their ids per encoder, ``[e][slot][vector]``."""
     out = []
     for tokenizer, encoder in zip(model.tokenizers, model.text_encoders):
-        vocab_size = encoder.get_input_embeddings().num_embeddings
-        missing = [n for row in names for n in row if n not in tokenizer.get_vocab()]
-        if missing and len(tokenizer) < vocab_size and not any(t.startswith("<tinv-") for t in tokenizer.get_vocab()):
+        vocab_size, vocab = encoder.get_input_embeddings().num_embeddings, tokenizer.get_vocab()
+        missing = [n for row in names for n in row if n not in vocab]
+        if missing and len(tokenizer) < vocab_size:
             # a table padded past its tokenizer (T5's 32 128 rows for 32 100 tokens): filler names for the rows
             # between, so slot tokens land after the table, which is never resized
             tokenizer.add_tokens([f"<tinv-pad{i}>" for i in range(len(tokenizer), vocab_size)])
         if missing:
-            if len(tokenizer) < vocab_size or not all(
+            if not all(
                 t.startswith("<tinv-slot") for t in tokenizer.convert_ids_to_tokens(range(vocab_size, len(tokenizer)))
             ):
                 raise ModelLayoutError(

@@ -40,6 +40,7 @@ from tinv.training.splice import (
     remove_everywhere,
     routed,
     slot_token_names,
+    slot_words,
     spliced,
 )
 from tinv.training.starts import Start, choose, dvar_history, word_start
@@ -153,10 +154,9 @@ class PackedTrainer:
         return [*self.vectors[s], *(p for group in self.lora_groups.get(s, []) for p in group["params"])]
 
     def words(self, s: int, spec: ConceptSpec, encoders: int) -> list[str]:
-        """Slot ``s``'s concept in each text encoder's prompts: its slot tokens in the first ``encoders``, its
-        placeholder as plain text in the others."""
-        slot_word = " ".join(self.names[s][: spec.num_vectors])
-        return [slot_word if e < encoders else spec.placeholder_token for e in range(len(self.model.text_encoders))]
+        """Slot ``s``'s concept in each text encoder's prompts (:func:`slot_words`)."""
+        return slot_words(self.names[s], spec.num_vectors, encoders, spec.placeholder_token,
+                          len(self.model.text_encoders))
 
     def _word_start(self, spec: ConceptSpec, encoders: int) -> list[torch.Tensor]:
         """Its tokens checked new to the tokenizers of its vectors, then its word start (:func:`word_start`)."""
