@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 SLOW_DOWN = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
              b"Content-Length: 143\r\n\r\n<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
@@ -28,7 +27,7 @@ class FaultProxy:
         self.listener.listen(64)
         self.open: set[socket.socket] = set()
         self.lock = threading.Lock()
-        self.faults: list[tuple[str, float, float]] = []  # (mode, from, until) in time.monotonic()
+        self.timer: threading.Timer | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -37,11 +36,16 @@ class FaultProxy:
 
     def outage(self, mode: str, seconds: float) -> None:
         """Fail in ``mode`` (``refuse`` or ``slow-down``) for ``seconds`` from now, then forward again."""
-        began = time.monotonic()
-        self.faults.append((mode, began, began + seconds))
         self.mode = mode
         self._cut(listening=mode != "refuse")
-        threading.Timer(seconds, self._restore).start()
+        self.timer = threading.Timer(seconds, self._restore)
+        self.timer.start()
+
+    def end(self) -> None:
+        """End the outage now (a test that waits on what the outage causes, not on a clock)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self._restore()
 
     def _restore(self) -> None:
         self.mode = "pass"
