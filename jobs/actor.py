@@ -63,6 +63,7 @@ class WorkerSetup:
     output: str
     storage_options: dict[str, Any] | None = None
     precision: str = "auto"
+    base_precision: str = "auto"
     attention: str = "sdpa"
     gradient_checkpointing: bool = False
     threads: int = 1
@@ -79,14 +80,16 @@ def load_model(setup: Any, gradient_checkpointing: bool = False) -> BaseModel:
     """The actor's base model (the embedded toy model when none is named), with the setup's threads."""
     torch.set_num_threads(max(1, setup.threads))
     return load_base_model(
-        setup.model or str(EMBEDDED_MODEL), precision=setup.precision, attention=setup.attention,
-        gradient_checkpointing=gradient_checkpointing, storage_options=setup.storage_options,
+        setup.model or str(EMBEDDED_MODEL), precision=setup.precision, base_precision=setup.base_precision,
+        attention=setup.attention, gradient_checkpointing=gradient_checkpointing,
+        storage_options=setup.storage_options,
     )
 
 
 def worker_info(model: BaseModel, resolution: int, name: str) -> dict[str, Any]:
     """Identity of a loaded model and of the worker holding it (what ``info()`` returns)."""
-    return {**model.info, "resolution": resolution, "dtype": str(model.dtype), "device": str(model.device),
+    return {**model.info, "resolution": resolution, "dtype": str(model.dtype),
+            "base_precision": model.base_precision, "device": str(model.device),
             "templates": model.templates_digest, "worker": name, "pid": os.getpid()}
 
 

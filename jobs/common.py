@@ -19,6 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from jobs.dispatch import Dispatcher, InfrastructureError
 from tinv import storage
 from tinv.errors import InvalidInputError
+from tinv.families.quantized import BASE_PRECISIONS
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INFRA = 0, 1, 2, 3
 """0 every concept done; 1 some failed (see the results); 2 invalid input, nothing done; 3 infrastructure."""
@@ -49,6 +50,9 @@ class ClusterConfig:
     precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16", "fp16")})
     """Precision of the frozen denoiser and VAE (auto: bf16 on a GPU with bf16, fp16 on one without, fp32 on CPU;
     the text encoders stay fp32)."""
+    base_precision: str = field(default="auto", metadata={"choices": BASE_PRECISIONS})
+    """The frozen denoiser's weights: auto (in --precision), or quantized int8 (any device) or fp8 (GPUs of
+    compute capability 8.9+) through torchao, for a base that does not fit otherwise (FLUX.1)."""
     attention: str = field(default="sdpa", metadata={"choices": ("sdpa", "xformers")})
     """Attention kernel: PyTorch SDPA, or xformers when installed."""
     gradient_checkpointing: bool = False

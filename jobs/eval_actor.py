@@ -63,6 +63,7 @@ class EvalSetup:
     """How to draw, which metrics to add."""
     storage_options: dict[str, Any] | None = None
     precision: str = "auto"
+    base_precision: str = "auto"
     attention: str = "sdpa"
     threads: int = 1
     storage_retry_s: float = storage.RETRY_WINDOW_S

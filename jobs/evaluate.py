@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     connect(cluster.ray_address)
     setup_kw = dict(model=model, output=output, samples=samples, storage_options=storage_options,
                     storage_retry_s=cluster.storage_retry_s,
-                    precision=cluster.precision, attention=cluster.attention)
+                    precision=cluster.precision, base_precision=cluster.base_precision, attention=cluster.attention)
     make_actor, n_actors = actor_factory(cluster, lambda threads: EvalSetup(threads=threads, **setup_kw), EvalWorker)
     dispatch = cli.build(DispatchConfig, args, num_actors=min(n_actors, max(1, len(tasks))))
     results: dict[str, EvalResult] = {}

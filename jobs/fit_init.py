@@ -69,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="folder URI for initializer.safetensors and fit.json")
     p.add_argument("--model", default=None, help="base model (default: the runs' own)")
     cli.add_fields(p, FitConfig)
-    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing", "num_actors", "take_over"))
+    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing", "num_actors", "take_over",
+                                                   "base_precision"))
     return p.parse_args(argv)
 
 
@@ -144,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
     gpus, cpus = int(ray.cluster_resources().get("GPU", 0)), int(ray.cluster_resources().get("CPU", 1))
     use_gpu = cluster.accelerator == "gpu" or (cluster.accelerator == "auto" and gpus > 0)
     threads = cluster.cpus_per_actor or (1 if use_gpu else cpus)
-    setup = {"model": model_uri, "precision": cluster.precision, "attention": cluster.attention,
-             "storage_options": storage_options, "threads": threads}
+    setup = {"model": model_uri, "precision": cluster.precision, "base_precision": "auto",
+             "attention": cluster.attention, "storage_options": storage_options, "threads": threads}
     task = ray.remote(fit_task).options(num_gpus=1 if use_gpu else 0, num_cpus=threads, max_retries=2)
     try:
         report = ray.get(task.remote(setup, asdict(cfg), fingerprint, concepts))

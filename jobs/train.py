@@ -73,8 +73,8 @@ FLAGS: tuple[tuple[str, str, tuple[tuple[type, tuple[str, ...]], ...]], ...] = (
         (SampleConfig, ("samples_per_prompt", "sample_steps", "guidance", "metrics")),
         (PublishConfig, ("publish_if", "export")))),
     ("cluster", "where and how the actors run", (
-        (ClusterConfig, ("accelerator", "num_actors", "precision", "attention", "gradient_checkpointing",
-                         "storage_options", "storage_retry_s", "take_over")),
+        (ClusterConfig, ("accelerator", "num_actors", "precision", "base_precision", "attention",
+                         "gradient_checkpointing", "storage_options", "storage_retry_s", "take_over")),
         (DispatchConfig, ("max_attempts",)))),
 )
 """The job's flags, by group: the settings a user of a personalization trainer sets. Every other field keeps its
@@ -239,6 +239,7 @@ def train_and_account(args: argparse.Namespace, inputs: Inputs, run_id: str, sta
     connect(inputs.cluster.ray_address)
     setup_kw = dict(model=args.model, train=cfg, output=output, storage_options=storage_options,
                     export=inputs.publish.export, precision=inputs.cluster.precision,
+                    base_precision=inputs.cluster.base_precision,
                     attention=inputs.cluster.attention, gradient_checkpointing=inputs.cluster.gradient_checkpointing,
                     samples=inputs.samples, storage_retry_s=inputs.cluster.storage_retry_s)
     make_actor, n_actors = actor_factory(inputs.cluster, lambda threads: WorkerSetup(threads=threads, **setup_kw),
@@ -290,7 +291,7 @@ def train_and_account(args: argparse.Namespace, inputs: Inputs, run_id: str, sta
     record = {"manifest": inputs.manifest, "output": output, "model_uri": args.model, "train_config": asdict(cfg),
               "samples": asdict(inputs.samples), "cluster": inputs.cluster.recorded(), "dispatch": asdict(dispatch),
               "base_model": model["base_model"], "base_model_fingerprint": model["base_model_fingerprint"],
-              "model": {k: model[k] for k in ("resolution", "dtype", "device")}, "actors": n_actors,
+              "model": {k: model[k] for k in ("resolution", "dtype", "base_precision", "device")}, "actors": n_actors,
               "actors_replaced": dispatcher.replaced, "storage_outages": dispatcher.outages, "infra_error": infra_error,
               "classes": class_counts, "start": start_key, "publish": asdict(inputs.publish), "run_id": run_id,
               "lease_lost": heartbeat.lost}

@@ -30,7 +30,7 @@ def test_the_train_job_has_a_users_surface_in_groups_with_plain_one_line_help(ca
     groups = flags_of(argparse_parser())
     assert list(groups) == GROUPS
     actions = [a for group in groups.values() for a in group]
-    assert 20 <= len(actions) <= 36, len(actions)  # 35 before FLUX's --train-t5 (diffusers' --enable_t5_ti)
+    assert 20 <= len(actions) <= 37, len(actions)  # 35 before FLUX's --train-t5 and --base-precision
     for action in actions:
         assert action.help and "\n" not in action.help and "``" not in action.help and ":class:" not in action.help
         assert len(action.help) < 260, action.help

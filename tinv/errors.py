@@ -25,6 +25,10 @@ class ModelLayoutError(InvalidInputError):
     """The model is missing, or is not a diffusers SD/SDXL layout."""
 
 
+class UnsupportedPrecisionError(InvalidInputError):
+    """A precision the machine cannot run (fp8 without an fp8 GPU) or a library it needs is missing."""
+
+
 class InitializerError(InvalidInputError):
     """An initializer file (``--init``) that is not one, or that belongs to another base model."""
 

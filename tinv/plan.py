@@ -137,6 +137,8 @@ def config_fingerprint(settings: Resolved, cfg: TrainConfig, model: dict[str, An
     if settings.trains_vectors:
         run["start"] = start
     base = {k: model[k] for k in ("base_model_fingerprint", "resolution", "dtype", "templates")}
+    if model.get("base_precision", "auto") != "auto":  # a quantized base draws other gradients
+        base["base_precision"] = model["base_precision"]
     blob = json.dumps({"version": CONFIG_FINGERPRINT_VERSION, "concept": concept, "run": run, "model": base},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()

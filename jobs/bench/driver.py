@@ -28,7 +28,7 @@ class NoopWorker:
 
     def info(self) -> dict[str, Any]:
         return {"base_model": "noop", "base_model_fingerprint": "0" * 64, "resolution": 32, "dtype": "torch.float32",
-                "templates": "0" * 64,
+                "base_precision": "auto", "templates": "0" * 64,
                 "device": "cpu", "worker": self.name, "pid": os.getpid()}
 
     def train(self, requests: list[Request]) -> list[ConceptResult]:

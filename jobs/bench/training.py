@@ -11,7 +11,8 @@ import torch
 
 from jobs.bench.measure import HALF_NAMES, Variant, native_half
 from jobs.bench.recipe import RECIPE, recipe_step
-from tinv.families.model import BaseModel, enable_gradient_checkpointing, set_attention
+from tinv.families.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
+from tinv.families.model import BaseModel, set_attention
 from tinv.manifest import ConceptSpec
 from tinv.settings import WITH_CLASS_PICTURES, Recipe, TrainConfig
 from tinv.training.concept import ConceptData
@@ -63,13 +64,7 @@ def switch(model: BaseModel, modules: list[torch.nn.Module], dtype: torch.dtype)
 
 def checkpointing(model: BaseModel, on: bool) -> None:
     """Switch gradient checkpointing of the UNet and the text encoders on or off."""
-    if on:
-        enable_gradient_checkpointing(model)
-        return
-    model.denoiser.disable_gradient_checkpointing()
-    for encoder in model.text_encoders:
-        encoder.gradient_checkpointing_disable()
-        encoder.eval()
+    (enable_gradient_checkpointing if on else disable_gradient_checkpointing)(model)
 
 
 def train_variants(model: BaseModel, resolution: int, tinv_steps: int, which: list[str]) -> list[Variant]:

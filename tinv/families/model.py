@@ -26,7 +26,9 @@ import torch
 from tinv import storage
 from tinv.errors import ModelLayoutError, ModelUnavailableError
 from tinv.families import Family, family_of
+from tinv.families.checkpointing import enable_gradient_checkpointing
 from tinv.families.fingerprint import FINGERPRINT_VERSION, model_fingerprint, weight_choice
+from tinv.families.quantized import check_base_precision, quantize_denoiser
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEMPLATES_FILE = "tinv_templates.json"
@@ -63,6 +65,8 @@ class BaseModel:
     """Training prompt templates per property: tinv's defaults, or the folder's ``tinv_templates.json``."""
     eval_prompts: dict[str, tuple[str, ...]]
     """Default evaluation prompts per property (``eval`` in ``tinv_templates.json``, else tinv's)."""
+    base_precision: str = "auto"
+    """How the denoiser's frozen weights are stored (:mod:`tinv.families.quantized`)."""
 
     @property
     def pixels_per_latent(self) -> int:
@@ -143,13 +147,16 @@ def load_base_model(
     precision: str = "auto",
     attention: str = "sdpa",
     gradient_checkpointing: bool = False,
+    base_precision: str = "auto",
     text_encoder_dtype: torch.dtype = torch.float32,
     cache_dir: str | Path = DEFAULT_CACHE,
     storage_options: dict[str, Any] | None = None,
 ) -> BaseModel:
-    """The model at ``uri``, frozen, in eval mode, on ``device`` (see the module docstring)."""
+    """The model at ``uri``, frozen, in eval mode, on ``device``, its denoiser quantized as ``base_precision``
+    asks (:mod:`tinv.families.quantized`; see the module docstring)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(device, precision)
+    check_base_precision(base_precision, device)  # before minutes of loading
     variant = "fp16" if dtype != torch.float32 else None
     path = model_dir(uri, variant=variant, cache_dir=cache_dir, storage_options=storage_options)
     family = family_of(path, uri)
@@ -161,6 +168,8 @@ def load_base_model(
     parts = family.load(path, load, dtype, vae_dtype(dtype))
     model = assemble(uri, path, family, parts, device, dtype, model_fingerprint(path, family.parts, variant),
                      attention, text_encoder_dtype)
+    quantize_denoiser(model.denoiser, base_precision, device)
+    model.base_precision = base_precision
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -188,21 +197,6 @@ def assemble(uri: str, path: Path, family: Family, parts: Any, device: torch.dev
     templates, eval_prompts = read_templates(path)
     return BaseModel(uri, path, family, parts.tokenizers, parts.text_encoders, parts.denoiser, parts.vae,
                      parts.scheduler, device, dtype, fingerprint, templates, eval_prompts)
-
-
-def enable_gradient_checkpointing(model: BaseModel) -> None:
-    """Recompute the denoiser's and the text encoders' activations in the backward pass instead of keeping them.
-
-    transformers checkpoints only modules in training mode, so the text encoders are put in it; that is
-    only the same computation when they have no dropout, which is checked.
-    """
-    model.denoiser.enable_gradient_checkpointing()
-    for encoder in model.text_encoders:
-        config = encoder.config
-        if getattr(config, "dropout", 0) or getattr(config, "attention_dropout", 0):
-            raise ModelLayoutError("gradient checkpointing needs text encoders without dropout")
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        encoder.train()
 
 
 def read_templates(path: Path) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:

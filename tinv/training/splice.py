@@ -29,6 +29,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from tinv.errors import ModelLayoutError
+from tinv.families import checkpointing
 from tinv.families.model import BaseModel
 
 
@@ -121,6 +122,14 @@ class Adapters:
         self.module = module
         self.routes: list[str] | None = None
         self._hooked: set[int] = set()
+        checkpointing.register(self)  # a checkpointed block's recomputation routes as its forward did
+
+    def capture(self) -> list[str] | None:
+        return self.routes
+
+    def restore(self, routes: list[str] | None) -> list[str] | None:
+        previous, self.routes = self.routes, routes
+        return previous
 
     @classmethod
     def of(cls, module: nn.Module) -> Adapters:
@@ -140,6 +149,7 @@ class Adapters:
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), init_lora_weights="gaussian")
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Already found a `peft_config`")  # one adapter per slot, by design
+            warnings.filterwarnings("ignore", "TorchaoLoraLinear was instantiated")  # merging is never asked
             torch.manual_seed(seed)
             inject_adapter_in_model(config, self.module, adapter_name=name)
         for layer in self.layers():
