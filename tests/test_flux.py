@@ -29,6 +29,7 @@ from tinv.settings import TrainConfig
 from tinv.training.concept import ConceptData
 from tinv.training.loop import train_concepts
 from tinv.training.splice import register_slot_tokens, slot_token_names
+from tinv.training.trainer import PackedTrainer
 
 PROMPT = "a photo of a {} on a table"
 
@@ -172,3 +173,27 @@ def test_an_embedding_of_another_family_is_refused_with_its_shapes(flux_models, 
         sdxl.family.read_lora({"transformer.x.lora_A.weight": torch.zeros(2, 4),
                                "transformer.x.lora_B.weight": torch.zeros(4, 2)}, sdxl)
     assert flux.info["family"] == "flux-dev" and flux.info["ss_base_model_version"] == "flux1"  # every file's
+
+
+def test_t5_encodes_a_concepts_prompts_once_then_leaves_unless_t5_vectors_train(flux_models, images, monkeypatch):
+    import tinv.families.flux as flux
+
+    model = load_base_model(str(flux_models["flux-dev"]))
+    t5, places, calls = model.text_encoders[1], [], []
+    monkeypatch.setattr(flux, "PARKED", "host")  # a place of its own (this CPU is both)
+    monkeypatch.setattr(flux, "place", lambda encoder, device: encoder is t5 and places.append(device))
+    t5.register_forward_hook(lambda *a: calls.append(1))
+    trainer = PackedTrainer(model, TrainConfig(concepts_per_actor=2, batch_size=2, caption_dropout=0.5))
+    trainer.admit(0, ConceptData(spec("c", method="pivotal"), images))
+    templates = len(model.templates["object"])
+    assert len(calls) == -(-(templates + 1) // flux.FILL_BATCH) and places[-1] == "host"  # its prompts and ""
+    calls.clear()
+    for _ in range(3):
+        trainer.step()
+    assert calls == []  # every step's T5 states come from the cache
+    trainer.admit(1, ConceptData(spec("t", method="pivotal", train_t5=True), images))
+    assert places[-1] == model.device  # kept where its T5 vectors train
+    calls.clear()
+    for _ in range(4):
+        trainer.step()
+    assert 1 <= len(calls) <= 4  # rows with T5 vectors (not dropped captions), encoded live for their gradient

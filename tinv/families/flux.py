@@ -17,8 +17,8 @@ What tinv does with such a model, the way diffusers' ``FluxPipeline`` and its FL
 - **New vectors.** In CLIP-L, and in T5 when asked (the advanced script's ``--enable_t5_ti``); T5's table is
   padded past its tokenizer (32 128 rows for 32 100 tokens) and is never resized: new tokens are spliced in
   after its last row (:mod:`tinv.training.splice`). Without T5 vectors the concept's word reaches T5 as plain
-  text, as it does in every client that loads only the CLIP-L vectors, and T5 encodes each prompt once
-  (:class:`EncodingCache`).
+  text, as it does in every client that loads only the CLIP-L vectors, and T5 encodes each prompt once, when
+  its concept is admitted, then leaves the accelerator (:class:`EncodingCache`).
 - **LoRA.** On the transformer's attention and feed-forward layers: the DreamBooth-LoRA FLUX script's targets.
 - **Files.** diffusers' ``transformer.``-prefixed LoRA (``FluxPipeline.load_lora_weights``); embeddings keyed
   ``clip_l`` / ``t5xxl`` (ComfyUI's keys; diffusers loads them by the two-call form); kohya's metadata
@@ -66,11 +66,17 @@ T5_MAX_LENGTH = 512
 """T5 tokens per prompt (the FLUX scripts' ``--max_sequence_length``; shorter where the tokenizer says so)."""
 CACHED_ROWS = 512
 """Prompt encodings :class:`EncodingCache` keeps per model (enough for every prompt of K packed concepts)."""
+FILL_BATCH = 32
+"""Prompts T5 encodes in one call when a concept is admitted."""
+PARKED = torch.device("cpu")
+"""Where T5 waits while no concept's T5 vectors train: host memory, off the accelerator."""
 
 
 class EncodingCache:
     """A frozen text encoder's states of prompts that carry no new vector, each encoded once (least recently
-    used dropped): one per encoder (:meth:`of`)."""
+    used dropped): one per encoder (:meth:`of`). T5 (4.7 B parameters, 9.5 GB in bf16) is encoded a concept's
+    prompts at once when it is admitted (:meth:`fill`) and then waits in host memory (:data:`PARKED`) while no
+    concept's T5 vectors train; a row holding a new vector, or one the cache misses, brings it back."""
 
     def __init__(self, size: int = CACHED_ROWS) -> None:
         self.size, self.rows = size, OrderedDict()
@@ -84,21 +90,50 @@ class EncodingCache:
     def encode(self, encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         """``encoder``'s last hidden state of ``ids`` ``(B, T)``: from the cache unless a row holds a new token
         (an id past the base table, spliced in by :mod:`tinv.training.splice`), when all are encoded now."""
-        table = encoder.get_input_embeddings()
-        if (ids >= getattr(table, "base", table).num_embeddings).any():
+        if new_tokens(encoder, ids).any():
+            place(encoder, ids.device)
             return encoder(ids).last_hidden_state
-        keys = [(str(ids.device), row.tobytes()) for row in ids.cpu().numpy()]  # one copy off the device
-        missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
-        if missing:
-            with torch.no_grad():
-                states = encoder(torch.stack([ids[keys.index(k)] for k in missing])).last_hidden_state
-            self.rows.update(zip(missing, states))
+        keys = self._keys(ids)
+        self._encode(encoder, ids, keys)
         out = torch.stack([self.rows[k] for k in keys])
         for k in keys:
             self.rows.move_to_end(k)
+        return out
+
+    def fill(self, encoder: torch.nn.Module, ids: torch.Tensor) -> None:
+        """Encode the rows of ``ids`` that hold no new token and are not cached yet, in batches."""
+        ids = ids[~new_tokens(encoder, ids).any(dim=1)]
+        for chunk in ids.split(FILL_BATCH):
+            self._encode(encoder, chunk, self._keys(chunk))
+
+    def _keys(self, ids: torch.Tensor) -> list[tuple[str, bytes]]:
+        return [(str(ids.device), row.tobytes()) for row in ids.cpu().numpy()]  # one copy off the device
+
+    def _encode(self, encoder: torch.nn.Module, ids: torch.Tensor, keys: list[tuple[str, bytes]]) -> None:
+        """Encode the rows of ``ids`` the cache misses, on ``ids``' device, leaving ``encoder`` where it was."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
+        if not missing:
+            return
+        home = next(encoder.parameters()).device
+        place(encoder, ids.device)
+        with torch.no_grad():
+            states = encoder(torch.stack([ids[keys.index(k)] for k in missing])).last_hidden_state
+        place(encoder, home)
+        self.rows.update(zip(missing, states))
         while len(self.rows) > self.size:
             self.rows.popitem(last=False)
-        return out
+
+
+def new_tokens(encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Where ``ids`` hold a token past the encoder's base table (a concept's new vector), ``(B, T)``."""
+    table = encoder.get_input_embeddings()
+    return ids >= getattr(table, "base", table).num_embeddings
+
+
+def place(encoder: torch.nn.Module, device: torch.device) -> None:
+    """``encoder`` on ``device`` (a move only where it is elsewhere)."""
+    if next(encoder.parameters()).device != device:
+        encoder.to(device)
 
 
 @dataclass(frozen=True)
@@ -160,6 +195,13 @@ class Flux:
         pooled = final[rows, eos_positions(ids[0], model.tokenizers[0].eos_token_id)]  # after the final norm
         states = EncodingCache.of(t5).encode(t5, ids[1])
         return Conditioning({"hidden": states, "pooled": pooled})
+
+    def prepare(self, model: BaseModel, ids: list[list[torch.Tensor]], vector_encoders: int) -> None:
+        """T5 encodes the concept's prompts now (:meth:`EncodingCache.fill`), then leaves the accelerator unless
+        a concept's T5 vectors train (it stays, for their gradient)."""
+        t5 = model.text_encoders[1]
+        EncodingCache.of(t5).fill(t5, torch.cat([batch[1] for batch in ids]))
+        place(t5, model.device if vector_encoders > 1 else PARKED)
 
     def forces_zeros(self, model: BaseModel) -> bool:
         """An empty prompt is encoded as ``""`` (FLUX.1 draws without a negative prompt)."""

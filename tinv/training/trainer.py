@@ -116,6 +116,10 @@ class PackedTrainer:
         generator = torch.Generator().manual_seed(settings.seed)
         self.slots[s] = Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.recipe.loss_scale,
                              adapter=adapter, encoders=encoders, **prior)
+        live = max(slot.encoders for s, slot in enumerate(self.slots) if s in self.active)
+        prompts = [prompt_ids, *([prior["class_ids"]] if "class_ids" in prior else []), self.empty_ids]
+        self.model.family.prepare(self.model, [[ids.view(-1, ids.shape[-1]) for ids in batch] for batch in prompts],
+                                  live)
         if settings.trains_vectors:  # a failure from here on leaves the slot to train.py's _admit to free
             # the pictures' own latent means, as encoded above (framed otherwise: the start encodes the squares)
             means = latents[0].mean[: len(data.images)] if data.framed is None else None
