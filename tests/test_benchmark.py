@@ -60,6 +60,14 @@ def test_smoke_run_measures_every_section_and_its_record_renders_the_same_tables
         flops = {name: v["flops_per_sample"] for name, v in rows.items()}  # each preserved set is real work
         # a class row trains as the own rows do; output's rows also take the frozen model's pass, blank's more
         assert flops["pivotal"] < flops["pivotal-images"] < flops["pivotal-output"] < flops["pivotal-output-blank"]
+    rows = {v["variant"]: v for v in r["flux"]["variants"]}  # FLUX: each method, K=1 and 4, and its memory levers
+    assert {"ti", "ti-k4", "lora", "lora-k4", "pivotal", "pivotal-k4", "pivotal-t5", "lora-uncached",
+            "lora-checkpointing", "lora-int8"} <= rows.keys() and r["flux"]["t5_tokens"] == 32
+    assert all(v["samples_per_s"] > 0 and 0 < v["mfu"] <= 1 for v in rows.values())
+    assert rows["lora-k4"]["samples_per_step"] == 4 * rows["lora"]["samples_per_step"]
+    flux = {name: v["flops_per_sample"] for name, v in rows.items()}  # what each lever adds or spares is counted:
+    assert flux["lora-uncached"] > flux["lora"] < flux["lora-checkpointing"]  # T5 every step; the recomputation
+    assert flux["pivotal-t5"] > flux["pivotal"]  # T5's forward and backward for its vectors
     g = r["generate"]
     assert g["batched"]["images_per_s"] > 0 and g["per_concept"]["images_per_s"] > 0
     for run in r["train_sampling"]["runs"]:  # mixed methods, drawn a call each from copies, then live together
@@ -170,5 +178,9 @@ def test_the_gpu_check_runs_every_configuration_and_cuda_path_in_its_cpu_smoke_f
     assert grid == {(s, c, k) for s in ("sd15", "sdxl") for c in (False, True) for k in (1, 2)}
     assert all(x["seconds_per_step"] > 0 and x["samples_per_s"] > 0 and x["mfu"] > 0 for x in r["runs"])
     assert r["paths"]["fp16"]["losses_finite"] and len(r["paths"]["fp16"]["loss_scales"]) == 2
+    flux = {(x["base_precision"], x["checkpointing"], x["k"], x["method"]) for x in r["flux"]}
+    assert flux == {(b, c, k, "lora") for b in ("auto", "int8") for c in (False, True) for k in (1, 2)} | {
+        ("auto", True, 1, "pivotal-t5")}  # no fp8 on a CPU
+    assert all(x["samples_per_s"] > 0 and x["mfu"] > 0 for x in r["flux"])
     backoff = r["paths"]["oom_backoff"]
     assert backoff["stepped"] == backoff["slots"] and backoff["group_size_after"] < backoff["slots"]

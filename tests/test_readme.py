@@ -9,6 +9,7 @@ import re
 import torch
 from jobtools import REPO
 
+from tinv.families.flux import FLUX
 from tinv.families.model import load_base_model
 from tinv.families.sd import SD
 from tinv.families.sdxl import SDXL
@@ -52,7 +53,7 @@ def test_links_resolve_and_commands_exist():
 
 
 def test_the_lora_snippet_runs_as_written(tiny_models, tmp_path, monkeypatch):
-    (block,) = [b for b in snippets() if "load_lora_weights" in b]
+    (block,) = [b for b in snippets() if "load_lora_weights" in b and "FluxPipeline" not in b]
     hub_id = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     folder = tmp_path / "out" / "mine" / "concepts" / "my-dog"
     folder.mkdir(parents=True)
@@ -69,3 +70,25 @@ def test_the_lora_snippet_runs_as_written(tiny_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code.replace('.to("cuda")', '.to("cpu")'), "README (lora)", "exec"), {})
     assert (tmp_path / "my-dog.png").stat().st_size > 0
+
+
+def test_the_flux_snippet_runs_as_written(flux_models, tmp_path, monkeypatch):
+    (block,) = [b for b in snippets() if "FluxPipeline" in b]
+    hub_id = "black-forest-labs/FLUX.1-dev"
+    folder = tmp_path / "out" / "flux" / "concepts" / "my-cat"
+    folder.mkdir(parents=True)
+    model = load_base_model(str(flux_models["flux-dev"]))
+    adapters = Adapters.of(model.denoiser)
+    adapters.add("my-cat", 2, FLUX.lora_targets, seed=0)
+    vectors = [torch.randn(1, d) for d in model.embedding_dims]  # CLIP-L's and T5's (trained with --train-t5)
+    files = {**embedding_files(FLUX, "my-cat", "<my-cat>", "my-cat", vectors, {}),
+             **lora_files(FLUX, "my-cat", "<my-cat>", "my-cat", "pivotal", 2, adapters.state_dict("my-cat"), vectors,
+                          {})}
+    for name in (DIFFUSERS_NAME, LORA_NAME):
+        (folder / name).write_bytes(files[name])
+    assert hub_id in block
+    code = (block.replace(hub_id, str(flux_models["flux-dev"])).replace("torch.bfloat16", "torch.float32")
+            .replace('.to("cuda")', '.to("cpu")'))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README (flux)", "exec"), {})
+    assert (tmp_path / "my-cat.png").stat().st_size > 0

@@ -22,6 +22,9 @@ from jobs.train import DEMO_MANIFEST
 from tinv.manifest import read_manifest, write_manifest
 
 OPTIONS = {"key": "AKIATINVOUTAGE000001", "secret": "tinv-outage-secret", "client_kwargs": {"region_name": "us-east-1"}}
+DRIVER_OPTIONS = {**OPTIONS, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+"""The driver's: botocore's own retries off, so tinv's retry window alone decides how long an outage is waited
+out (botocore's back-off would otherwise stretch each try by seconds)."""
 
 
 def bucket(moto: str, name: str, n: int, steps: int) -> s3fs.S3FileSystem:
@@ -46,7 +49,7 @@ def bucket(moto: str, name: str, n: int, steps: int) -> s3fs.S3FileSystem:
 
 def driver(cluster: dict, name: str, proxy: FaultProxy, *args: str) -> subprocess.Popen:
     """The train job on ``s3://{name}``, every byte through the proxy."""
-    options = json.dumps({"endpoint_url": proxy.url, **OPTIONS})
+    options = json.dumps({"endpoint_url": proxy.url, **DRIVER_OPTIONS})
     cmd = [sys.executable, "-m", "jobs.train", "--manifest", f"s3://{name}/in/m.parquet", "--model", TOY,
            "--output", f"s3://{name}/out", "--storage-options", options, "--batch-size", "2",
            "--concepts-per-actor", "1", "--samples-per-prompt", "1", *args]

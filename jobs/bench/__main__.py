@@ -15,6 +15,9 @@ from jobs.bench import __doc__ as PACKAGE_DOC
 from jobs.bench.driver import driver
 from jobs.bench.fingerprint import fingerprint_cost
 from jobs.bench.flops import projection, register_cpu_attention_flops
+from jobs.bench.flux import REDUCED, flux_projection, flux_shaped, flux_variants, int8_copy
+from jobs.bench.flux import SMOKE as FLUX_SMOKE
+from jobs.bench.flux import VARIANTS as FLUX_VARIANTS
 from jobs.bench.generate import generation
 from jobs.bench.measure import dense_rates, device_name, measure, slug
 from jobs.bench.recipe import RECIPE
@@ -34,8 +37,8 @@ from tinv import EMBEDDED_MODEL
 from tinv.families.model import load_base_model
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("toy", "methods", "preservation", "generate", "train-sampling", "train", "driver", "writes", "fingerprint",
-            "projection")
+SECTIONS = ("toy", "methods", "preservation", "generate", "train-sampling", "train", "flux", "driver", "writes",
+            "fingerprint", "projection")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampling-size", type=int, default=64,
                    help="image size of the SD 1.5-shaped model in the train-sampling section")
     p.add_argument("--sampling-steps", type=int, default=4, help="denoising steps per image in train-sampling")
+    p.add_argument("--flux-size", type=int, default=256, help="training resolution of the FLUX-shaped model")
+    p.add_argument("--flux-t5-tokens", type=int, default=128,
+                   help="T5 tokens per prompt in the FLUX section ([dev] uses 512; fewer keep the CPU run short)")
+    p.add_argument("--flux-variants", default=",".join(FLUX_VARIANTS), help="FLUX variants, comma-separated")
     p.add_argument("--driver-concepts", default="1000,10000", help="concept counts for the driver section")
     p.add_argument("--tinv-steps", type=int, default=500, help="tinv's steps per concept, as the projection assumes "
                    "(500, the recorded figures'; the product caps a concept at 3 000 and early stopping ends most "
@@ -142,6 +149,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "not_run": {v: why_not(v, device, smoke) for v in which if v not in timed}}
         log("train")
         del model, variants
+    if "flux" in sections:
+        shapes, size, tokens = (FLUX_SMOKE, 32, 32) if smoke else (REDUCED, args.flux_size, args.flux_t5_tokens)
+        model, int8 = flux_shaped(shapes, device, torch.float32, tokens), int8_copy(shapes, device, tokens)
+        which = args.flux_variants.split(",")
+        variants = flux_variants(model, int8, size, args.tinv_steps, which)
+        log("flux: timing", [v.name for v in variants], f"at {size} px")
+        measure(variants, device, 1 if smoke else args.reps)
+        timed = {v.name for v in variants}
+        result["flux"] = {"model": "smoke shapes" if smoke else "FLUX.1 [dev] widths, 1 double + 2 single blocks, "
+                          "T5 XXL with 2 layers (random weights)", "resolution": size, "t5_tokens": tokens,
+                          "variants": train_report(variants, rates),
+                          "not_run": {v: why_not(v, device, smoke) for v in which if v not in timed}}
+        if not smoke:
+            result["flux"]["projection"] = flux_projection(args.tinv_steps)
+        log("flux")
+        del model, int8, variants
     if "driver" in sections:
         counts = [50] if smoke else [int(c) for c in args.driver_concepts.split(",")]
         result["driver"] = driver(counts)

@@ -1,4 +1,5 @@
-"""The prepared GPU check: ``python -m jobs.bench.gpu_check`` (about 5 minutes on one H100/H200).
+"""The prepared GPU check: ``python -m jobs.bench.gpu_check`` (about 5 minutes on one H100/H200 per section;
+``--sections flux`` runs the FLUX.1 section alone, within 8 minutes on one H200).
 
 For the SD 1.5 (512 px) and SDXL (1024 px) shapes with random weights, on the model tinv trains (UNet in
 bf16, text encoders in fp32): seconds per step, samples per second, utilisation against this run's own
@@ -6,8 +7,9 @@ bf16 matmul rate, and peak GPU memory, for K ∈ {1, 2, 4, 8} concepts per step,
 checkpointing, with SDPA and (when installed) xformers. Then the CUDA-only paths once each: fp16 with the
 per-slot dynamic loss scale, and the out-of-memory back-off on a batch too big for the device. A
 configuration that runs out of memory is recorded as such; the budget (``--budget-s``) skips what is left
-rather than overrun. ``--smoke`` runs every path on CPU with tiny shapes (the test suite does). It is a
-measurement to run when a GPU is lent, not a test: it asserts nothing about speed.
+rather than overrun. The FLUX.1 section (:func:`flux_runs`) times the full-size [dev] shape. ``--smoke`` runs
+every path on CPU with tiny shapes (the test suite does). It is a measurement to run when a GPU is lent, not a
+test: it asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from unittest import mock
 import torch
 
 from jobs.bench.flops import flops_per_sample
+from jobs.bench.flux import FULL, T5_TOKENS, flux_shaped
+from jobs.bench.flux import SMOKE as FLUX_SMOKE
+from jobs.bench.flux import flops_per_sample as flops_per_flux_sample
 from jobs.bench.measure import device_name, matmul_rate, native_half, slug, sync
 from jobs.bench.shapes import (
     SD15_TEXT,
@@ -41,7 +46,9 @@ from jobs.bench.shapes import (
     sdxl_shaped,
 )
 from jobs.bench.training import checkpointing, switch, tinv_trainer
+from tinv.errors import UnsupportedPrecisionError
 from tinv.families.model import BaseModel, set_attention
+from tinv.families.quantized import check_base_precision, quantize_denoiser
 from tinv.training.loop import GuardedStep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,10 +65,11 @@ def build(name: str, smoke: bool, device: torch.device, dtype: torch.dtype) -> t
     return model, size, flops_per_sample(unet, text if name == "sdxl" else [text], latent)
 
 
-def time_steps(model: BaseModel, size: int, k: int, steps: int) -> dict[str, Any]:
-    """One warm-up step, then ``steps`` timed steps of K concepts (4 samples each)."""
+def time_steps(model: BaseModel, size: int, k: int, steps: int, method: str = "ti", batch_size: int = 4,
+               train_t5: bool = False) -> dict[str, Any]:
+    """One warm-up step, then ``steps`` timed steps of K concepts (``batch_size`` samples each)."""
     images = torch.rand(4, 3, size, size) * 2 - 1
-    trainer = tinv_trainer(model, images, k, size, 500)
+    trainer = tinv_trainer(model, images, k, size, 500, method, batch_size=batch_size, train_t5=train_t5)
     cuda = model.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
@@ -80,7 +88,8 @@ def time_steps(model: BaseModel, size: int, k: int, steps: int) -> dict[str, Any
             torch.cuda.empty_cache()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated(model.device) / 2**30 if cuda else None
-    return {"out_of_memory": False, "seconds_per_step": seconds, "samples_per_s": 4 * k / seconds, "peak_gb": peak}
+    return {"out_of_memory": False, "seconds_per_step": seconds, "samples_per_s": batch_size * k / seconds,
+            "peak_gb": peak}
 
 
 def paths(model: BaseModel, size: int, smoke: bool) -> dict[str, Any]:
@@ -119,6 +128,47 @@ def _small_only(forward: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -
     return forward(sample, *args, **kwargs)
 
 
+def flux_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, matmul: float) -> list[dict]:
+    """Full-size FLUX.1 [dev] shape at 1 024 px (random weights): LoRA at K ∈ {1, 2, 4}, one sample per concept,
+    with and without gradient checkpointing, the frozen transformer in bf16, int8 and (where the GPU has it) fp8;
+    then pivotal with T5 vectors once (T5 stays on the GPU for their gradient). Peak memory per configuration;
+    its own budget (``--flux-budget-s``)."""
+    shapes, size, tokens = (FLUX_SMOKE, 32, 32) if args.smoke else (FULL, 1024, T5_TOKENS)
+    started, runs = time.monotonic(), []
+    bases = ["auto", "int8"] + (["fp8"] if fp8_ready(device) else [])
+    for base in bases:
+        model = flux_shaped(shapes, device, dtype, tokens)
+        quantize_denoiser(model.denoiser, base, device)
+        flops = flops_per_flux_sample(shapes, size, tokens)
+        configs = [(ckpt, k, "lora") for ckpt in (False, True) for k in ((1, 2) if args.smoke else (1, 2, 4))]
+        configs += [(True, 1, "pivotal-t5")] if base == "auto" else []
+        for ckpt, k, method in configs:
+            row = {"shape": "flux1-dev", "resolution": size, "t5_tokens": tokens, "base_precision": base,
+                   "checkpointing": ckpt, "k": k, "method": method}
+            if time.monotonic() - started > args.flux_budget_s:
+                runs.append({**row, "skipped": "over the time budget"})
+                continue
+            checkpointing(model, ckpt)
+            got = time_steps(model, size, k, 1 if args.smoke else 3, method.removesuffix("-t5"), batch_size=1,
+                             train_t5=method.endswith("-t5"))
+            if not got["out_of_memory"]:
+                got["mfu"] = flops * got["samples_per_s"] / matmul
+            runs.append({**row, **got})
+            print("[gpu-check]", json.dumps(runs[-1]), file=sys.stderr, flush=True)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return runs
+
+
+def fp8_ready(device: torch.device) -> bool:
+    try:
+        check_base_precision("fp8", device)
+    except UnsupportedPrecisionError:
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if torch.bfloat16 in native_half(device) and not args.smoke else torch.float32
@@ -127,6 +177,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "unet_dtype": str(dtype), "text_encoder_dtype": "torch.float32",
                               "matmul_flops": matmul_rate(device, dtype, 256 if args.smoke else 8192),
                               "runs": [], "paths": {}}
+    if "flux" in args.sections:
+        result["flux"] = flux_runs(args, device, dtype, result["matmul_flops"])
+    if "sd" not in args.sections:
+        result["seconds"] = time.monotonic() - started
+        return result
     attentions = ["sdpa"] + (["xformers"] if device.type == "cuda" and importlib.util.find_spec("xformers") else [])
     ks = (1, 2) if args.smoke else (1, 2, 4, 8)
     for name in ("sd15", "sdxl"):
@@ -158,12 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, every path once (the test suite)")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip the configurations left after this long")
+    p.add_argument("--flux-budget-s", type=float, default=360.0, help="the same, for the FLUX section")
+    p.add_argument("--sections", default="sd,flux", help="sd (SD 1.5 and SDXL shapes), flux, or both")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/gpu-check-<device>.json)")
     args = p.parse_args(argv)
     result = run(args)
     out = Path(args.out or REPO / "benchmarks" / f"gpu-check-{slug(result['device'])}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
-    for r in result["runs"]:
+    for r in result["runs"] + result.get("flux", []):
         print(json.dumps(r))
     print(json.dumps(result["paths"]))
     return 0

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TRAIN_TABLES = ("toy_train", "methods_toy", "methods_sd15", "preservation_toy", "preservation_sd15")
+TRAIN_TABLES = ("toy_train", "methods_toy", "methods_sd15", "preservation_toy", "preservation_sd15", "flux")
 """The sections rendered as training tables after ``train``'s (one per resolution)."""
 SECTION_KEYS = ("matmul", "train", *TRAIN_TABLES, "generate", "train_sampling", "driver", "writes", "fingerprint",
                 "projection")
@@ -34,7 +34,8 @@ def matmul_line(m: dict[str, Any]) -> list[str]:
 
 
 def train_table(t: dict[str, Any]) -> list[str]:
-    lines = [f"Training, {t['model']}, {t['resolution']} px:", "",
+    tokens = f", {t['t5_tokens']} T5 tokens" if "t5_tokens" in t else ""
+    lines = [f"Training, {t['model']}, {t['resolution']} px{tokens}:", "",
              "| variant | s/step | samples/s | × recipe per sample | MFU | peak GB | concepts/h (own schedule) |",
              "|---|---|---|---|---|---|---|"]
     for r in t["variants"]:
@@ -43,6 +44,16 @@ def train_table(t: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['variant']} | {r['seconds_per_step']:.3f} | {r['samples_per_s']:.3g} | {speed} | {mfu} "
                      f"| {r['peak_mem_gb']:.2f} | {r['concepts_per_hour']:.3g} |")
     return [*lines, ""]
+
+
+def flux_projection_lines(p: dict[str, Any]) -> list[str]:
+    """Full-size FLUX.1 [dev] on paper (labelled as such)."""
+    per = ", ".join(f"{m} {p[m]['flops_per_sample'] / 1e12:.0f} TFLOP/sample → {p[m]['concepts_per_gpu_hour']:.2f} "
+                    "concepts/h" for m in ("lora", "pivotal", "pivotal-t5"))
+    weights = ", ".join(f"{k} {v:.1f}" for k, v in p["weights_gb"].items())
+    return [f"FLUX.1 [dev] at {p['resolution']} px, {p['t5_tokens']} T5 tokens, {p['samples_per_concept']} samples "
+            f"per concept on one {p['gpu']} at {p['assumed_utilisation']:.0%} ({p['label']}): {per}. "
+            f"Frozen weights, GB: {weights}", ""]
 
 
 def generate_line(g: dict[str, Any]) -> list[str]:
@@ -79,6 +90,8 @@ def sections(result: dict[str, Any]) -> list[str]:
     for key in trains:
         if key in result:
             lines += train_table(result[key])
+    if "projection" in result.get("flux", {}):
+        lines += flux_projection_lines(result["flux"]["projection"])
     if "generate" in result:
         lines += generate_line(result["generate"])
     if "train_sampling" in result:

@@ -33,16 +33,17 @@ PRESERVATION_VARIANTS = ["pivotal", *PRESERVATIONS]
 
 
 def tinv_trainer(model: BaseModel, images: torch.Tensor, k: int, resolution: int, steps: int,
-                 method: str = "ti", preservation: str | None = None, blank: bool = False) -> PackedTrainer:
+                 method: str = "ti", preservation: str | None = None, blank: bool = False,
+                 batch_size: int = RECIPE["batch_size"], train_t5: bool = False) -> PackedTrainer:
     """K concepts of ``method`` on ``images``; with ``preservation``, each with a class prompt kept that way (the
     class pictures, where it trains on them: ``images`` again, which costs the same as the base model's)."""
-    cfg = TrainConfig(steps=steps, concepts_per_actor=k, batch_size=RECIPE["batch_size"], resolution=resolution,
+    cfg = TrainConfig(steps=steps, concepts_per_actor=k, batch_size=batch_size, resolution=resolution,
                       prior_preservation=preservation or "images", recipe=Recipe(blank_prompt_preservation=blank))
     trainer = PackedTrainer(model, cfg)
     for s in range(k):
         token = f"<bench{s}>" if method != "lora" else f"bench{s}"
         spec = ConceptSpec(f"bench{s}", ("bench:0",), placeholder_token=token, method=method, seed=s,
-                           class_prompt="a photo of a thing" if preservation else "")
+                           class_prompt="a photo of a thing" if preservation else "", train_t5=train_t5)
         pictures = images if preservation in WITH_CLASS_PICTURES else None
         trainer.admit(s, ConceptData(spec, images, pictures))
     return trainer

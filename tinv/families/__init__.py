@@ -125,10 +125,11 @@ class Family(Protocol):
         """Token ids per text encoder ``(B, T)`` → the denoiser's conditioning at ``size`` (height, width in
         pixels); rows marked in ``zeroed`` ``(B,)`` are the empty prompt where the family conditions it on zeros."""
 
-    def prepare(self, model: BaseModel, ids: list[list[torch.Tensor]], vector_encoders: int) -> None:
-        """A concept was admitted: ``ids`` are its prompts' token ids (batches, each per text encoder), and
-        ``vector_encoders`` how many encoders hold a live vector of any concept now. A family that caches
-        encodings encodes them now and may move an encoder no vector needs off the accelerator."""
+    def prepare(self, model: BaseModel, ids: list[list[torch.Tensor] | None], vector_encoders: int) -> None:
+        """A concept was admitted: ``ids`` are its prompts' token ids (batches, each per text encoder ``(B, T)``
+        or ``(T,)``; None: no such batch), and ``vector_encoders`` how many encoders hold a live vector of any
+        concept now. A family that caches encodings encodes them now and may move an encoder no vector needs off
+        the accelerator."""
 
     def forces_zeros(self, model: BaseModel) -> bool:
         """Whether an empty prompt is conditioned on zeros rather than on the encoding of ``""``."""

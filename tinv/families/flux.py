@@ -196,11 +196,11 @@ class Flux:
         states = EncodingCache.of(t5).encode(t5, ids[1])
         return Conditioning({"hidden": states, "pooled": pooled})
 
-    def prepare(self, model: BaseModel, ids: list[list[torch.Tensor]], vector_encoders: int) -> None:
+    def prepare(self, model: BaseModel, ids: list[list[torch.Tensor] | None], vector_encoders: int) -> None:
         """T5 encodes the concept's prompts now (:meth:`EncodingCache.fill`), then leaves the accelerator unless
         a concept's T5 vectors train (it stays, for their gradient)."""
         t5 = model.text_encoders[1]
-        EncodingCache.of(t5).fill(t5, torch.cat([batch[1] for batch in ids]))
+        EncodingCache.of(t5).fill(t5, torch.cat([torch.atleast_2d(batch[1]) for batch in ids if batch is not None]))
         place(t5, model.device if vector_encoders > 1 else PARKED)
 
     def forces_zeros(self, model: BaseModel) -> bool:

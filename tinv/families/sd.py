@@ -216,7 +216,7 @@ class StableDiffusion:
         """The text encoder's last hidden state ``(B, T, D)``; an empty prompt is encoded as ``""`` (never zeros)."""
         return Conditioning({"hidden": model.text_encoders[0](ids[0]).last_hidden_state})
 
-    def prepare(self, model: BaseModel, ids: list[list[torch.Tensor]], vector_encoders: int) -> None:
+    def prepare(self, model: BaseModel, ids: list[list[torch.Tensor] | None], vector_encoders: int) -> None:
         """Nothing: CLIP's encoders are small and run on every step."""
 
     def forces_zeros(self, model: BaseModel) -> bool:

@@ -67,8 +67,7 @@ class PackedTrainer:
         self.lora_targets = cfg.lora_targets or model.family.lora_targets
         self.lora_places = [(model.denoiser, self.lora_targets),
                             *((e, model.family.text_lora_targets) for e in texts)]
-        """Where a lora / pivotal concept's adapter goes, the denoiser first (added at admission: a ti-only run adds
-        none)."""
+        """Where a lora / pivotal concept's adapter goes, the denoiser first (added at admission; a ti run: none)."""
         self.lora_modules = [module for module, _ in self.lora_places]
         self.lora_rates = [cfg.lora_learning_rate, *[cfg.text_encoder_lora_rate] * len(texts)]  # each place's
         self.lora_groups: dict[int, list[dict]] = {}  # slot → its adapter's optimizer parameter groups
@@ -116,10 +115,8 @@ class PackedTrainer:
         generator = torch.Generator().manual_seed(settings.seed)
         self.slots[s] = Slot(settings, generator, latents, prompt_ids, loss_scale=cfg.recipe.loss_scale,
                              adapter=adapter, encoders=encoders, **prior)
-        live = max(slot.encoders for s, slot in enumerate(self.slots) if s in self.active)
-        prompts = [prompt_ids, *([prior["class_ids"]] if "class_ids" in prior else []), self.empty_ids]
-        self.model.family.prepare(self.model, [[ids.view(-1, ids.shape[-1]) for ids in batch] for batch in prompts],
-                                  live)
+        self.model.family.prepare(self.model, [prompt_ids, prior.get("class_ids"), self.empty_ids],
+                                  max(self.slots[a].encoders for a in self.active))
         if settings.trains_vectors:  # a failure from here on leaves the slot to train.py's _admit to free
             # the pictures' own latent means, as encoded above (framed otherwise: the start encodes the squares)
             means = latents[0].mean[: len(data.images)] if data.framed is None else None
