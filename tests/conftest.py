@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -89,3 +90,22 @@ def demo_copy(tmp_path) -> Path:
     target = tmp_path / "manifests"
     shutil.copytree(REPO / "manifests", target)
     return target / "demo.parquet"
+
+
+@pytest.fixture
+def job_here(capsys, monkeypatch):
+    """A job's ``main`` run in this process as its command line runs it, from the repository root, with Ray
+    forbidden (a refusal must come before the cluster): ``(module, *args) → (exit status, stderr)``."""
+    import ray
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("the job reached for Ray"))
+
+    def run(module: str, *args: str) -> tuple[int, str]:
+        capsys.readouterr()
+        try:
+            code = importlib.import_module(module).main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+        return code, capsys.readouterr().err
+    return run

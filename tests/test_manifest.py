@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from jobtools import REPO, TOY, job_env
+from jobtools import TOY, job_env
 from modeltools import fingerprint
 
 from tinv.files.outputs import concept_dir
@@ -180,14 +178,12 @@ def test_fingerprint_changes_with_what_changes_the_result(monkeypatch):
     assert moved[0] == moved[1] != fingerprint(ConceptSpec("c", ("/x/img/b.png",)), TrainConfig(), model, "/x")
 
 
-def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path):
+def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path, job_here):
     manifest = tmp_path / "bad.parquet"
     pq.write_table(pa.Table.from_pylist([{"concept_id": "../up", "images": ["x.png"]}, GOOD, GOOD]), manifest)
-    cmd = [sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--model", TOY,
-           "--output", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=REPO, env=NO_RAY, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "row 0" in proc.stderr and "row 2" in proc.stderr and "duplicates row 1" in proc.stderr
+    code, err = job_here("jobs.train", "--manifest", str(manifest), "--model", TOY, "--output", str(tmp_path / "out"))
+    assert code == 2, err[-3000:]
+    assert "row 0" in err and "row 2" in err and "duplicates row 1" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -196,17 +192,15 @@ def test_driver_refuses_a_bad_manifest_before_touching_ray(tmp_path):
     (["--model", "some/model"], "--model needs --manifest"),
     (["--demo"], "unrecognized arguments: --demo"),  # the no-argument run is the demo
 ])
-def test_a_manifest_never_trains_on_the_embedded_toy_model_by_accident(tmp_path, args, says):
-    cmd = [sys.executable, "-m", "jobs.train", *args, "--output", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=REPO, env=NO_RAY, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+def test_a_manifest_never_trains_on_the_embedded_toy_model_by_accident(tmp_path, job_here, args, says):
+    code, err = job_here("jobs.train", *args, "--output", str(tmp_path / "out"))
+    assert code == 2 and says in err, err[-2000:]
     assert not (tmp_path / "out").exists()
 
 
-def test_embedding_files_are_drawn_with_the_model_named_not_the_toy_one(tmp_path):
-    cmd = [sys.executable, "-m", "jobs.evaluate", "--embeddings", str(tmp_path / "x.bin")]
-    proc = subprocess.run(cmd, cwd=REPO, env=NO_RAY, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--embeddings needs --model" in proc.stderr, proc.stderr[-2000:]
+def test_embedding_files_are_drawn_with_the_model_named_not_the_toy_one(tmp_path, job_here):
+    code, err = job_here("jobs.evaluate", "--embeddings", str(tmp_path / "x.bin"))
+    assert code == 2 and "--embeddings needs --model" in err, err[-2000:]
 
 
 def read_only_folder(tmp_path) -> str:
@@ -218,26 +212,24 @@ def read_only_folder(tmp_path) -> str:
     return "/sys/tinv-read-only-output"
 
 
-def test_an_output_that_cannot_be_written_is_refused_before_anything_starts(tmp_path):
+def test_an_output_that_cannot_be_written_is_refused_before_anything_starts(tmp_path, job_here):
     a_file = tmp_path / "out.txt"
     a_file.write_text("not a folder")
     for output, says in ((str(a_file), "is a file; it must be a folder"),
                          (read_only_folder(tmp_path), "cannot write to --output")):
-        proc = subprocess.run([sys.executable, "-m", "jobs.train", "--output", output], cwd=REPO, env=NO_RAY,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
+        code, err = job_here("jobs.train", "--output", output)
+        assert code == 2 and says in err, err[-2000:]
+        assert "Traceback" not in err
     assert a_file.read_text() == "not a folder"
 
 
-def test_a_malformed_model_config_is_invalid_input_naming_the_file(tiny_models, tmp_path):
+def test_a_malformed_model_config_is_invalid_input_naming_the_file(tiny_models, tmp_path, job_here):
     broken = tmp_path / "model"
     shutil.copytree(tiny_models["sd1"], broken)
     (broken / "unet" / "config.json").write_text('{"sample_size": 16,')
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.Table.from_pylist([GOOD]), manifest)
-    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--manifest", str(manifest), "--model", str(broken),
-                           "--output", str(tmp_path / "out")], cwd=REPO, env=NO_RAY, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2 and "unet/config.json is not readable JSON" in proc.stderr, proc.stderr[-2000:]
+    code, err = job_here("jobs.train", "--manifest", str(manifest), "--model", str(broken),
+                         "--output", str(tmp_path / "out"))
+    assert code == 2 and "unet/config.json is not readable JSON" in err, err[-2000:]
     assert not (tmp_path / "out").exists()

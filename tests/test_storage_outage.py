@@ -22,9 +22,9 @@ from jobs.train import DEMO_MANIFEST
 from tinv.manifest import read_manifest, write_manifest
 
 OPTIONS = {"key": "AKIATINVOUTAGE000001", "secret": "tinv-outage-secret", "client_kwargs": {"region_name": "us-east-1"}}
-DRIVER_OPTIONS = {**OPTIONS, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
-"""The driver's: botocore's own retries off, so tinv's retry window alone decides how long an outage is waited
-out (botocore's back-off would otherwise stretch each try by seconds)."""
+FAIL_FAST = {**OPTIONS, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+"""botocore's own retries off, so tinv's retry window alone decides when an outage is given up on (botocore's
+back-off would stretch each try by seconds)."""
 
 
 def bucket(moto: str, name: str, n: int, steps: int) -> s3fs.S3FileSystem:
@@ -47,9 +47,9 @@ def bucket(moto: str, name: str, n: int, steps: int) -> s3fs.S3FileSystem:
     return fs
 
 
-def driver(cluster: dict, name: str, proxy: FaultProxy, *args: str) -> subprocess.Popen:
+def driver(cluster: dict, name: str, proxy: FaultProxy, *args: str, options: dict = OPTIONS) -> subprocess.Popen:
     """The train job on ``s3://{name}``, every byte through the proxy."""
-    options = json.dumps({"endpoint_url": proxy.url, **DRIVER_OPTIONS})
+    options = json.dumps({"endpoint_url": proxy.url, **options})
     cmd = [sys.executable, "-m", "jobs.train", "--manifest", f"s3://{name}/in/m.parquet", "--model", TOY,
            "--output", f"s3://{name}/out", "--storage-options", options, "--batch-size", "2",
            "--concepts-per-actor", "1", "--samples-per-prompt", "1", *args]
@@ -80,9 +80,9 @@ def test_an_outage_inside_the_window_costs_no_concept_and_no_retraining(ray_clus
     fs, proxy = bucket(moto_endpoint, "tinv-outage-short", 3, 12), FaultProxy(int(moto_endpoint.rsplit(":", 1)[1]))
     proc = driver(ray_cluster, "tinv-outage-short", proxy, "--storage-retry-s", "90")
     wait_for(lambda: finished(fs, "tinv-outage-short"), 240, proc)
-    proxy.outage("refuse", 10)  # connections refused and cut mid-request, then 503 SlowDown
-    time.sleep(10)
-    proxy.outage("slow-down", 5)
+    proxy.outage("refuse", 6)  # connections refused and cut mid-request, then 503 SlowDown
+    time.sleep(6)
+    proxy.outage("slow-down", 4)
     log = proc.communicate(timeout=400)[0]
     assert proc.returncode == 0, log[-4000:]
     got = rows(fs, "tinv-outage-short")
@@ -95,7 +95,7 @@ def test_an_outage_inside_the_window_costs_no_concept_and_no_retraining(ray_clus
 def test_an_outage_past_the_window_stops_the_run_losing_nothing_and_a_rerun_finishes_it(ray_cluster, moto_endpoint):
     name = "tinv-outage-long"
     fs, proxy = bucket(moto_endpoint, name, 4, 12), FaultProxy(int(moto_endpoint.rsplit(":", 1)[1]))
-    proc = driver(ray_cluster, name, proxy, "--storage-retry-s", "3")
+    proc = driver(ray_cluster, name, proxy, "--storage-retry-s", "3", options=FAIL_FAST)
     wait_for(lambda: finished(fs, name), 240, proc)
     proxy.outage("refuse", 300)  # lasts until the driver has given up, however long botocore's own retries take
     before = finished(fs, name)
