@@ -103,6 +103,8 @@ class EncodingCache:
     def fill(self, encoder: torch.nn.Module, ids: torch.Tensor) -> None:
         """Encode the rows of ``ids`` that hold no new token and are not cached yet, in batches."""
         ids = ids[~new_tokens(encoder, ids).any(dim=1)]
+        if any(k not in self.rows for k in self._keys(ids)):
+            place(encoder, ids.device)  # once for the whole fill, not per chunk (the caller places it after)
         for chunk in ids.split(FILL_BATCH):
             self._encode(encoder, chunk, self._keys(chunk))
 

@@ -194,11 +194,11 @@ class Adapters:
     @contextlib.contextmanager
     def routed(self, names: list[str]) -> Iterator[None]:
         """Inside, sample ``i`` of every batch goes through adapter ``names[i]`` (or :data:`BASE`)."""
-        previous, self.routes = self.routes, names
+        previous = self.restore(names)
         try:
             yield
         finally:
-            self.routes = previous
+            self.restore(previous)
 
     @classmethod
     def present(cls, modules: Sequence[nn.Module]) -> list[Adapters]:
