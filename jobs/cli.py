@@ -72,13 +72,14 @@ def add_fields(
     only: tuple[str, ...] | None = None,
     skip: tuple[str, ...] = (),
     defaults: dict[str, Any] | None = None,
-    inherit: bool = False,
+    inherit: bool | tuple[str, ...] = False,
 ) -> None:
     """Add a flag per field of the dataclass ``cls`` to ``parser`` (a parser, which gets a group named after the
     class, or a group): the fields in ``only`` in that order, else every field but ``skip``.
 
-    ``defaults`` replaces some fields' defaults for this command. ``inherit``: a flag left out is absent
-    from the parsed namespace (so the caller can take the value from elsewhere, e.g. a run's record).
+    ``defaults`` replaces some fields' defaults for this command. ``inherit`` (every field, or those named): a flag
+    left out is absent from the parsed namespace (so the caller can take the value from elsewhere, e.g. a run's
+    record).
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -91,7 +92,7 @@ def add_fields(
         f = fields[name]
         default = (defaults or {}).get(f.name, f.default)
         kwargs = _argument(f.name, hints[f.name], default, docs.get(f.name, ""), f.metadata.get("choices"))
-        if inherit:
+        if inherit is True or (inherit and name in inherit):
             kwargs["default"] = argparse.SUPPRESS
             kwargs["help"] = kwargs["help"].replace("(default:", "(default: the run's, else")
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)

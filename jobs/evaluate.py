@@ -21,6 +21,7 @@ import logging
 import re
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -82,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(default: the run's folder; ./out/eval for --embeddings)")
     p.add_argument("--model", default=None, help="base model (default: the run's; needed with --embeddings)")
     cli.add_fields(p, SampleConfig, inherit=True)  # --run: what the train job drew with, unless given
-    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing", "take_over"))  # drawing takes no gradient
+    cli.add_fields(p, ClusterConfig, skip=("gradient_checkpointing", "take_over"),  # drawing takes no gradient
+                   inherit=("base_precision",))  # --run: the base the run trained on, unless given
     cli.add_fields(p, DispatchConfig, skip=("num_actors",), defaults=DISPATCH_DEFAULTS)
     return p.parse_args(argv)
 
@@ -109,6 +111,12 @@ def run_tasks(
 def run_model(record: dict[str, Any]) -> str | None:
     """The model URI a run was trained with, as given (None: the embedded model); older runs kept it in args."""
     return record["model_uri"] if "model_uri" in record else (record.get("args") or {}).get("model")
+
+
+def run_base_precision(args: argparse.Namespace, record: dict[str, Any]) -> str:
+    """``--base-precision`` if given, else how the run's frozen denoiser was stored (its samples were drawn on that
+    base; ``auto`` for runs recorded before the flag)."""
+    return getattr(args, "base_precision", None) or (record.get("model") or {}).get("base_precision", "auto")
 
 
 def sample_config(args: argparse.Namespace, recorded: dict[str, Any] | None) -> SampleConfig:
@@ -164,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         source = local_abs(args.run)
         tasks, record = run_tasks(source, args.prompt, storage_options)
         model, recorded = args.model or run_model(record), record.get("samples")
+        cluster = replace(cluster, base_precision=run_base_precision(args, record))
         output = local_abs(args.output or source)
     else:
         flag = "--embeddings" if args.embeddings else "--lora"

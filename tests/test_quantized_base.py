@@ -11,9 +11,11 @@ import torch
 from test_flux import spec
 from test_train import snapshot
 
+from jobs import evaluate
 from jobs.train import parse_args
 from tinv.errors import UnsupportedPrecisionError
-from tinv.families.model import load_base_model
+from tinv.families import model as model_module
+from tinv.families.model import assemble, load_base_model
 from tinv.families.quantized import check_base_precision
 from tinv.plan import config_fingerprint, resolve
 from tinv.settings import TrainConfig
@@ -21,9 +23,15 @@ from tinv.training.concept import ConceptData
 from tinv.training.loop import train_concepts
 
 
-def test_an_int8_base_trains_packed_concepts_as_alone_close_to_the_full_base_and_stays_frozen(flux_models, images):
+def test_an_int8_base_trains_packed_concepts_as_alone_close_to_the_full_base_and_stays_frozen(flux_models, images,
+                                                                                              monkeypatch):
     full = load_base_model(str(flux_models["flux-dev"]))
+    assembled = []  # the denoiser's weight types as loading hands it to the device: quantized already
+    monkeypatch.setattr(model_module, "assemble", lambda *a, **k: assembled.append(
+        {type(m.weight).__name__ for m in a[3].denoiser.modules() if isinstance(m, torch.nn.Linear)})
+        or assemble(*a, **k))
     model = load_base_model(str(flux_models["flux-dev"]), base_precision="int8")
+    assert assembled == [{"Int8Tensor"}]
     linears = [m for m in model.denoiser.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m.weight).__name__ == "Int8Tensor" for m in linears)  # torchao's, weight-only
     assert model.base_precision == "int8" and all(p.dtype == torch.float32 for p in full.denoiser.parameters())
@@ -71,3 +79,12 @@ def test_fp8_is_refused_where_the_gpu_lacks_it_and_the_setting_reaches_the_finge
     plain = config_fingerprint(settings, cfg, model)
     assert plain == config_fingerprint(settings, cfg, {**model, "base_precision": "auto"})
     assert plain != config_fingerprint(settings, cfg, {**model, "base_precision": "int8"})  # not a skip of it
+
+
+def test_evaluate_draws_a_run_on_the_base_it_trained_on_unless_told_otherwise():
+    record = {"model": {"base_precision": "int8", "resolution": 32}}
+    assert evaluate.run_base_precision(evaluate.parse_args(["--run", "out/r"]), record) == "int8"
+    assert evaluate.run_base_precision(evaluate.parse_args(["--run", "out/r", "--base-precision", "auto"]),
+                                       record) == "auto"
+    assert evaluate.run_base_precision(evaluate.parse_args(["--run", "out/r"]), {"model": {}}) == "auto"
+    assert evaluate.parse_args(["--embeddings", "e.safetensors", "--model", "m"]).__dict__.get("base_precision") is None

@@ -166,9 +166,9 @@ def load_base_model(
         return cls.from_pretrained(path / part, variant=chosen, use_safetensors=safetensors, **kwargs)
 
     parts = family.load(path, load, dtype, vae_dtype(dtype))
+    quantize_denoiser(parts.denoiser, base_precision, device)  # layer by layer onto the device, never whole in bf16
     model = assemble(uri, path, family, parts, device, dtype, model_fingerprint(path, family.parts, variant),
                      attention, text_encoder_dtype)
-    quantize_denoiser(model.denoiser, base_precision, device)
     model.base_precision = base_precision
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -37,7 +37,9 @@ def check_base_precision(base_precision: str, device: torch.device) -> None:
 
 
 def quantize_denoiser(denoiser: torch.nn.Module, base_precision: str, device: torch.device) -> None:
-    """Quantize ``denoiser``'s linear weights in place as ``base_precision`` asks (nothing for ``auto``)."""
+    """Quantize ``denoiser``'s linear weights in place as ``base_precision`` asks (nothing for ``auto``), each
+    linear moved to ``device`` just before its weight is quantized (torchao's ``quantize_(…, device=)``), so a base
+    loaded on the host reaches the GPU already quantized: FLUX.1's transformer takes 12 GB there, never 24."""
     check_base_precision(base_precision, device)
     if base_precision == "auto":
         return
@@ -46,4 +48,5 @@ def quantize_denoiser(denoiser: torch.nn.Module, base_precision: str, device: to
     except ImportError as e:
         raise UnsupportedPrecisionError(f"--base-precision {base_precision} needs torchao: "
                                         "pip install 'tinv[quantize]'") from e
-    quantize_(denoiser, Int8WeightOnlyConfig() if base_precision == "int8" else Float8WeightOnlyConfig())
+    quantize_(denoiser, Int8WeightOnlyConfig() if base_precision == "int8" else Float8WeightOnlyConfig(),
+              device=device)
