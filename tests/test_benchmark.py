@@ -181,6 +181,38 @@ def test_the_gpu_check_runs_every_configuration_and_cuda_path_in_its_cpu_smoke_f
     flux = {(x["base_precision"], x["checkpointing"], x["k"], x["method"]) for x in r["flux"]}
     assert flux == {(b, c, k, "lora") for b in ("auto", "int8") for c in (False, True) for k in (1, 2)} | {
         ("auto", True, 1, "pivotal-t5")}  # no fp8 on a CPU
-    assert all(x["samples_per_s"] > 0 and x["mfu"] > 0 for x in r["flux"])
+    assert all(x["samples_per_s"] > 0 and (x.get("mfu", 0) > 0) == (x["method"] == "lora") for x in r["flux"])
+    assert "partial" not in r  # the rows saved along the way were replaced by the whole
     backoff = r["paths"]["oom_backoff"]
     assert backoff["stepped"] == backoff["slots"] and backoff["group_size_after"] < backoff["slots"]
+
+
+def test_a_gpu_check_configuration_that_fails_is_recorded_and_the_others_run_and_are_saved_as_they_go(monkeypatch):
+    import argparse
+
+    from jobs.bench import gpu_check
+
+    def time_steps(model, size, k, steps, method, batch_size, train_t5):
+        if k == 2:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return {"out_of_memory": False, "seconds_per_step": 1.0, "samples_per_s": 1.0, "peak_gb": None}
+
+    def flux_shaped(shapes, device, dtype, tokens):
+        if not built:
+            built.append(1)
+            return torch.nn.Module()
+        raise RuntimeError("no memory for a second base")
+
+    built, saved = [], []
+    monkeypatch.setattr(gpu_check, "time_steps", time_steps)
+    monkeypatch.setattr(gpu_check, "flux_shaped", flux_shaped)
+    monkeypatch.setattr(gpu_check, "quantize_denoiser", lambda *a: None)
+    monkeypatch.setattr(gpu_check, "checkpointing", lambda *a: None)
+    args = argparse.Namespace(smoke=True, flux_budget_s=600.0)
+    rows = gpu_check.flux_runs(args, torch.device("cpu"), torch.float32, 1e9, lambda r: saved.append(len(r)))
+    auto = [r for r in rows if r["base_precision"] == "auto"]
+    assert [("error" in r, r["k"]) for r in auto] == [(False, 1), (True, 2), (False, 1), (True, 2), (False, 1)]
+    assert "illegal memory access" in auto[1]["error"] and auto[0]["mfu"] > 0 and "mfu" not in auto[-1]
+    int8 = [r for r in rows if r["base_precision"] == "int8"]
+    assert len(int8) == 4 and all("no memory for a second base" in r["error"] for r in int8)
+    assert saved == list(range(1, len(rows) + 1))

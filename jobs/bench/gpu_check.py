@@ -21,6 +21,7 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -70,11 +71,11 @@ def time_steps(model: BaseModel, size: int, k: int, steps: int, method: str = "t
                train_t5: bool = False) -> dict[str, Any]:
     """One warm-up step, then ``steps`` timed steps of K concepts (``batch_size`` samples each)."""
     images = torch.rand(4, 3, size, size) * 2 - 1
-    trainer = tinv_trainer(model, images, k, size, 500, method, batch_size=batch_size, train_t5=train_t5)
-    cuda = model.device.type == "cuda"
+    cuda, trainer = model.device.type == "cuda", None
     if cuda:
         torch.cuda.reset_peak_memory_stats(model.device)
-    try:
+    try:  # admission too: a concept's adapters and encodings can be what runs out
+        trainer = tinv_trainer(model, images, k, size, 500, method, batch_size=batch_size, train_t5=train_t5)
         trainer.step()
         sync(model.device)
         start = time.perf_counter()
@@ -129,38 +130,57 @@ def _small_only(forward: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -
     return forward(sample, *args, **kwargs)
 
 
-def flux_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, matmul: float) -> list[dict]:
+def flux_runs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, matmul: float,
+              save: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     """Full-size FLUX.1 [dev] shape at 1 024 px (random weights): LoRA at K ∈ {1, 2, 4}, one sample per concept,
     with and without gradient checkpointing, the frozen transformer in bf16, int8 and (where the GPU has it) fp8;
     then pivotal with T5 vectors once (T5 stays on the GPU for their gradient). Peak memory per configuration;
-    its own budget (``--flux-budget-s``)."""
+    its own budget (``--flux-budget-s``). A configuration (or a base) that fails is recorded with its error and the
+    rest go on; ``save`` is called after every row, so a check cut short keeps what it measured. ``mfu`` is given
+    for LoRA rows only: the FLOP model counts the transformer, not the T5 backward a T5-vector row adds."""
     shapes, size, tokens = (FLUX_SMOKE, 32, 32) if args.smoke else (FULL, 1024, T5_TOKENS)
     started, runs = time.monotonic(), []
-    bases = ["auto", "int8"] + (["fp8"] if fp8_ready(device) else [])
-    for base in bases:
-        model = flux_shaped(shapes, device, dtype, tokens)
-        quantize_denoiser(model.denoiser, base, device)
-        flops = flops_per_flux_sample(shapes, size, tokens)
+    flops = flops_per_flux_sample(shapes, size, tokens)
+    for base in ["auto", "int8"] + (["fp8"] if fp8_ready(device) else []):
         configs = [(ckpt, k, "lora") for ckpt in (False, True) for k in ((1, 2) if args.smoke else (1, 2, 4))]
         configs += [(True, 1, "pivotal-t5")] if base == "auto" else []
-        for ckpt, k, method in configs:
-            row = {"shape": "flux1-dev", "resolution": size, "t5_tokens": tokens, "base_precision": base,
-                   "checkpointing": ckpt, "k": k, "method": method}
-            if time.monotonic() - started > args.flux_budget_s:
+        rows = [{"shape": "flux1-dev", "resolution": size, "t5_tokens": tokens, "base_precision": base,
+                 "checkpointing": ckpt, "k": k, "method": method} for ckpt, k, method in configs]
+        model, failed = None, None
+        if time.monotonic() - started <= args.flux_budget_s:
+            try:
+                model = flux_shaped(shapes, device, dtype, tokens)
+                quantize_denoiser(model.denoiser, base, device)
+            except Exception as e:  # noqa: BLE001 — recorded, and the next base still runs
+                failed = f"building the base: {type(e).__name__}: {e}"[:500]
+        for row in rows:
+            if model is None:
+                runs.append({**row, **({"error": failed} if failed else {"skipped": "over the time budget"})})
+            elif time.monotonic() - started > args.flux_budget_s:
                 runs.append({**row, "skipped": "over the time budget"})
-                continue
-            checkpointing(model, ckpt)
-            got = time_steps(model, size, k, 1 if args.smoke else 3, method.removesuffix("-t5"), batch_size=1,
-                             train_t5=method.endswith("-t5"))
-            if not got["out_of_memory"]:
-                got["mfu"] = flops * got["samples_per_s"] / matmul
-            runs.append({**row, **got})
+            else:
+                runs.append({**row, **flux_row(model, size, row, flops, matmul, args.smoke)})
             print("[gpu-check]", json.dumps(runs[-1]), file=sys.stderr, flush=True)
+            save(runs)
         del model
         gc.collect()  # the adapters' routers hold the transformer in a reference cycle
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return runs
+
+
+def flux_row(model: BaseModel, size: int, row: dict, flops: float, matmul: float, smoke: bool) -> dict[str, Any]:
+    """One FLUX configuration's timing and peak memory, or its error."""
+    method = row["method"]
+    try:
+        checkpointing(model, row["checkpointing"])
+        got = time_steps(model, size, row["k"], 1 if smoke else 3, method.removesuffix("-t5"), batch_size=1,
+                         train_t5=method.endswith("-t5"))
+    except Exception as e:  # noqa: BLE001 — recorded, and the next configuration still runs
+        return {"error": f"{type(e).__name__}: {e}"[:500]}
+    if not got["out_of_memory"] and method == "lora":
+        got["mfu"] = flops * got["samples_per_s"] / matmul
+    return got
 
 
 def fp8_ready(device: torch.device) -> bool:
@@ -171,7 +191,8 @@ def fp8_ready(device: torch.device) -> bool:
     return True
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+    """Every section, ``save`` called with the result so far after each row."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     dtype = torch.bfloat16 if torch.bfloat16 in native_half(device) and not args.smoke else torch.float32
     started = time.monotonic()
@@ -180,7 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "matmul_flops": matmul_rate(device, dtype, 256 if args.smoke else 8192),
                               "runs": [], "paths": {}}
     if "flux" in args.sections:
-        result["flux"] = flux_runs(args, device, dtype, result["matmul_flops"])
+        result["flux"] = flux_runs(args, device, dtype, result["matmul_flops"],
+                                   lambda rows: save({**result, "flux": rows}))
     if "sd" not in args.sections:
         result["seconds"] = time.monotonic() - started
         return result
@@ -203,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         got["mfu"] = flops * got["samples_per_s"] / result["matmul_flops"]
                     result["runs"].append({**row, **got})
                     print("[gpu-check]", json.dumps(result["runs"][-1]), file=sys.stderr, flush=True)
+                    save(result)
         set_attention([model.denoiser], "sdpa")
         checkpointing(model, False)
         if name == "sdxl":
@@ -220,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="sd,flux", help="sd (SD 1.5 and SDXL shapes), flux, or both")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/gpu-check-<device>.json)")
     args = p.parse_args(argv)
-    result = run(args)
-    out = Path(args.out or REPO / "benchmarks" / f"gpu-check-{slug(result['device'])}.json")
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    out = Path(args.out or REPO / "benchmarks" / f"gpu-check-{slug(device_name(torch.device(device)))}.json")
+    result = run(args, lambda partial: out.write_text(json.dumps({**partial, "partial": True}, indent=2) + "\n"))
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["runs"] + result.get("flux", []):
         print(json.dumps(r))
