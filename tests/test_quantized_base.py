@@ -32,6 +32,8 @@ def test_an_int8_base_trains_packed_concepts_as_alone_close_to_the_full_base_and
         or assemble(*a, **k))
     model = load_base_model(str(flux_models["flux-dev"]), base_precision="int8")
     assert assembled == [{"Int8Tensor"}]
+    assert model.denoiser.is_gradient_checkpointing and not full.denoiser.is_gradient_checkpointing  # bounds the
+    # dequantized weights kept for the backward pass to one block's
     linears = [m for m in model.denoiser.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m.weight).__name__ == "Int8Tensor" for m in linears)  # torchao's, weight-only
     assert model.base_precision == "int8" and all(p.dtype == torch.float32 for p in full.denoiser.parameters())

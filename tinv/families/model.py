@@ -170,7 +170,7 @@ def load_base_model(
     model = assemble(uri, path, family, parts, device, dtype, model_fingerprint(path, family.parts, variant),
                      attention, text_encoder_dtype)
     model.base_precision = base_precision
-    if gradient_checkpointing:
+    if gradient_checkpointing or base_precision != "auto":  # see quantized.py: what bounds a quantized base's memory
         enable_gradient_checkpointing(model)
     return model
 

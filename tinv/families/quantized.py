@@ -6,7 +6,14 @@ quantization guide for FLUX.1). tinv uses torchao's weight-only configs through 
 on every ``nn.Linear`` of the denoiser; peft wraps such layers in its ``TorchaoLoraLinear``, so the adapters,
 one per packed concept, train in fp32 on top exactly as on an unquantized base. The text encoders and VAE are
 left as they are (the new vectors' gradient crosses the encoders). int8 runs anywhere, the CPU included; fp8
-needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell) and is refused elsewhere.
+needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell) and is refused elsewhere: torchao's
+weight-only fp8 would run on older GPUs by dequantizing, but there int8 saves the same memory on kernels tinv tests,
+so tinv refuses rather than run an untested path.
+
+A quantized linear keeps its weight *dequantized* for the backward pass (torchao's weight-only layers save the
+bf16 weight the input's gradient needs): without checkpointing every block's copy lives until the backward pass and
+the base costs as much as an unquantized one. So a quantized base always trains with gradient checkpointing
+(``load_base_model`` turns it on), which keeps one block's copy at a time.
 """
 
 from __future__ import annotations
