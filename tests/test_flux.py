@@ -197,3 +197,8 @@ def test_t5_encodes_a_concepts_prompts_once_then_leaves_unless_t5_vectors_train(
     for _ in range(4):
         trainer.step()
     assert 1 <= len(calls) <= 4  # rows with T5 vectors (not dropped captions), encoded live for their gradient
+    calls.clear()
+    requests = [SampleRequest(0, prompt, seed) for prompt in ("a {}", "a photo of a {}") for seed in (1, 2)]
+    sample(model, [[torch.zeros(1, model.embedding_dims[0])]], requests, steps=1, guidance=3.5, batch_size=2,
+           words=["c"])
+    assert len(calls) == 1 and places[-1] == "host"  # every prompt (and "") encoded at once, none per batch

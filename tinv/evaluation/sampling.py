@@ -144,17 +144,31 @@ def _sample(model: BaseModel, vectors: list[list[torch.Tensor] | None], requests
         for p, v in zip(row, concept):
             p.data[: len(v)] = v.to(p.device)
     with spliced(model, slots, ids):
-        return draw(model, pipe, requests, said, routes, steps=steps, guidance=guidance, batch_size=batch_size)
+        return draw(model, pipe, requests, said, routes, steps=steps, guidance=guidance, batch_size=batch_size,
+                    vector_encoders=max(held))
 
 
 @torch.no_grad()
 def draw(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[list[str]], routes: list[str], *,
-         steps: int, guidance: float, batch_size: int) -> np.ndarray:
+         steps: int, guidance: float, batch_size: int, vector_encoders: int = 1) -> np.ndarray:
     """Draw ``requests`` ``(N, H, W, 3)`` uint8 with the vectors the caller has spliced in: concept ``c``'s ``{}``
     reads ``said[c][e]`` in text encoder ``e``'s prompt (its slot tokens, or plain text) and its samples go through
     adapter ``routes[c]``; batches of ``batch_size`` mix concepts, each image's noise from its own
-    ``torch.Generator(seed)``."""
-    size, out = model.resolution, []
+    ``torch.Generator(seed)``. Every prompt is handed to the family first (:meth:`Family.prepare`: FLUX's T5
+    encodes them all at once, then leaves the accelerator unless ``vector_encoders`` says some concept's vectors
+    are in T5), and each text encoder is back where it was when drawing ends."""
+    size = model.resolution
+    texts = [[r.prompt.format(said[r.concept][e]) for r in requests] + [""] for e in range(len(model.text_encoders))]
+    homes = [next(encoder.parameters()).device for encoder in model.text_encoders]
+    with contextlib.ExitStack() as restore:
+        restore.callback(lambda: [encoder.to(home) for encoder, home in zip(model.text_encoders, homes)
+                                  if next(encoder.parameters()).device != home])
+        model.family.prepare(model, [model.tokenize(texts)], vector_encoders)
+        return np.concatenate(list(_batches(model, pipe, requests, said, routes, steps, guidance, batch_size, size)))
+
+
+def _batches(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[list[str]], routes: list[str],
+             steps: int, guidance: float, batch_size: int, size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(requests), batch_size):
         chunk = requests[i : i + batch_size]
         texts = [[r.prompt.format(said[r.concept][e]) for r in chunk] for e in range(len(model.text_encoders))]
@@ -165,8 +179,7 @@ def draw(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[
             images = pipe(**model.family.pipeline_embeds(cond, uncond),
                           generator=[torch.Generator().manual_seed(r.seed) for r in chunk], num_inference_steps=steps,
                           guidance_scale=guidance, height=size, width=size, output_type="np").images  # (b, H, W, 3)
-        out.append((images * 255).round().astype(np.uint8))
-    return np.concatenate(out)
+        yield (images * 255).round().astype(np.uint8)
 
 
 def _embed(model: BaseModel, texts: list[str] | list[list[str]], size: int) -> Conditioning:

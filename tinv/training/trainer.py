@@ -327,7 +327,7 @@ class PackedTrainer:
         routes = [self.slots[s].adapter or BASE for s in slots]
         with torch.no_grad(), spliced(self.model, self.vectors, self.token_ids):
             return draw(self.model, pipe, requests, said, routes, steps=steps, guidance=guidance,
-                        batch_size=batch_size)
+                        batch_size=batch_size, vector_encoders=max(self.slots[s].encoders for s in slots))
 
     def emit(self, s: int) -> TrainedConcept:
         """Take the finished concept out of slot ``s``."""
