@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import shutil
 
 import torch
 from jobtools import REPO
@@ -12,7 +14,7 @@ from jobtools import REPO
 from tinv.families.flux import FLUX
 from tinv.families.model import load_base_model
 from tinv.families.sd import SD
-from tinv.families.sdxl import SDXL
+from tinv.families.sdxl import SDXL, eos_positions
 from tinv.files.formats import DIFFUSERS_NAME, LORA_NAME, embedding_files, lora_files
 from tinv.training.splice import Adapters
 
@@ -87,8 +89,21 @@ def test_the_flux_snippet_runs_as_written(flux_models, tmp_path, monkeypatch):
     for name in (DIFFUSERS_NAME, LORA_NAME):
         (folder / name).write_bytes(files[name])
     assert hub_id in block
-    code = (block.replace(hub_id, str(flux_models["flux-dev"])).replace("torch.bfloat16", "torch.float32")
+    legacy = tmp_path / "flux-legacy-eos"  # CLIP-L's config as FLUX.1's says it: eos_token_id 2
+    shutil.copytree(flux_models["flux-dev"], legacy)
+    config = json.loads((legacy / "text_encoder" / "config.json").read_text())
+    (legacy / "text_encoder" / "config.json").write_text(json.dumps({**config, "eos_token_id": 2}))
+    code = (block.replace(hub_id, str(legacy)).replace("torch.bfloat16", "torch.float32")
             .replace('.to("cuda")', '.to("cpu")'))
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README (flux)", "exec"), {})
+    names: dict = {}
+    exec(compile(code, "README (flux)", "exec"), names)
     assert (tmp_path / "my-cat.png").stat().st_size > 0
+    pipe = names["pipe"]  # its pooled text is CLIP-L's state at the end-of-text token, where tinv pools it in training
+    ids = pipe.tokenizer(["a photo of <my-cat>"], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = pipe.text_encoder(ids)
+    at_eos = out.last_hidden_state[0, eos_positions(ids, pipe.tokenizer.eos_token_id)[0]]
+    assert torch.equal(out.pooler_output[0], at_eos)
+    pipe.text_encoder.eos_token_id = 2  # without the README's line: pooled at the highest id, the new token
+    assert not torch.allclose(pipe.text_encoder(ids).pooler_output[0], at_eos)
