@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lab.toyworld import MODEL_DIR, SCORER_FILE
 from lab.toyworld.flags import add_train_flags, train_config
+from tinv.evaluation.metrics import METRICS_FILE
 
 FIDELITY_STEPS = 200
 """TI steps per concept in the fidelity table (the toy world's concepts are there by then)."""
@@ -22,7 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train the toy model and its scorer from a seed")
     t.add_argument("--out", required=True, help="folder for the diffusers model")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--steps", type=int, default=None, help="UNet + text encoder steps")
+    t.add_argument("--steps", type=int, default=None, help="denoiser + text encoder steps")
+    t.add_argument("--layout", choices=["sd", "flux"], default="sd",
+                   help="sd: the shipped Stable-Diffusion-layout model; flux: a FLUX.1 [dev]-layout one "
+                        "(lab.toyworld.flux)")
     f = sub.add_parser("fidelity", help="floor / best words / TI per held-out concept")
     f.add_argument("--model", default=str(MODEL_DIR))
     f.add_argument("--samples", type=int, default=96,
@@ -122,9 +126,15 @@ def train(args: argparse.Namespace) -> None:
     from lab.toyworld.fit import FitConfig, train_model
     from lab.toyworld.scorer import evaluate_scorer, save_scorer, train_scorer
 
-    cfg = FitConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+    steps = {"steps": args.steps} if args.steps else {}
     start = time.perf_counter()
-    out = train_model(args.out, cfg)
+    if args.layout == "flux":
+        from lab.toyworld.flux import FluxFitConfig, train_flux_model
+
+        out = train_flux_model(args.out, FluxFitConfig(seed=args.seed, **steps))
+        (out / METRICS_FILE).write_text(json.dumps(["toyworld"]))
+    else:
+        out = train_model(args.out, FitConfig(seed=args.seed, **steps))
     vae = AutoencoderKL.from_pretrained(out / "vae")
     scorer = train_scorer(vae, seed=args.seed)
     save_scorer(scorer, out / SCORER_FILE)

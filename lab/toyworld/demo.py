@@ -70,7 +70,24 @@ def make_demo(folder: str | Path = "manifests", n_images: int = DEMO_IMAGES, see
     return manifest
 
 
-if __name__ == "__main__":
-    import sys
+def make_methods(folder: str | Path, methods: tuple[str, ...], steps: int, n_images: int = DEMO_IMAGES,
+                 seed: int = 0) -> Path:
+    """Write ``{folder}/methods.parquet``: every held-out concept once per method (``{concept}-{method}``, the same
+    pictures), for ``jobs.train`` to learn each by each method in one run."""
+    rows = concept_rows(CONCEPTS, folder, "methods", n_images, seed, steps)
+    manifest = Path(folder) / "methods.parquet"
+    write_manifest([{**row, "concept_id": f"{row['concept_id']}-{m}", "method": m} for m in methods for row in rows],
+                   str(manifest))
+    return manifest
 
-    print(make_demo(sys.argv[1] if len(sys.argv) > 1 else "manifests"))
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m lab.toyworld.demo")
+    p.add_argument("folder", nargs="?", default="manifests")
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="instead of the demo: every held-out concept once per method, methods.parquet")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    args = p.parse_args()
+    print(make_methods(args.folder, tuple(args.methods), args.steps) if args.methods else make_demo(args.folder))

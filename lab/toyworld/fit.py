@@ -67,10 +67,11 @@ def _schedule(step: int, total: int, warmup: int = 500) -> float:
     return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_vae(pixels: torch.Tensor, cfg: FitConfig, progress: Callable = tqdm) -> torch.nn.Module:
-    """Reconstruction (MSE) plus a small KL term, so latents stay sampled, not memorised."""
+def train_vae(pixels: torch.Tensor, cfg: FitConfig, progress: Callable = tqdm,
+              build: Callable[[], torch.nn.Module] = nets.vae) -> torch.nn.Module:
+    """Reconstruction (MSE) plus a small KL term, so latents stay sampled, not memorised (``build``: the VAE)."""
     torch.manual_seed(cfg.seed)
-    vae = nets.vae()
+    vae = build()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed + 1)
     batches = _batches(len(pixels), cfg.vae_batch, rng)
