@@ -52,8 +52,7 @@ class ClusterConfig:
     the text encoders stay fp32)."""
     base_precision: str = field(default="auto", metadata={"choices": BASE_PRECISIONS})
     """The frozen denoiser's weights: auto (in --precision), or quantized int8 (any device) or fp8 (GPUs of
-    compute capability 8.9+) through torchao, for a base that does not fit otherwise (FLUX.1); a quantized base
-    always trains with gradient checkpointing."""
+    compute capability 8.9+) through torchao, for FLUX.1 on smaller GPUs (always with gradient checkpointing)."""
     attention: str = field(default="sdpa", metadata={"choices": ("sdpa", "xformers")})
     """Attention kernel: PyTorch SDPA, or xformers when installed."""
     gradient_checkpointing: bool = False
