@@ -121,6 +121,23 @@ class Description:
         return out + at * self.linear(self.rgb).unsqueeze(1)
 
 
+def step_with_ema(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float, ema: float, step: int,
+                  pairs) -> None:
+    """One AdamW step at ``lr`` (gradients clipped to norm 1), then each ``(ema, live)`` pair's EMA copy moved
+    toward the live model (decay warming up to ``ema``)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        decay = min(ema, (1 + step) / (10 + step))
+        for copy_, live in pairs:
+            for e, p in zip(copy_.parameters(), live.parameters()):
+                e.lerp_(p, 1 - decay)
+
+
 def train_denoiser(latents, stds, ids, items: list[Item], scale: float, cfg: FitConfig, progress: Callable = tqdm):
     """UNet + text encoder jointly on cached latents, epsilon loss, EMA weights returned."""
     torch.manual_seed(cfg.seed + 2)
@@ -148,17 +165,8 @@ def train_denoiser(latents, stds, ids, items: list[Item], scale: float, cfg: Fit
         hidden = te(ids[idx]).last_hidden_state  # (B, T, 64)
         pred = unet(sched.add_noise(z, noise, t), t, hidden).sample
         loss = F.mse_loss(pred, noise)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _schedule(step, cfg.steps)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            decay = min(cfg.ema, (1 + step) / (10 + step))
-            for ema, live in ((ema_unet, unet), (ema_te, te)):
-                for e, p in zip(ema.parameters(), live.parameters()):
-                    e.lerp_(p, 1 - decay)
+        step_with_ema(opt, loss, params, cfg.lr * _schedule(step, cfg.steps), cfg.ema, step,
+                      ((ema_unet, unet), (ema_te, te)))
         if step % 100 == 0 and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss.item():.4f}")
     return ema_unet.eval(), ema_te.eval()

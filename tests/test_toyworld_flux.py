@@ -1,0 +1,26 @@
+"""The lab's FLUX.1-layout toy model: trained from configs, saved as a ``FluxPipeline`` folder tinv loads as [dev]."""
+
+from __future__ import annotations
+
+import torch
+
+from lab.toyworld.flux import FluxFitConfig, train_flux_model
+from lab.toyworld.world import TEMPLATES
+from tinv.families.model import load_base_model
+
+
+def test_the_lab_trains_a_flux_layout_toy_model_that_tinv_loads_as_flux_dev(tmp_path):
+    cfg = FluxFitConfig(images=96, vae_steps=2, vae_batch=8, steps=2, distill_steps=2, batch=8)
+    out = train_flux_model(tmp_path / "toy", cfg, progress=lambda steps, **_: steps)
+    model = load_base_model(str(out))
+    assert model.family.name == "flux" and model.family.version(model) == "flux-dev" and model.resolution == 32
+    vae = model.vae.config
+    assert vae.latent_channels == 16 and vae.shift_factor != 0 and vae.scaling_factor != 1  # the latents' own
+    assert model.templates["object"] == TEMPLATES  # the world's prompts ship with it
+    clip, t5 = model.tokenizers
+    assert len(clip("a striped red star").input_ids) == 6  # BOS, a token per word, EOS
+    assert len(t5("a striped red star").input_ids) == 5  # a token per word, </s>
+    assert model.text_encoders[1].get_input_embeddings().num_embeddings > len(t5)  # padded, as T5's table
+    guidance = model.denoiser.time_text_embed.guidance_embedder
+    assert any(p.abs().sum() > 0 for p in guidance.parameters()) and torch.isfinite(
+        next(model.denoiser.parameters())).all()
