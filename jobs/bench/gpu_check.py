@@ -191,9 +191,14 @@ def fp8_ready(device: torch.device) -> bool:
     return True
 
 
+def check_device(smoke: bool) -> torch.device:
+    """The GPU, or the CPU for the smoke form (or where there is no GPU)."""
+    return torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+
+
 def run(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
     """Every section, ``save`` called with the result so far after each row."""
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    device = check_device(args.smoke)
     dtype = torch.bfloat16 if torch.bfloat16 in native_half(device) and not args.smoke else torch.float32
     started = time.monotonic()
     result: dict[str, Any] = {"device": device_name(device), "torch": torch.__version__, "smoke": args.smoke,
@@ -243,8 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", default="sd,flux", help="sd (SD 1.5 and SDXL shapes), flux, or both")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/gpu-check-<device>.json)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    out = Path(args.out or REPO / "benchmarks" / f"gpu-check-{slug(device_name(torch.device(device)))}.json")
+    out = Path(args.out or REPO / "benchmarks" / f"gpu-check-{slug(device_name(check_device(args.smoke)))}.json")
     result = run(args, lambda partial: out.write_text(json.dumps({**partial, "partial": True}, indent=2) + "\n"))
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["runs"] + result.get("flux", []):

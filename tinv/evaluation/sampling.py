@@ -164,16 +164,17 @@ def draw(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[
         restore.callback(lambda: [encoder.to(home) for encoder, home in zip(model.text_encoders, homes)
                                   if next(encoder.parameters()).device != home])
         model.family.prepare(model, [model.tokenize(texts)], vector_encoders)
-        return np.concatenate(list(_batches(model, pipe, requests, said, routes, steps, guidance, batch_size, size)))
+        return np.concatenate(list(_batches(model, pipe, requests, texts, routes, steps, guidance, batch_size, size)))
 
 
-def _batches(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[list[str]], routes: list[str],
+def _batches(model: BaseModel, pipe: Any, requests: list[SampleRequest], texts: list[list[str]], routes: list[str],
              steps: int, guidance: float, batch_size: int, size: int) -> Iterator[np.ndarray]:
+    """``requests`` drawn ``batch_size`` at a time; ``texts[e][i]``: request ``i``'s prompt for text encoder ``e``
+    (followed by ``""``, which the family was handed too)."""
     for i in range(0, len(requests), batch_size):
         chunk = requests[i : i + batch_size]
-        texts = [[r.prompt.format(said[r.concept][e]) for r in chunk] for e in range(len(model.text_encoders))]
         with routed([model.denoiser, *model.text_encoders], [routes[r.concept] for r in chunk]):
-            cond = _embed(model, texts, size)
+            cond = _embed(model, [each[i : i + len(chunk)] for each in texts], size)  # (texts end with "")
             empty = model.family.forces_zeros(model)  # as the family's pipeline conditions an empty prompt
             uncond = cond.zeros_like() if empty else _embed(model, [""] * len(chunk), size)
             images = pipe(**model.family.pipeline_embeds(cond, uncond),
