@@ -18,8 +18,8 @@ from test_train import snapshot
 from jobs.eval_actor import EmbeddingMisfitError, check_fits
 from tinv.evaluation.sampling import SampleConfig, SampleRequest, pipeline, sample
 from tinv.families import family_of
-from tinv.families.flux import TRAIN_GUIDANCE, TRANSFORMER_LORA_TARGETS
-from tinv.families.model import load_base_model
+from tinv.families.flux import FLUX, PARKED, TRAIN_GUIDANCE, TRANSFORMER_LORA_TARGETS
+from tinv.families.model import assemble, load_base_model
 from tinv.files.formats import DIFFUSERS_NAME, LORA_NAME, read_lora
 from tinv.files.outputs import learned_files
 from tinv.files.webui import embedding_path, lora_path
@@ -54,6 +54,30 @@ def test_a_flux_folder_is_read_as_flux_with_its_own_sampling_and_t5_table_never_
     ids = register_slot_tokens(dev, slot_token_names(2, 2))
     assert dev.text_encoders[1].get_input_embeddings().num_embeddings == rows  # never resized
     assert min(i for row in ids[1] for i in row) >= rows  # slot tokens land after the table, read from the slots
+
+
+def test_t5_waits_off_the_accelerator_from_loading_on(flux_models):
+    path = flux_models["flux-dev"]
+    parts = FLUX.load(path, lambda cls, part, **kw: cls.from_pretrained(path / part, **kw), torch.float32,
+                      torch.float32)
+    model = assemble("x", path, FLUX, parts, torch.device("meta"), torch.float32, "f")  # "meta": the accelerator
+    clip, t5 = model.text_encoders
+    assert (model.denoiser.device.type, model.vae.device.type, clip.device.type) == ("meta",) * 3
+    assert t5.device == PARKED  # never on the accelerator before it encodes (9.5 GB for FLUX.1's)
+
+
+def test_sample_draws_at_the_familys_steps_and_guidance_unless_told(flux_models):
+    seen = []
+
+    def pipe(**kw):  # records what the pipeline is asked for; draws nothing
+        seen.append((kw["num_inference_steps"], kw["guidance_scale"]))
+        return type("Out", (), {"images": np.zeros((len(kw["generator"]), 32, 32, 3))})()
+
+    for kind in ("flux-dev", "flux-schnell"):
+        model = load_base_model(str(flux_models[kind]))
+        sample(model, [None], [SampleRequest(0, "a {}", 0)], words=["cat"], pipe=pipe)
+        sample(model, [None], [SampleRequest(0, "a {}", 0)], words=["cat"], pipe=pipe, steps=2, guidance=0.0)
+    assert seen == [(28, 3.5), (2, 0.0), (4, 0.0), (2, 0.0)]  # [dev] FluxPipeline's defaults, [schnell] its card's
 
 
 def test_the_objective_is_rectified_flow_at_the_scripts_timesteps_and_guidance(flux_models):

@@ -27,7 +27,7 @@ from jobs.bench.measure import Variant, native_half
 from jobs.bench.shapes import SD15_TEXT, SD15_VAE, SMOKE_TEXT
 from jobs.bench.training import checkpointing, switch, tinv_trainer
 from tinv.families import Components
-from tinv.families.flux import FLUX, EncodingCache
+from tinv.families.flux import FLUX, PARKED, EncodingCache
 from tinv.families.model import BaseModel, assemble, template_words
 from tinv.families.quantized import quantize_denoiser
 from tinv.families.tiny import BASE_WORDS, clip_tokenizer, flux_scheduler, t5_tokenizer
@@ -88,7 +88,8 @@ def flux_shaped(shapes: dict, device: torch.device, dtype: torch.dtype, t5_token
             t5 = T5EncoderModel(T5Config(**shapes["t5"], pad_token_id=0, eos_token_id=1))
             transformer = FluxTransformer2DModel(**shapes["transformer"])
             vae = AutoencoderKL(**shapes["vae"])
-    parts = Components(tokenizers, [clip, t5], transformer, vae, flux_scheduler(), text_dtypes=(None, dtype))
+    parts = Components(tokenizers, [clip, t5], transformer, vae, flux_scheduler(), text_dtypes=(None, dtype),
+                       text_homes=(None, PARKED))
     return assemble("random:flux1-dev-shaped", Path("/nonexistent"), FLUX, parts, device, dtype,
                     fingerprint=f"random-weights-seed-{seed}")
 

@@ -84,8 +84,8 @@ def sample(
     vectors: list[list[torch.Tensor] | None],
     requests: list[SampleRequest],
     *,
-    steps: int = 25,
-    guidance: float = 5.0,
+    steps: int | None = None,
+    guidance: float | None = None,
     batch_size: int = 16,
     pipe=None,
     words: list[str] | None = None,
@@ -98,9 +98,14 @@ def sample(
 its LoRA on each text encoder, which its prompts (and their empty negative prompts, as diffusers encodes
 them) go through.
 
+    ``steps`` and ``guidance`` not given are the family's (:meth:`tinv.families.Family.sampling`: SD 25 at 5,
+    FLUX.1 [dev] 28 at 3.5, [schnell] 4 without guidance).
+
     An image depends only on its own prompt, vectors, LoRA and seed: the initial noise comes from
     its own ``torch.Generator(seed)``, whatever else shares the batch.
     """
+    own = model.family.sampling(model)
+    steps, guidance = steps or own.steps, own.guidance if guidance is None else guidance
     pipe = pipe or pipeline(model)
     loras = loras or [None] * len(vectors)
     text_loras = text_loras or [None] * len(vectors)

@@ -41,6 +41,9 @@ class Components:
     text_dtypes: tuple[torch.dtype | None, ...] = ()
     """A text encoder's dtype where the family fixes it (FLUX's T5: the run's); None or absent: the run's text
     encoder dtype (fp32 by default: the new vectors' gradient crosses it)."""
+    text_homes: tuple[torch.device | None, ...] = ()
+    """Where a text encoder waits from loading on, where the family keeps it off the accelerator until it encodes
+    (FLUX's T5: host memory, :data:`tinv.families.flux.PARKED`); None or absent: the model's device."""
 
 
 @dataclass

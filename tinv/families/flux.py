@@ -158,14 +158,16 @@ class Flux:
 
     def load(self, path: Path, load: Any, dtype: torch.dtype, vae_dtype: torch.dtype) -> Components:
         """CLIP-L (fp32, as every family's vector-holding encoder), T5 in the run's precision (frozen unless its
-        vectors train), the transformer, the VAE and the folder's flow-matching scheduler."""
+        vectors train; parked from the start: it reaches the accelerator only to encode), the transformer, the VAE
+        and the folder's flow-matching scheduler."""
         tokenizers = [CLIPTokenizer.from_pretrained(path / "tokenizer"),
                       T5TokenizerFast.from_pretrained(path / "tokenizer_2")]
         encoders = [load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2", torch_dtype=dtype)]
         transformer = load(FluxTransformer2DModel, "transformer", torch_dtype=dtype)
         vae = load(AutoencoderKL, "vae", torch_dtype=vae_dtype)
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler")
-        return Components(tokenizers, encoders, transformer, vae, scheduler, text_dtypes=(None, dtype))
+        return Components(tokenizers, encoders, transformer, vae, scheduler, text_dtypes=(None, dtype),
+                          text_homes=(None, PARKED))
 
     def vector_encoders(self, model: BaseModel, t5: bool) -> int:
         """New vectors train in CLIP-L, and in T5 too with ``t5``."""

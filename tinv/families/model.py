@@ -183,10 +183,12 @@ def vae_dtype(dtype: torch.dtype) -> torch.dtype:
 def assemble(uri: str, path: Path, family: Family, parts: Any, device: torch.device, dtype: torch.dtype,
              fingerprint: str, attention: str = "sdpa", text_encoder_dtype: torch.dtype = torch.float32) -> BaseModel:
     """A :class:`BaseModel` over ``parts`` (:class:`tinv.families.Components`) already built: frozen, in eval mode,
-    on ``device``; the denoiser in ``dtype``, the VAE in :func:`vae_dtype`, the text encoders in
-    ``text_encoder_dtype``. ``load_base_model`` ends here; the benchmark calls it on models built from configs."""
-    for module in [*parts.text_encoders, parts.denoiser, parts.vae]:
-        module.requires_grad_(False).eval().to(device)
+    on ``device`` (a text encoder the family parks: at its ``text_homes``); the denoiser in ``dtype``, the VAE in
+    :func:`vae_dtype`, the text encoders in ``text_encoder_dtype``. ``load_base_model`` ends here; the benchmark
+    calls it on models built from configs."""
+    homes = [*parts.text_homes, *[None] * len(parts.text_encoders)]
+    for module, home in [*zip(parts.text_encoders, homes), (parts.denoiser, None), (parts.vae, None)]:
+        module.requires_grad_(False).eval().to(home or device)
     fixed = list(parts.text_dtypes) + [None] * len(parts.text_encoders)
     wanted = [(parts.denoiser, dtype), (parts.vae, vae_dtype(dtype)),
               *((m, want or text_encoder_dtype) for m, want in zip(parts.text_encoders, fixed))]
