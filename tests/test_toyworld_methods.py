@@ -9,9 +9,20 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.report import write_results
 from lab.toyworld.concepts import CONCEPTS
 from lab.toyworld.fidelity import LORA_WORD, Draw, Judged, judge, learn
-from lab.toyworld.methods import RUNS, MethodRow, class_pictures, class_prompt, compare, paired_se, shows_attribute
+from lab.toyworld.methods import (
+    RUNS,
+    MethodRow,
+    class_pictures,
+    class_prompt,
+    compare,
+    paired_se,
+    run_markdown,
+    run_table,
+    shows_attribute,
+)
 from lab.toyworld.scorer import find_scorer
 from lab.toyworld.world import SHAPES, Item
 from tinv import EMBEDDED_MODEL
@@ -95,3 +106,21 @@ def test_the_lab_trains_under_the_toyworld_preset_and_its_flags_set_the_recipe()
     assert cfg.prior_preservation == "both" and cfg.steps == 200
     assert cfg.recipe == replace(PRESETS["toyworld"], blank_prompt_preservation=True, min_timestep_fraction=0.25,
                                  style_timestep_power=2.0, lora_text_encoder_learning_rate=3e-3)
+
+
+def test_a_jobs_train_run_of_the_methods_manifest_is_tabled_per_method_and_kind(tmp_path):
+    rows = []
+    for method, fid in (("ti", 0.5), ("pivotal", 1.0)):
+        for c in CONCEPTS[:2] + CONCEPTS[-1:]:
+            ok = not (method == "ti" and c.kind == "style")  # one failed concept: no metrics
+            rows.append({"concept_id": f"{c.name}-{method}", "status": "succeeded" if ok else "failed",
+                         "method": method, "seconds": 1.0,
+                         "metrics": {"fidelity": fid, "fidelity_loose": 1.0} if ok else None})
+    write_results(str(tmp_path), rows)
+    table = run_table(tmp_path)
+    assert [(r["concept"], r["method"], r["fidelity"]) for r in table][:2] == [
+        (CONCEPTS[0].name, "ti", 0.5), (CONCEPTS[1].name, "ti", 0.5)]
+    lines = run_markdown(table).splitlines()
+    assert lines[0] == "| concept | kind | ti | pivotal |"
+    assert f"| **{CONCEPTS[0].kind} mean** |  | 0.50 | 1.00 |" in lines
+    assert "| **style mean** |  | — | 1.00 |" in lines and "| **mean** |  | — | 1.00 |" in lines

@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--out", required=True, help="folder for the diffusers model")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="denoiser + text encoder steps")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (one when anything else shares the cores)")
     t.add_argument("--layout", choices=["sd", "flux"], default="sd",
                    help="sd: the shipped Stable-Diffusion-layout model; flux: a FLUX.1 [dev]-layout one "
                         "(lab.toyworld.flux)")
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="each method's toy-world LoRA learning rate (lab.toyworld.methods.TOY_LORA_LEARNING_RATES) "
                         "instead of --lora-learning-rate")
     add_train_flags(m, {"steps": FIDELITY_STEPS})
+    r = sub.add_parser("run-table", help="strict fidelity per held-out concept and method of a jobs.train run of "
+                                         "python -m lab.toyworld.demo DIR --methods …'s manifest")
+    r.add_argument("--run", required=True, help="the run's output folder (its results.parquet)")
+    r.add_argument("--json", default=None, help="also write the rows as JSON here")
     c = sub.add_parser("corpus", help="write a manifest of toy concepts disjoint from the held-out ones (to train "
                                       "with jobs.train and fit a learned start on)")
     c.add_argument("--out", required=True, help="folder for corpus.parquet and its pictures")
@@ -70,8 +75,8 @@ def main(argv: list[str] | None = None) -> None:
                                                              "concepts (one UNet pass per latent size)")
     add_train_flags(fr, {"steps": FIDELITY_STEPS})
     args = p.parse_args(argv)
-    {"train": train, "fidelity": fidelity, "methods": methods, "corpus": corpus, "starts": starts,
-     "framing": framing}[args.command](args)
+    {"train": train, "fidelity": fidelity, "methods": methods, "run-table": run_table, "corpus": corpus,
+     "starts": starts, "framing": framing}[args.command](args)
 
 
 def starts(args: argparse.Namespace) -> None:
@@ -127,6 +132,7 @@ def train(args: argparse.Namespace) -> None:
     from lab.toyworld.scorer import evaluate_scorer, save_scorer, train_scorer
 
     steps = {"steps": args.steps} if args.steps else {}
+    steps["threads"] = args.threads
     start = time.perf_counter()
     if args.layout == "flux":
         from lab.toyworld.flux import FluxFitConfig, train_flux_model
@@ -176,6 +182,16 @@ def methods(args: argparse.Namespace) -> None:
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) | {"drift": r.drift} for r in rows], indent=1))
+
+
+def run_table(args: argparse.Namespace) -> None:
+    from lab.toyworld.methods import run_markdown
+    from lab.toyworld.methods import run_table as table
+
+    rows = table(args.run)
+    print(run_markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from lab.toyworld.concepts import CONCEPTS, Concept
@@ -198,4 +200,39 @@ def markdown(rows: list[MethodRow]) -> str:
         lines.append(f"| {column(*run)} | {int(np.mean([r.bytes for r in mine])):,} "
                      f"| {np.mean([r.seconds for r in mine]):.2f} | {np.mean([r.fidelity for r in mine]):.3f} "
                      f"| {np.mean([r.fidelity_loose for r in mine]):.3f} | {drift} |")
+    return "\n".join(lines)
+
+
+def run_table(run: str | Path) -> list[dict]:
+    """Per concept and method, the toy-world metric's strict and loose fidelity that a ``jobs.train`` run of
+    ``python -m lab.toyworld.demo DIR --methods …``'s manifest recorded (``{run}/results.parquet``)."""
+    kinds = {c.name: c.kind for c in CONCEPTS}
+    rows = []
+    for r in pq.read_table(Path(run) / "results.parquet").to_pylist():
+        concept = r["concept_id"].removesuffix(f"-{r['method']}")
+        metrics = dict(r["metrics"] or [])
+        rows.append({"concept": concept, "kind": kinds[concept], "method": r["method"], "status": r["status"],
+                     "fidelity": metrics.get("fidelity"), "fidelity_loose": metrics.get("fidelity_loose"),
+                     "seconds": r["seconds"]})
+    return rows
+
+
+def run_markdown(rows: list[dict]) -> str:
+    """Strict fidelity per concept and method, then each kind's mean and the overall mean (a failed concept: —)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["concept"], r["method"]): r["fidelity"] for r in rows}
+    names = list(dict.fromkeys(r["concept"] for r in rows))
+    kinds = {r["concept"]: r["kind"] for r in rows}
+
+    def mean(group: list[str], method: str) -> str:
+        found = [by.get((n, method)) for n in group]
+        return "—" if None in found else f"{np.mean(found):.2f}"
+
+    lines = ["| concept | kind | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    groups = [([n], n, kinds[n]) for n in names] + [
+        ([n for n in names if kinds[n] == k], f"**{k} mean**", "") for k in ("combination", "unnamed", "style")
+    ] + [(names, "**mean**", "")]
+    for group, label, kind in groups:
+        if group:
+            lines.append("| " + " | ".join([label, kind, *(mean(group, m) for m in methods)]) + " |")
     return "\n".join(lines)
