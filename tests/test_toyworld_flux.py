@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lab.toyworld.flux import FluxFitConfig, train_flux_model
+from lab.toyworld.flux import FluxFitConfig, logit_normal, train_flux_model
 from lab.toyworld.world import TEMPLATES
 from tinv.families.model import load_base_model
 
@@ -24,3 +24,11 @@ def test_the_lab_trains_a_flux_layout_toy_model_that_tinv_loads_as_flux_dev(tmp_
     guidance = model.denoiser.time_text_embed.guidance_embedder
     assert any(p.abs().sum() > 0 for p in guidance.parameters()) and torch.isfinite(
         next(model.denoiser.parameters())).all()
+    scheduler = model.scheduler.config  # samples with the shift it was trained with
+    assert scheduler.shift == cfg.shift == 3.0 and not scheduler.use_dynamic_shifting
+
+
+def test_the_toy_flow_trains_where_the_shape_is_decided():
+    share_noisy = {s: logit_normal(20_000, torch.Generator().manual_seed(0), s).gt(0.85).float().mean().item()
+                   for s in (1.0, 3.0)}
+    assert share_noisy[1.0] < 0.06 < 0.2 < share_noisy[3.0]  # σ > 0.85: 4 % unshifted, a quarter at shift 3

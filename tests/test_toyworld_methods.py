@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from jobs.report import write_results
 from lab.toyworld.concepts import CONCEPTS
@@ -117,6 +118,18 @@ def test_a_jobs_train_run_of_the_methods_manifest_is_tabled_per_method_and_kind(
                          "method": method, "seconds": 1.0,
                          "metrics": {"fidelity": fid, "fidelity_loose": 1.0} if ok else None})
     write_results(str(tmp_path), rows)
+    first = CONCEPTS[0]
+    samples = tmp_path / "concepts" / f"{first.name}-ti" / "samples"
+    samples.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (32, 32)).save(samples / f"{i}.png")
+
+    class Reads:  # one sample in the concept's colour, one not
+        def predict(self, x):
+            assert x.shape == (2, 3, 32, 32)
+            return [Item("circle", first.colour), Item("circle", "blue" if first.colour != "blue" else "red")]
+
+    assert [r.get("attribute") for r in run_table(tmp_path, Reads())][:2] == [0.5, None]  # where samples are
     table = run_table(tmp_path)
     assert [(r["concept"], r["method"], r["fidelity"]) for r in table][:2] == [
         (CONCEPTS[0].name, "ti", 0.5), (CONCEPTS[1].name, "ti", 0.5)]
@@ -124,3 +137,16 @@ def test_a_jobs_train_run_of_the_methods_manifest_is_tabled_per_method_and_kind(
     assert lines[0] == "| concept | kind | ti | pivotal |"
     assert f"| **{CONCEPTS[0].kind} mean** |  | 0.50 | 1.00 |" in lines
     assert "| **style mean** |  | — | 1.00 |" in lines and "| **mean** |  | — | 1.00 |" in lines
+
+
+def test_the_base_attribute_groups_each_concepts_prompts_and_seeds():
+    from lab.toyworld.methods import base_attribute
+
+    class Reads:  # every picture pink on navy: only pink-square and navy show their attribute
+        def predict(self, x):
+            assert len(x) == 8 * 2 + 4 * 6 * 2  # objects: one prompt, styles: six, two seeds each
+            return [Item("circle", "pink", backdrop="navy")] * len(x)
+
+    shown = base_attribute(load_base_model(str(EMBEDDED_MODEL)), Reads(), samples=2)
+    assert {name for name, share in shown.items() if share == 1.0} == {"pink-square", "navy"}
+    assert set(shown.values()) == {0.0, 1.0} and len(shown) == len(CONCEPTS)

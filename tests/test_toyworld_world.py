@@ -149,6 +149,15 @@ def test_toy_demo_manifest_has_every_concept_kind_with_tokens_no_word_reaches(tm
         assert s.eval_prompts and all("{}" in p for p in s.eval_prompts)
 
 
+def test_the_methods_manifest_is_one_jobs_train_accepts(tmp_path):
+    from lab.toyworld.demo import make_methods
+    from tinv.manifest import read_manifest
+
+    specs = read_manifest(str(make_methods(tmp_path, ("ti", "lora", "pivotal"), steps=200)))  # raises on clashes
+    assert len(specs) == 36 and Counter(s.method for s in specs) == {"ti": 12, "lora": 12, "pivotal": 12}
+    assert len({s.placeholder_token for s in specs}) == 36 and {s.steps for s in specs} == {200}
+
+
 def test_a_described_colour_or_backdrop_reaches_the_text_encoder_only_at_its_word():
     from lab.toyworld import nets
     from lab.toyworld.fit import Description, rgb_inputs

@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("run-table", help="strict fidelity per held-out concept and method of a jobs.train run of "
                                          "python -m lab.toyworld.demo DIR --methods …'s manifest")
     r.add_argument("--run", required=True, help="the run's output folder (its results.parquet)")
+    r.add_argument("--model", default=None, help="the run's model folder: also reads its samples' colours and "
+                                                 "backdrops with the scorer beside it, and the base model's from "
+                                                 "the initializer words (the attribute table)")
+    r.add_argument("--samples", type=int, default=16, help="the run's --samples-per-prompt (the base model's "
+                                                             "draws per prompt)")
     r.add_argument("--json", default=None, help="also write the rows as JSON here")
     c = sub.add_parser("corpus", help="write a manifest of toy concepts disjoint from the held-out ones (to train "
                                       "with jobs.train and fit a learned start on)")
@@ -185,11 +190,20 @@ def methods(args: argparse.Namespace) -> None:
 
 
 def run_table(args: argparse.Namespace) -> None:
-    from lab.toyworld.methods import run_markdown
+    from lab.toyworld.concepts import CONCEPTS
+    from lab.toyworld.methods import base_attribute, run_markdown
     from lab.toyworld.methods import run_table as table
+    from lab.toyworld.scorer import load_scorer
+    from tinv.families.model import load_base_model
 
-    rows = table(args.run)
+    scorer = load_scorer(Path(args.model) / SCORER_FILE) if args.model else None
+    rows = table(args.run, scorer)
     print(run_markdown(rows))
+    if scorer is not None:
+        base = base_attribute(load_base_model(args.model), scorer, args.samples)
+        rows += [{"concept": c.name, "kind": c.kind, "method": "base", "attribute": base[c.name]} for c in CONCEPTS]
+        print("\nShare of samples showing the concept's colour (object) or backdrop (style), any shape:\n")
+        print(run_markdown(rows, "attribute"))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

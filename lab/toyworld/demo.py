@@ -72,12 +72,13 @@ def make_demo(folder: str | Path = "manifests", n_images: int = DEMO_IMAGES, see
 
 def make_methods(folder: str | Path, methods: tuple[str, ...], steps: int, n_images: int = DEMO_IMAGES,
                  seed: int = 0) -> Path:
-    """Write ``{folder}/methods.parquet``: every held-out concept once per method (``{concept}-{method}``, the same
-    pictures), for ``jobs.train`` to learn each by each method in one run."""
+    """Write ``{folder}/methods.parquet``: every held-out concept once per method (``{concept}-{method}``, token
+    ``<{concept}-{method}>``: a run's tokens are distinct; the same pictures), for ``jobs.train`` to learn each by
+    each method in one run."""
     rows = concept_rows(CONCEPTS, folder, "methods", n_images, seed, steps)
     manifest = Path(folder) / "methods.parquet"
-    write_manifest([{**row, "concept_id": f"{row['concept_id']}-{m}", "method": m} for m in methods for row in rows],
-                   str(manifest))
+    write_manifest([{**row, "concept_id": f"{row['concept_id']}-{m}", "placeholder_token": f"<{row['concept_id']}-{m}>",
+                     "method": m} for m in methods for row in rows], str(manifest))
     return manifest
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tqdm import tqdm
 from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
@@ -44,7 +44,7 @@ from lab.toyworld.fit import (
 from lab.toyworld.scorer import pixels
 from lab.toyworld.world import BACKDROP_WORD, DESCRIPTOR_WORD, SIZE, WORDS, Item, training_set
 from tinv.families.model import template_words
-from tinv.families.tiny import flux_scheduler, t5_tokenizer
+from tinv.families.tiny import t5_tokenizer
 
 LATENT_CHANNELS = 16
 WIDTH = 64
@@ -56,8 +56,13 @@ class FluxFitConfig(FitConfig):
     """How the FLUX-layout toy model is trained: :class:`FitConfig`'s data, VAE and optimiser, fewer flow steps
     (``steps``), then guidance distillation."""
 
-    steps: int = 6_000
-    """Transformer + text encoder steps by rectified flow on cached latents."""
+    steps: int = 12_000
+    """Transformer + text encoder steps by rectified flow on cached latents (the SD toy's count)."""
+    shift: float = 3.0
+    """SD3's timestep shift (Esser et al. 2024, §5.3.2), FLUX.1 [dev]'s ``shift``: σ = s·u / (1 + (s − 1)·u) for
+    logit-normal ``u``, in training and (the saved scheduler's static shift) in sampling. This world's 16-channel
+    latents are redundant: a noised picture keeps its shape up to σ ≈ 0.8, so the shape is decided above it, where
+    unshifted logit-normal σ falls 4 % of the time (lab/README.md, the first attempt)."""
     distill_steps: int = 1_500
     """Guidance-distillation steps (transformer only, the text encoders frozen)."""
     distill_lr: float = 3e-4
@@ -107,9 +112,15 @@ class Denoiser:
         return FluxPipeline._unpack_latents(out, h * 4, w * 4, 4)
 
 
-def logit_normal(n: int, gen: torch.Generator) -> torch.Tensor:
-    """σ = sigmoid(N(0, 1)) (Esser et al. 2024's logit-normal sampling, FLUX's pre-training choice)."""
-    return torch.sigmoid(torch.randn(n, generator=gen))
+def logit_normal(n: int, gen: torch.Generator, shift: float) -> torch.Tensor:
+    """σ = shift(sigmoid(N(0, 1))) (Esser et al. 2024's logit-normal sampling and timestep shift)."""
+    u = torch.sigmoid(torch.randn(n, generator=gen))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def scheduler(shift: float) -> FlowMatchEulerDiscreteScheduler:
+    """The sampling schedule with the training shift, static (as SD3's; the toy has one picture size)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift, use_dynamic_shifting=False)
 
 
 def train_denoiser(latents, stds, ids, items: list[Item], cfg: FluxFitConfig, progress: Callable = tqdm):
@@ -136,7 +147,7 @@ def train_denoiser(latents, stds, ids, items: list[Item], cfg: FluxFitConfig, pr
     def draw(idx):
         x = latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=gen)
         noise = torch.randn(x.shape, generator=gen)
-        sigma = logit_normal(len(idx), gen)
+        sigma = logit_normal(len(idx), gen, cfg.shift)
         noisy = (1 - sigma[:, None, None, None]) * x + sigma[:, None, None, None] * noise
         return noisy, noise - x, sigma
 
@@ -210,7 +221,7 @@ def train_flux_model(out: str | Path, cfg: FluxFitConfig = FluxFitConfig(), prog
     ids = [t(captions, padding="max_length", max_length=nets.MAX_TOKENS, truncation=True,
              return_tensors="pt").input_ids for t in (tok, t5_tok)]
     model, clip, t5 = train_denoiser((means - shift) * scale, stds * scale, ids, items, cfg, progress)
-    pipe = FluxPipeline(scheduler=flux_scheduler(), vae=autoencoder, text_encoder=clip, tokenizer=tok,
+    pipe = FluxPipeline(scheduler=scheduler(cfg.shift), vae=autoencoder, text_encoder=clip, tokenizer=tok,
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=model)
     out = Path(out)
     pipe.save_pretrained(out)

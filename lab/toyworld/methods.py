@@ -29,11 +29,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from lab.toyworld.concepts import CONCEPTS, Concept
+from lab.toyworld.demo import eval_prompts
 from lab.toyworld.fidelity import Draw, Judged, judge, learn, share
-from lab.toyworld.scorer import Scorer
+from lab.toyworld.scorer import Scorer, pixels
 from lab.toyworld.world import OBJECT_PROMPT, SHAPES
+from tinv.evaluation.sampling import SampleRequest, sample
 from tinv.families import Family
 from tinv.families.model import BaseModel, load_base_model
 from tinv.files.outputs import learned_files
@@ -203,24 +206,47 @@ def markdown(rows: list[MethodRow]) -> str:
     return "\n".join(lines)
 
 
-def run_table(run: str | Path) -> list[dict]:
+def run_table(run: str | Path, scorer: Scorer | None = None) -> list[dict]:
     """Per concept and method, the toy-world metric's strict and loose fidelity that a ``jobs.train`` run of
-    ``python -m lab.toyworld.demo DIR --methods …``'s manifest recorded (``{run}/results.parquet``)."""
-    kinds = {c.name: c.kind for c in CONCEPTS}
+    ``python -m lab.toyworld.demo DIR --methods …``'s manifest recorded (``{run}/results.parquet``); with
+    ``scorer``, also ``attribute``: the share of its samples (``concepts/{id}/samples``) that show the concept's
+    own colour (object) or backdrop (style), whatever their shape (:func:`shows_attribute`)."""
+    concepts = {c.name: c for c in CONCEPTS}
     rows = []
     for r in pq.read_table(Path(run) / "results.parquet").to_pylist():
-        concept = r["concept_id"].removesuffix(f"-{r['method']}")
+        concept = concepts[r["concept_id"].removesuffix(f"-{r['method']}")]
         metrics = dict(r["metrics"] or [])
-        rows.append({"concept": concept, "kind": kinds[concept], "method": r["method"], "status": r["status"],
-                     "fidelity": metrics.get("fidelity"), "fidelity_loose": metrics.get("fidelity_loose"),
-                     "seconds": r["seconds"]})
+        row = {"concept": concept.name, "kind": concept.kind, "method": r["method"], "status": r["status"],
+               "fidelity": metrics.get("fidelity"), "fidelity_loose": metrics.get("fidelity_loose"),
+               "seconds": r["seconds"]}
+        samples = sorted((Path(run) / "concepts" / r["concept_id"] / "samples").glob("*.png"))
+        if scorer is not None and samples:
+            items = scorer.predict(pixels(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in samples])))
+            row["attribute"] = float(np.mean([shows_attribute(concept, Judged(None, False, False, it))
+                                              for it in items]))
+        rows.append(row)
     return rows
 
 
-def run_markdown(rows: list[dict]) -> str:
-    """Strict fidelity per concept and method, then each kind's mean and the overall mean (a failed concept: —)."""
+def base_attribute(model: BaseModel, scorer: Scorer, samples: int, batch_size: int = 64) -> dict[str, float]:
+    """Per held-out concept, :func:`run_table`'s ``attribute`` of the base model: its eval prompts with the
+    initializer word in the token's place (``python -m lab.toyworld.demo``'s), seeds ``0 … samples-1``, drawn at the
+    family's sampling as the job draws."""
+    requests = [SampleRequest(c, p, seed) for c, concept in enumerate(CONCEPTS) for p in eval_prompts(concept)
+                for seed in range(samples)]
+    images = sample(model, [None] * len(CONCEPTS), requests, words=[c.initializer for c in CONCEPTS],
+                    batch_size=batch_size)
+    shown = [shows_attribute(CONCEPTS[r.concept], Judged(None, False, False, it))
+             for r, it in zip(requests, scorer.predict(pixels(images)))]
+    return {c.name: float(np.mean([s for r, s in zip(requests, shown) if r.concept == k]))
+            for k, c in enumerate(CONCEPTS)}
+
+
+def run_markdown(rows: list[dict], field: str = "fidelity") -> str:
+    """``field`` (strict fidelity) per concept and method, then each kind's mean and the overall mean (a failed
+    concept: —)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    by = {(r["concept"], r["method"]): r["fidelity"] for r in rows}
+    by = {(r["concept"], r["method"]): r.get(field) for r in rows}
     names = list(dict.fromkeys(r["concept"] for r in rows))
     kinds = {r["concept"]: r["kind"] for r in rows}
 
