@@ -137,6 +137,9 @@ def test_a_jobs_train_run_of_the_methods_manifest_is_tabled_per_method_and_kind(
     assert lines[0] == "| concept | kind | ti | pivotal |"
     assert f"| **{CONCEPTS[0].kind} mean** |  | 0.50 | 1.00 |" in lines
     assert "| **style mean** |  | — | 1.00 |" in lines and "| **mean** |  | — | 1.00 |" in lines
+    write_results(str(tmp_path / "other"), [{"concept_id": "my-dog", "status": "succeeded", "method": None}])
+    with pytest.raises(ValueError, match="not a held-out concept by a method"):
+        run_table(tmp_path / "other")
 
 
 def test_the_base_attribute_groups_each_concepts_prompts_and_seeds():
@@ -144,9 +147,9 @@ def test_the_base_attribute_groups_each_concepts_prompts_and_seeds():
 
     class Reads:  # every picture pink on navy: only pink-square and navy show their attribute
         def predict(self, x):
-            assert len(x) == 8 * 2 + 4 * 6 * 2  # objects: one prompt, styles: six, two seeds each
+            assert len(x) == 8 + 4 * 6  # objects: one prompt, styles: six, one seed each
             return [Item("circle", "pink", backdrop="navy")] * len(x)
 
-    shown = base_attribute(load_base_model(str(EMBEDDED_MODEL)), Reads(), samples=2)
+    shown = base_attribute(load_base_model(str(EMBEDDED_MODEL)), Reads(), samples=1)
     assert {name for name, share in shown.items() if share == 1.0} == {"pink-square", "navy"}
     assert set(shown.values()) == {0.0, 1.0} and len(shown) == len(CONCEPTS)

@@ -214,7 +214,11 @@ def run_table(run: str | Path, scorer: Scorer | None = None) -> list[dict]:
     concepts = {c.name: c for c in CONCEPTS}
     rows = []
     for r in pq.read_table(Path(run) / "results.parquet").to_pylist():
-        concept = concepts[r["concept_id"].removesuffix(f"-{r['method']}")]
+        name = r["concept_id"].removesuffix(f"-{r['method']}")
+        if name not in concepts:
+            raise ValueError(f"{run}: {r['concept_id']!r} is not a held-out concept by a method (ID-METHOD): "
+                             "run-table reads a run of python -m lab.toyworld.demo DIR --methods …'s manifest")
+        concept = concepts[name]
         metrics = dict(r["metrics"] or [])
         row = {"concept": concept.name, "kind": concept.kind, "method": r["method"], "status": r["status"],
                "fidelity": metrics.get("fidelity"), "fidelity_loose": metrics.get("fidelity_loose"),

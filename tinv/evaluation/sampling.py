@@ -105,7 +105,7 @@ them) go through.
     its own ``torch.Generator(seed)``, whatever else shares the batch.
     """
     own = model.family.sampling(model)
-    steps, guidance = steps or own.steps, own.guidance if guidance is None else guidance
+    steps, guidance = own.steps if steps is None else steps, own.guidance if guidance is None else guidance
     pipe = pipe or pipeline(model)
     loras = loras or [None] * len(vectors)
     text_loras = text_loras or [None] * len(vectors)

@@ -152,8 +152,9 @@ def load_base_model(
     cache_dir: str | Path = DEFAULT_CACHE,
     storage_options: dict[str, Any] | None = None,
 ) -> BaseModel:
-    """The model at ``uri``, frozen, in eval mode, on ``device``, its denoiser quantized as ``base_precision``
-    asks (:mod:`tinv.families.quantized`; see the module docstring)."""
+    """The model at ``uri``, frozen, in eval mode, on ``device`` (but a text encoder the family parks, as FLUX's
+    T5), its denoiser quantized as ``base_precision`` asks (:mod:`tinv.families.quantized`; see the module
+    docstring)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = resolve_dtype(device, precision)
     check_base_precision(base_precision, device)  # before minutes of loading
