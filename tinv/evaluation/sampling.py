@@ -27,7 +27,7 @@ from diffusers import (
 from PIL import Image
 from torch import nn
 
-from tinv.families import Conditioning
+from tinv.families import Conditioning, place
 from tinv.families.model import BaseModel
 from tinv.training.splice import (
     BASE,
@@ -104,13 +104,12 @@ them) go through.
     An image depends only on its own prompt, vectors, LoRA and seed: the initial noise comes from
     its own ``torch.Generator(seed)``, whatever else shares the batch.
     """
-    own = model.family.sampling(model)
-    steps, guidance = own.steps if steps is None else steps, own.guidance if guidance is None else guidance
+    how = SampleConfig(sample_steps=steps, guidance=guidance, sample_batch_size=batch_size).drawing(model)
     pipe = pipe or pipeline(model)
     loras = loras or [None] * len(vectors)
     text_loras = text_loras or [None] * len(vectors)
     with _adapters(model, loras, text_loras) as routes:
-        return _sample(model, vectors, requests, steps, guidance, batch_size, pipe, words, routes)
+        return _sample(model, vectors, requests, how["steps"], how["guidance"], how["batch_size"], pipe, words, routes)
 
 
 @contextlib.contextmanager
@@ -166,8 +165,7 @@ def draw(model: BaseModel, pipe: Any, requests: list[SampleRequest], said: list[
     texts = [[r.prompt.format(said[r.concept][e]) for r in requests] + [""] for e in range(len(model.text_encoders))]
     homes = [next(encoder.parameters()).device for encoder in model.text_encoders]
     with contextlib.ExitStack() as restore:
-        restore.callback(lambda: [encoder.to(home) for encoder, home in zip(model.text_encoders, homes)
-                                  if next(encoder.parameters()).device != home])
+        restore.callback(lambda: [place(encoder, home) for encoder, home in zip(model.text_encoders, homes)])
         model.family.prepare(model, [model.tokenize(texts)], vector_encoders)
         return np.concatenate(list(_batches(model, pipe, requests, texts, routes, steps, guidance, batch_size, size)))
 

@@ -212,3 +212,9 @@ def family_of(path: Path, uri: str) -> Family:
 def contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached contiguous fp32 copies on the CPU (as safetensors writes them), same keys."""
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in state.items()}
+
+
+def place(module: nn.Module, device: torch.device) -> None:
+    """``module`` on ``device`` (a move only where it is elsewhere)."""
+    if next(module.parameters()).device != device:
+        module.to(device)

@@ -37,7 +37,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from tinv.families import Components, Conditioning, LoraParts, Sampling, contiguous
+from tinv.families import Components, Conditioning, LoraParts, Sampling, contiguous, place
 from tinv.families.sd import (
     CLIP_LORA_TARGETS,
     KOHYA_TRAINING_KEYS,
@@ -130,12 +130,6 @@ def new_tokens(encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Where ``ids`` hold a token past the encoder's base table (a concept's new vector), ``(B, T)``."""
     table = encoder.get_input_embeddings()
     return ids >= getattr(table, "base", table).num_embeddings
-
-
-def place(encoder: torch.nn.Module, device: torch.device) -> None:
-    """``encoder`` on ``device`` (a move only where it is elsewhere)."""
-    if next(encoder.parameters()).device != device:
-        encoder.to(device)
 
 
 @dataclass(frozen=True)
